@@ -1,0 +1,85 @@
+"""`visionpipe <stage>`: one thin command per pipeline stage, as dvc.yaml runs them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from visionpipe import __version__
+from visionpipe.errors import VisionpipeError
+
+STAGES = {
+    "prepare": ("task", "Write train/val/test TFRecord shards and manifest.json for a task "
+                        "to data/prepared/<task>/."),
+    "augment": ("task", "Write an augmented copy of a task's train split to "
+                        "data/augmented/<task>/ and a preview grid to reports/plots/augment/."),
+    "train": ("model", "Train one model; writes models/<model>/model.keras, checkpoints/ and "
+                       "reports/train/<model>/history.csv."),
+    "evaluate": ("model", "Evaluate one model on the test split; writes "
+                          "reports/metrics/<model>.json and reports/plots/<model>/."),
+    "export": ("model", "Export one model to SavedModel and TFLite under "
+                        "models/<model>/export/ and check parity (reports/export/<model>.json)."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: a sub-command per stage, each with its own --help."""
+    parser = argparse.ArgumentParser(
+        prog="visionpipe",
+        description="Reproducible computer-vision pipeline: prepare -> augment -> train -> "
+                    "evaluate -> export. Normally run through `dvc repro`.")
+    parser.add_argument("--version", action="version", version=f"visionpipe {__version__}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (target, text) in STAGES.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if target == "task":
+            p.add_argument("--task", required=True,
+                           choices=("classification", "segmentation", "detection"),
+                           help="which task's data (a key of the prepare/augment params)")
+        else:
+            p.add_argument("--model", required=True,
+                           help="model name: a key of the `models` section of params.yaml")
+        p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                       help="params file (default: params.yaml)")
+        p.add_argument("--root", type=Path, default=Path("."),
+                       help="project root holding data/, models/ and reports/ (default: .)")
+    return parser
+
+
+def run_stage(args: argparse.Namespace) -> None:
+    """Load params, then run the chosen stage."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out
+    from importlib import import_module
+
+    from visionpipe.config import load_params
+    from visionpipe.layout import Layout
+
+    params = load_params(args.params)
+    if STAGES[args.stage][0] == "model":
+        from visionpipe.models.registry import validate_architectures
+
+        validate_architectures(params)
+        params.model(args.model)
+    stage = import_module(f"visionpipe.stages.{args.stage}")
+    target = args.task if STAGES[args.stage][0] == "task" else args.model
+    stage.run(params, target, Layout(args.root.resolve()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a user's mistake prints one line and exits 2; no traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        run_stage(args)
+    except VisionpipeError as exc:
+        print(f"visionpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("visionpipe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

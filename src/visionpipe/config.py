@@ -1,0 +1,343 @@
+"""params.yaml -> frozen dataclasses; unknown keys, wrong types and out-of-range values are errors.
+
+Every error names the key (dotted path), the value found and what is allowed, on one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from visionpipe.errors import ParamsError
+
+TASKS = ("classification", "segmentation", "detection")
+
+
+def spec(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None,
+         min_len: int | None = None, max_len: int | None = None, factory=None) -> Any:
+    """A dataclass field carrying the range a params value must lie in."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "min_len": min_len, "max_len": max_len}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    """How many examples go to each split (generated sources) or which share (real data)."""
+
+    train: float = spec(ge=0)
+    val: float = spec(ge=0)
+    test: float = spec(ge=0)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """prepare.<task>: where a task's data comes from and how it is split and stored."""
+
+    source: Literal["shapes", "tfds"] = "shapes"
+    tfds_name: str | None = None
+    tfds_data_dir: str | None = None
+    image_size: tuple[int, int] = spec((64, 64), ge=8, le=4096)
+    splits: SplitSizes = spec(factory=lambda: SplitSizes(4000, 500, 500))
+    shard_size: int = spec(1000, ge=1)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """augment.<task>: how many augmented copies of the train split, and which transforms."""
+
+    copies: int = spec(1, ge=0, le=100)
+    keep_original: bool = True
+    flip_horizontal: bool = True
+    flip_vertical: bool = False
+    scale: tuple[float, float] = spec((1.0, 1.0), gt=0, le=4)
+    translate: float = spec(0.0, ge=0, le=0.5)
+    rotate: float = spec(0.0, ge=0, le=180)
+    brightness: float = spec(0.0, ge=0, le=1)
+    contrast: float = spec(0.0, ge=0, le=1)
+    noise: float = spec(0.0, ge=0, le=100)
+    preview: int = spec(16, ge=1, le=256)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """models.<name>.train: how one model is fitted."""
+
+    epochs: int = spec(10, ge=1, le=10000)
+    batch_size: int = spec(64, ge=1, le=65536)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    learning_rate: float = spec(1e-3, gt=0, le=10)
+    momentum: float = spec(0.9, ge=0, lt=1)
+    weight_decay: float = spec(0.0, ge=0, le=1)
+    label_smoothing: float = spec(0.0, ge=0, lt=1)
+    shuffle_buffer: int = spec(10000, ge=1)
+    restore_best: bool = True  # final model = the epoch with the lowest val_loss
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """models.<name>: one trained model: its family, task, architecture and training."""
+
+    family: str
+    task: Literal["classification", "segmentation", "detection"]
+    architecture: dict = spec(factory=dict)
+    train: TrainConfig = spec(factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """evaluate: test-split evaluation and cost measurement."""
+
+    batch_size: int = spec(256, ge=1)
+    latency_samples: int = spec(50, ge=1, le=10000)
+    latency_warmup: int = spec(5, ge=0, le=1000)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """export: deployable formats and the parity each must keep with the Keras model."""
+
+    formats: tuple[Literal["saved_model", "tflite"], ...] = spec(("saved_model", "tflite"),
+                                                                 min_len=1)
+    parity_samples: int = spec(200, ge=1)
+    max_abs_diff: float = spec(1e-4, gt=0)
+    min_agreement: float = spec(0.99, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml."""
+
+    seed: int = spec(42, ge=0, lt=2**31)
+    prepare: dict[str, PrepareConfig] = spec(factory=dict)
+    augment: dict[str, AugmentConfig] = spec(factory=dict)
+    models: dict[str, ModelConfig] = spec(factory=dict)
+    evaluate: EvaluateConfig = spec(factory=EvaluateConfig)
+    export: ExportConfig = spec(factory=ExportConfig)
+
+    def model(self, name: str) -> ModelConfig:
+        """The config of model ``name``; an unknown name lists the known ones."""
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "(none)"
+            raise ParamsError(f"params.yaml: models.{name}: no such model; known: {known}")
+        return self.models[name]
+
+    def prepare_for(self, task: str) -> PrepareConfig:
+        """The prepare section of ``task``."""
+        if task not in self.prepare:
+            raise ParamsError(f"params.yaml: prepare.{task}: missing; the models of task "
+                              f"'{task}' need a data section there")
+        return self.prepare[task]
+
+    def augment_for(self, task: str) -> AugmentConfig:
+        """The augment section of ``task`` (defaults: no transform, no copies)."""
+        return self.augment.get(task, AugmentConfig(copies=0, flip_horizontal=False))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is bool:
+        return "true or false"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    return str(tp)
+
+
+def _fail(path: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ParamsError(f"params.yaml: {path} = {value!r}: expected {allowed}")
+
+
+def _check_range(path: str, value: Any, meta: Mapping) -> None:
+    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
+    items = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, tuple):
+        if meta.get("min_len") is not None and len(value) < meta["min_len"]:
+            _fail(path, list(value), f"at least {meta['min_len']} item(s)")
+        if meta.get("max_len") is not None and len(value) > meta["max_len"]:
+            _fail(path, list(value), f"at most {meta['max_len']} item(s)")
+    for item in items:
+        if not isinstance(item, (int, float)) or isinstance(item, bool):
+            continue
+        for key, ok, sign in bounds:
+            bound = meta.get(key)
+            if bound is not None and not ok(item, bound):
+                shown = list(value) if isinstance(value, tuple) else value
+                wanted = "every value " if isinstance(value, tuple) else "a value "
+                _fail(path, shown, f"{wanted}{sign} {bound}")
+
+
+def convert(tp: Any, value: Any, path: str, meta: Mapping | None = None) -> Any:
+    """Check ``value`` against type ``tp`` and return it in that type (lists become tuples)."""
+    meta = meta or {}
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(arg, value, path, meta)
+            except ParamsError:
+                continue
+        _fail(path, value, _describe(tp))
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, value, "an integer")
+        _check_range(path, value, meta)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, value, "a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            _fail(path, value, "a finite number")
+        _check_range(path, float(value), meta)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            _fail(path, value, "a non-empty string")
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            _fail(path, value, _describe(tp))
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(path, value, _describe(tp))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            out = tuple(convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        else:
+            if len(value) != len(args):
+                _fail(path, list(value), _describe(tp))
+            out = tuple(convert(a, v, f"{path}[{i}]") for i, (a, v) in
+                        enumerate(zip(args, value, strict=True)))
+        _check_range(path, out, meta)
+        return out
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            _fail(path, value, "a mapping")
+        args = typing.get_args(tp)
+        if not args:
+            return dict(value)
+        key_tp, val_tp = args
+        return {convert(key_tp, k, f"{path}.{k}"): convert(val_tp, v, f"{path}.{k}")
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, path)
+    raise TypeError(f"unsupported params type {tp!r} at {path}")  # a bug in the schema
+
+
+def parse_dataclass(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown and missing keys."""
+    where = path or "(top level)"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ParamsError(f"params.yaml: {where} = {data!r}: expected {_describe(cls)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ParamsError(f"params.yaml: {key}: unknown key; allowed keys in {where}: "
+                          + ", ".join(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = convert(hints[name], data[name], key, f.metadata)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ParamsError(f"params.yaml: {key}: missing; expected {_describe(hints[name])}")
+    return cls(**kwargs)
+
+
+def _check_consistency(params: Params) -> None:
+    for task in params.prepare:
+        if task not in TASKS:
+            raise ParamsError(f"params.yaml: prepare.{task}: unknown task; allowed: "
+                              + ", ".join(TASKS))
+    for task in params.augment:
+        if task not in TASKS:
+            raise ParamsError(f"params.yaml: augment.{task}: unknown task; allowed: "
+                              + ", ".join(TASKS))
+    for task, cfg in params.prepare.items():
+        key = f"prepare.{task}"
+        if cfg.source == "tfds" and not cfg.tfds_name:
+            raise ParamsError(f"params.yaml: {key}.tfds_name = None: expected a TFDS catalog "
+                              "name (e.g. mnist) when source is 'tfds'")
+        if cfg.source == "shapes":
+            for split in ("train", "val", "test"):
+                n = getattr(cfg.splits, split)
+                if n != int(n) or n < 1:
+                    raise ParamsError(f"params.yaml: {key}.splits.{split} = {n!r}: expected a "
+                                      "whole number of examples >= 1 for source 'shapes'")
+    for name, model in params.models.items():
+        if model.task not in params.prepare:
+            raise ParamsError(f"params.yaml: models.{name}.task = {model.task!r}: no "
+                              f"prepare.{model.task} section says where its data comes from")
+
+
+def parse_params(data: Any) -> Params:
+    """Validate a loaded params mapping (architecture sections are checked by the registry)."""
+    params = parse_dataclass(Params, data)
+    _check_consistency(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every problem is a ParamsError naming the key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run visionpipe from the project root "
+                          "or pass --params") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{path}: YAML syntax error{where}: {problem}") from None
+    try:
+        return parse_params(data)
+    except ParamsError as exc:
+        raise ParamsError(str(exc).replace("params.yaml:", f"{path}:", 1)) from None

@@ -1,0 +1,138 @@
+"""Offline augmentation that moves masks and boxes together with the pixels.
+
+Geometric transforms (flips, scale, translation, rotation) are one affine map per example,
+applied to the image (bilinear), the mask (nearest neighbour) and the box corners; colour
+transforms (brightness, contrast, noise) touch the image only. Everything is drawn from a
+generator seeded by (seed, copy, example index), so the same params give the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from visionpipe.config import AugmentConfig
+from visionpipe.data.example import Example
+
+
+def random_affine(rng: np.random.Generator, cfg: AugmentConfig, height: int,
+                  width: int) -> np.ndarray:
+    """A 3x3 matrix mapping input pixel-edge coordinates (x, y) to output coordinates."""
+    cx, cy = width / 2.0, height / 2.0
+    sx = -1.0 if cfg.flip_horizontal and rng.random() < 0.5 else 1.0
+    sy = -1.0 if cfg.flip_vertical and rng.random() < 0.5 else 1.0
+    scale = rng.uniform(*cfg.scale) if cfg.scale[0] != cfg.scale[1] else cfg.scale[0]
+    angle = math.radians(rng.uniform(-cfg.rotate, cfg.rotate)) if cfg.rotate else 0.0
+    tx = rng.uniform(-cfg.translate, cfg.translate) * width if cfg.translate else 0.0
+    ty = rng.uniform(-cfg.translate, cfg.translate) * height if cfg.translate else 0.0
+    cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+    to_centre = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]])
+    flip = np.diag([sx, sy, 1.0])
+    rot_scale = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]])
+    back = np.array([[1, 0, cx + tx], [0, 1, cy + ty], [0, 0, 1]])
+    return back @ rot_scale @ flip @ to_centre
+
+
+def _source_coords(matrix: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input coordinates of each output pixel centre."""
+    inv = np.linalg.inv(matrix)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    return sx, sy
+
+
+def warp_image(image: np.ndarray, matrix: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """Bilinear warp of a uint8 (H, W, C) image; pixels from outside take ``fill``."""
+    h, w = image.shape[:2]
+    sx, sy = _source_coords(matrix, h, w)
+    x, y = sx - 0.5, sy - 0.5  # to pixel-centre index space
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    src = image.astype(np.float32)
+    padded = np.concatenate([src, np.broadcast_to(fill, (1, w, src.shape[2]))], axis=0)
+    out_row = h  # index of the fill row in ``padded``
+
+    def take(yy, xx):
+        inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        return padded[np.where(inside, yy, out_row), np.clip(xx, 0, w - 1)]
+
+    top = take(y0, x0) * (1 - fx) + take(y0, x0 + 1) * fx
+    bottom = take(y0 + 1, x0) * (1 - fx) + take(y0 + 1, x0 + 1) * fx
+    out = top * (1 - fy) + bottom * fy
+    # A pixel whose centre maps outside the input is fill, not a blend with the border.
+    outside = (sx < 0) | (sx > w) | (sy < 0) | (sy > h)
+    out[outside] = fill
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def warp_mask(mask: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour warp of a class-id mask; pixels from outside become background."""
+    h, w = mask.shape
+    sx, sy = _source_coords(matrix, h, w)
+    xi, yi = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    out = np.zeros_like(mask)
+    out[inside] = mask[yi[inside], xi[inside]]
+    return out
+
+
+def warp_boxes(boxes: np.ndarray, labels: np.ndarray, matrix: np.ndarray, height: int,
+               width: int, min_visible: float = 0.25) -> tuple[np.ndarray, np.ndarray, int]:
+    """Transform box corners, take their bounds, clip to the image.
+
+    A box keeping less than ``min_visible`` of its transformed area is dropped; returns
+    (boxes, labels, number dropped).
+    """
+    if len(boxes) == 0:
+        return boxes.reshape(0, 4).astype(np.float32), labels, 0
+    x0, y0, x1, y1 = boxes.T
+    corners = np.stack([np.stack([x0, y0]), np.stack([x1, y0]), np.stack([x0, y1]),
+                        np.stack([x1, y1])])  # (4, 2, N)
+    xs = matrix[0, 0] * corners[:, 0] + matrix[0, 1] * corners[:, 1] + matrix[0, 2]
+    ys = matrix[1, 0] * corners[:, 0] + matrix[1, 1] * corners[:, 1] + matrix[1, 2]
+    out = np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1)
+    area = (out[:, 2] - out[:, 0]) * (out[:, 3] - out[:, 1])
+    clipped = np.stack([np.clip(out[:, 0], 0, width), np.clip(out[:, 1], 0, height),
+                        np.clip(out[:, 2], 0, width), np.clip(out[:, 3], 0, height)], axis=1)
+    kept_area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (kept_area > 0) & (kept_area >= min_visible * np.maximum(area, 1e-9))
+    # Snap to the pixel grid where the map keeps it (flips, integer shifts): float noise
+    # such as 31.999999 would otherwise loosen a tight box by a pixel.
+    snapped = np.where(np.abs(clipped - np.rint(clipped)) < 1e-6, np.rint(clipped), clipped)
+    return snapped[keep].astype(np.float32), labels[keep], int((~keep).sum())
+
+
+def colour_jitter(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+    """Brightness, contrast and gaussian noise on the image only."""
+    if not (cfg.brightness or cfg.contrast or cfg.noise):
+        return image
+    out = image.astype(np.float32)
+    if cfg.contrast:
+        factor = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+        out = (out - out.mean(axis=(0, 1))) * factor + out.mean(axis=(0, 1))
+    if cfg.brightness:
+        out = out + rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
+    if cfg.noise:
+        out = out + rng.normal(0.0, cfg.noise, size=out.shape)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def augment_example(example: Example, cfg: AugmentConfig, seed: int, copy: int,
+                    index: int) -> tuple[Example, int]:
+    """One augmented copy of ``example``; returns it and the number of boxes dropped."""
+    rng = np.random.default_rng([seed, copy, index])
+    h, w = example.image.shape[:2]
+    matrix = random_affine(rng, cfg, h, w)
+    fill = example.image.reshape(-1, 3).mean(axis=0).astype(np.float32)
+    image = warp_image(example.image, matrix, fill)
+    image = colour_jitter(rng, image, cfg)
+    out = Example(id=f"{example.id}-aug{copy}", image=image, label=example.label)
+    dropped = 0
+    if example.mask is not None:
+        out.mask = warp_mask(example.mask, matrix)
+    if example.boxes is not None:
+        out.boxes, out.box_labels, dropped = warp_boxes(
+            np.asarray(example.boxes, np.float64), np.asarray(example.box_labels), matrix, h, w)
+    return out, dropped

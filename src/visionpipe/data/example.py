@@ -1,0 +1,27 @@
+"""The one record every data source yields, whatever its on-disk format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Example:
+    """One image with whichever targets its source provides.
+
+    - ``image``: uint8 array, shape (H, W, 3), RGB.
+    - ``label``: class index for classification, or None.
+    - ``mask``: uint8 array, shape (H, W); 0 = background, k = class k-1 of ``class_names``.
+    - ``boxes``: float32 array (N, 4) in absolute pixels, ``[x_min, y_min, x_max, y_max]``,
+      with max edges exclusive (a box over columns 3..5 is x_min=3, x_max=6).
+    - ``box_labels``: int32 array (N,), class index of each box.
+    """
+
+    id: str
+    image: np.ndarray
+    label: int | None = None
+    mask: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    box_labels: np.ndarray | None = None

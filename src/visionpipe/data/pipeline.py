@@ -1,0 +1,54 @@
+"""tf.data input pipelines over prepared/augmented record shards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import tensorflow as tf
+
+from visionpipe.data.records import shard_paths
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Decode one record to tensors: uint8 image (H, W, 3) plus whichever targets it holds."""
+    spec = {
+        "id": tf.io.FixedLenFeature([], tf.string),
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+        "mask": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "boxes": tf.io.VarLenFeature(tf.float32),
+        "box_labels": tf.io.VarLenFeature(tf.int64),
+    }
+    rec = tf.io.parse_single_example(serialized, spec)
+    image = tf.io.decode_png(rec["image"], channels=3)
+    out = {"id": rec["id"], "image": image, "label": tf.cast(rec["label"], tf.int32)}
+    out["mask"] = tf.cond(
+        tf.strings.length(rec["mask"]) > 0,
+        lambda: tf.io.decode_png(rec["mask"], channels=1)[..., 0],
+        lambda: tf.zeros(tf.shape(image)[:2], tf.uint8))
+    out["boxes"] = tf.reshape(tf.sparse.to_dense(rec["boxes"]), [-1, 4])
+    out["box_labels"] = tf.cast(tf.sparse.to_dense(rec["box_labels"]), tf.int32)
+    return out
+
+
+def record_dataset(data_dir: Path, split: str) -> tf.data.Dataset:
+    """Parsed records of one split, in stored order."""
+    files = [str(p) for p in shard_paths(data_dir, split)]
+    return tf.data.TFRecordDataset(files).map(parse_record, num_parallel_calls=AUTOTUNE,
+                                              deterministic=True)
+
+
+def model_dataset(data_dir: Path, split: str, to_model_io: Callable, batch_size: int, *,
+                  shuffle: bool = False, shuffle_buffer: int = 10000, seed: int = 0,
+                  cache: bool = True) -> tf.data.Dataset:
+    """Batches of (inputs, targets) for ``fit``/``evaluate``: decode once, cache, prefetch."""
+    ds = record_dataset(data_dir, split).map(to_model_io, num_parallel_calls=AUTOTUNE,
+                                             deterministic=True)
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)

@@ -1,0 +1,171 @@
+"""The on-disk format written by prepare and augment: TFRecord shards plus manifest.json.
+
+Each record is a ``tf.train.Example`` holding one ``Example``: the image as PNG, and whichever
+targets the task needs (label, mask as PNG, boxes). The manifest says what the shards hold and
+carries a checksum of their bytes, so a later stage can tell it is reading what it expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from visionpipe.data.example import Example
+from visionpipe.errors import DataError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 (H, W, 3) image or (H, W) mask."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """The uint8 array stored by ``encode_png``."""
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _tf():
+    import tensorflow as tf  # imported late: the CLI's --help must not pay for TensorFlow
+
+    return tf
+
+
+def serialize(example: Example) -> bytes:
+    """One Example as a serialised ``tf.train.Example``."""
+    tf = _tf()
+    f = tf.train.Feature
+    h, w = example.image.shape[:2]
+    feats = {
+        "id": f(bytes_list=tf.train.BytesList(value=[example.id.encode()])),
+        "image": f(bytes_list=tf.train.BytesList(value=[encode_png(example.image)])),
+        "height": f(int64_list=tf.train.Int64List(value=[h])),
+        "width": f(int64_list=tf.train.Int64List(value=[w])),
+    }
+    if example.label is not None:
+        feats["label"] = f(int64_list=tf.train.Int64List(value=[int(example.label)]))
+    if example.mask is not None:
+        feats["mask"] = f(bytes_list=tf.train.BytesList(value=[encode_png(example.mask)]))
+    if example.boxes is not None:
+        boxes = np.asarray(example.boxes, np.float32).reshape(-1, 4)
+        feats["boxes"] = f(float_list=tf.train.FloatList(value=boxes.ravel().tolist()))
+        feats["box_labels"] = f(int64_list=tf.train.Int64List(
+            value=np.asarray(example.box_labels, np.int64).tolist()))
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def deserialize(data: bytes) -> Example:
+    """The Example held by one serialised record (numpy side, for stages and tests)."""
+    tf = _tf()
+    msg = tf.train.Example.FromString(data).features.feature
+    ex = Example(id=msg["id"].bytes_list.value[0].decode(),
+                 image=decode_png(msg["image"].bytes_list.value[0]))
+    if "label" in msg:
+        ex.label = int(msg["label"].int64_list.value[0])
+    if "mask" in msg:
+        ex.mask = decode_png(msg["mask"].bytes_list.value[0])
+    if "boxes" in msg:
+        ex.boxes = np.asarray(msg["boxes"].float_list.value, np.float32).reshape(-1, 4)
+        ex.box_labels = np.asarray(msg["box_labels"].int64_list.value, np.int32)
+    return ex
+
+
+def write_split(examples: Iterable[Example], out_dir: Path, split: str,
+                shard_size: int) -> tuple[int, list[str]]:
+    """Write ``examples`` as shards ``<split>-NNNNN.tfrecord``; returns (count, shard names)."""
+    tf = _tf()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count, shards, writer = 0, [], None
+    try:
+        for ex in examples:
+            if count % shard_size == 0:
+                if writer is not None:
+                    writer.close()
+                shards.append(f"{split}-{len(shards):05d}.tfrecord")
+                writer = tf.io.TFRecordWriter(str(out_dir / shards[-1]))
+            writer.write(serialize(ex))
+            count += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    return count, shards
+
+
+def shard_paths(data_dir: Path, split: str) -> list[Path]:
+    """The shard files of ``split`` listed in the manifest of ``data_dir``."""
+    manifest = read_manifest(data_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"{data_dir / MANIFEST}: has no split '{split}' (it has "
+                        f"{', '.join(manifest['splits'])}); rerun the stage that writes it")
+    return [data_dir / name for name in manifest["splits"][split]["shards"]]
+
+
+def read_split(data_dir: Path, split: str) -> Iterator[Example]:
+    """Iterate the Examples of one split, in stored order."""
+    tf = _tf()
+    for path in shard_paths(data_dir, split):
+        for rec in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            yield deserialize(rec)
+
+
+def checksum(data_dir: Path, names: Iterable[str]) -> str:
+    """SHA-256 over the named files' names and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0")
+        with open(data_dir / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary name and rename, so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(data_dir: Path, manifest: dict) -> dict:
+    """Add format version and checksum over every shard, then write manifest.json."""
+    names = [n for split in manifest["splits"].values() for n in split["shards"]]
+    manifest = {"format_version": FORMAT_VERSION, **manifest,
+                "checksum": checksum(data_dir, names)}
+    write_json(data_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(data_dir: Path) -> dict:
+    """manifest.json of a prepared or augmented dataset, checked for the keys stages rely on."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run `dvc repro` (or the stage that writes "
+                        f"{data_dir}) first") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); delete it and rerun the stage "
+                        "that writes it") from None
+    missing = [k for k in ("task", "class_names", "image_size", "splits", "checksum")
+               if k not in manifest]
+    if missing:
+        raise DataError(f"{path}: missing keys {', '.join(missing)}; rerun the stage that "
+                        "writes it")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, this "
+                        f"visionpipe reads {FORMAT_VERSION}; rerun `dvc repro`")
+    return manifest

@@ -1,0 +1,90 @@
+"""Model registry: family name -> builder, so stages never branch on a model's name."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from visionpipe.config import parse_dataclass
+from visionpipe.errors import ModelError, ParamsError
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered model family: its builder, its task and the dataclass of its params."""
+
+    name: str
+    task: str
+    params: type
+    builder: Callable[..., Any]
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(name: str, *, task: str, params: type) -> Callable:
+    """Register ``builder(input_shape, num_classes, p)`` as family ``name``."""
+    if not dataclasses.is_dataclass(params):
+        raise TypeError(f"params of family {name} must be a dataclass")
+
+    def wrap(builder: Callable) -> Callable:
+        _FAMILIES[name] = Family(name=name, task=task, params=params, builder=builder)
+        return builder
+
+    return wrap
+
+
+def _load_families() -> None:
+    # Importing the family modules runs their @register decorators.
+    from visionpipe.models import mlp  # noqa: F401
+
+
+def known_families() -> list[str]:
+    """Names of every registered family."""
+    _load_families()
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    """The family ``name``; an unknown name lists the known ones."""
+    _load_families()
+    if name not in _FAMILIES:
+        raise ModelError(f"unknown model family '{name}'; known families: "
+                         + ", ".join(known_families()))
+    return _FAMILIES[name]
+
+
+def parse_architecture(family: str, data: Mapping, path: str) -> Any:
+    """Validate ``models.<name>.architecture`` against the family's params dataclass."""
+    fam = parse_family(family, f"{path.rsplit('.', 1)[0]}.family")
+    return parse_dataclass(fam.params, data, path)
+
+
+def validate_architectures(params) -> None:
+    """Check every ``models.<name>`` family and architecture; raises ParamsError on the first."""
+    for name, cfg in params.models.items():
+        fam = parse_family(cfg.family, f"models.{name}.family")
+        if fam.task != cfg.task:
+            raise ParamsError(f"params.yaml: models.{name}.task = {cfg.task!r}: family "
+                              f"'{fam.name}' is a {fam.task} model; set task: {fam.task}")
+        parse_architecture(cfg.family, cfg.architecture, f"models.{name}.architecture")
+
+
+def parse_family(family: str, path: str) -> Family:
+    """The family named at params key ``path``; unknown names are a ParamsError."""
+    try:
+        return get_family(family)
+    except ModelError as exc:
+        raise ParamsError(f"params.yaml: {path} = {family!r}: {exc}") from None
+
+
+def create_model(family: str, input_shape: tuple[int, int, int], num_classes: int,
+                 architecture: Mapping | Any = None, *, name: str | None = None):
+    """Build a model of ``family`` for images of ``input_shape`` and ``num_classes`` classes."""
+    fam = get_family(family)
+    params = architecture
+    if params is None or isinstance(params, Mapping):
+        params = parse_architecture(family, params or {}, f"models.{name or family}.architecture")
+    return fam.builder(tuple(input_shape), int(num_classes), params)

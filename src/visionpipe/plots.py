@@ -1,0 +1,105 @@
+"""PNG figures shared by stages: learning curves, confusion matrix, image grids."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: stages run under DVC with no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """history.csv (Keras CSVLogger) as column -> values."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
+
+
+def learning_curves_png(history: dict[str, list[float]], path: Path) -> Path:
+    """One panel per metric (loss, accuracy, ...), train and validation per epoch."""
+    names = [k for k in history if k not in ("epoch", "learning_rate")
+             and not k.startswith("val_")]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
+    epochs = [e + 1 for e in history.get("epoch", range(len(history[names[0]])))]
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.plot(epochs, history[name], marker="o", label="train")
+        if f"val_{name}" in history:
+            ax.plot(epochs, history[f"val_{name}"], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def confusion_png(cm: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """Confusion matrix with counts in each cell (rows: true, columns: predicted)."""
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * n, 0.8 + 0.8 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > top / 2 else "black")
+    return _save(fig, path)
+
+
+def image_grid(tiles: list[np.ndarray], columns: int, path: Path, *, scale: int = 2,
+               pad: int = 2) -> Path:
+    """Tile uint8 RGB images (all the same size) into one PNG, scaled up for visibility."""
+    h, w = tiles[0].shape[:2]
+    rows = (len(tiles) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (w * scale + pad) + pad, rows * (h * scale + pad) + pad),
+                     (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        img = Image.fromarray(tile).resize((w * scale, h * scale), Image.NEAREST)
+        grid.paste(img, (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                    [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]], np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | None = None,
+            boxes: np.ndarray | None = None, box_labels: np.ndarray | None = None) -> np.ndarray:
+    """The image with a half-transparent class mask and class-coloured box outlines."""
+    out = image.copy()
+    if mask is not None:
+        colours = PALETTE[mask % len(PALETTE)]
+        fg = mask > 0
+        out[fg] = (0.5 * out[fg] + 0.5 * colours[fg]).astype(np.uint8)
+    if boxes is not None and len(boxes):
+        pil = Image.fromarray(out)
+        draw = ImageDraw.Draw(pil)
+        labels = box_labels if box_labels is not None else np.zeros(len(boxes), int)
+        for (x0, y0, x1, y1), lab in zip(boxes, labels, strict=True):
+            colour = tuple(int(c) for c in PALETTE[(int(lab) + 1) % len(PALETTE)])
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour)
+        out = np.asarray(pil)
+    return out

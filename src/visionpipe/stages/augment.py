@@ -1,0 +1,67 @@
+"""augment: an augmented, materialised copy of a task's train split plus a preview grid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+
+from tqdm import tqdm
+
+from visionpipe import plots
+from visionpipe.config import Params
+from visionpipe.data import records
+from visionpipe.data.augment import augment_example
+from visionpipe.data.example import Example
+from visionpipe.layout import Layout
+from visionpipe.stages.common import fresh_dir
+
+
+def _tile(ex: Example):
+    return plots.overlay(ex.image, ex.mask, ex.boxes, ex.box_labels)
+
+
+def run(params: Params, task: str, layout: Layout) -> dict:
+    """Write data/augmented/<task>/ (originals, if kept, then copies) and the preview PNG."""
+    cfg = params.augment_for(task)
+    src = layout.prepared(task)
+    src_manifest = records.read_manifest(src)
+    n_train = src_manifest["splits"]["train"]["count"]
+    total = n_train * (cfg.copies + int(cfg.keep_original))
+    stats = {"boxes_dropped": 0}
+    preview: list[Example] = []
+
+    def examples() -> Iterator[Example]:
+        for i, ex in enumerate(records.read_split(src, "train")):
+            if cfg.keep_original:
+                yield ex
+            for copy in range(cfg.copies):
+                aug, dropped = augment_example(ex, cfg, params.seed, copy, i)
+                stats["boxes_dropped"] += dropped
+                if copy == 0 and len(preview) < 2 * cfg.preview:
+                    preview.extend([ex, aug])
+                yield aug
+            if cfg.copies == 0 and len(preview) < cfg.preview:
+                preview.append(ex)
+
+    with fresh_dir(layout.augmented(task)) as out:
+        count, shards = records.write_split(
+            tqdm(examples(), total=total, desc=f"augment {task}", unit="img"), out, "train",
+            src_manifest["shard_size"])
+        manifest = {
+            "task": task,
+            "source": {"kind": "augmented", "from": str(src.relative_to(layout.root)),
+                       "from_checksum": src_manifest["checksum"], "seed": params.seed},
+            "class_names": src_manifest["class_names"],
+            "image_size": src_manifest["image_size"],
+            "targets": src_manifest["targets"],
+            "augment": asdict(cfg),
+            "counts": {"train": count, "original": n_train if cfg.keep_original else 0,
+                       "augmented": n_train * cfg.copies},
+            "boxes_dropped": stats["boxes_dropped"],
+            "shard_size": src_manifest["shard_size"],
+            "splits": {"train": {"count": count, "shards": shards}},
+        }
+        manifest = records.write_manifest(out, manifest)
+    # Columns of 8: with copies, each original sits left of its first augmented copy.
+    plots.image_grid([_tile(ex) for ex in preview], 8, layout.augment_preview(task))
+    return manifest

@@ -1,0 +1,131 @@
+"""evaluate: test-split metrics, what the model costs, and plots, for one trained model."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from visionpipe import plots
+from visionpipe.config import Params
+from visionpipe.data import records
+from visionpipe.data.pipeline import record_dataset
+from visionpipe.errors import ModelError
+from visionpipe.layout import Layout
+from visionpipe.tasks import get_task
+
+
+def load_model(path) -> keras.Model:
+    """Load a .keras file with safe_mode on (no arbitrary code from the file)."""
+    if not path.exists():
+        raise ModelError(f"{path}: not found; run the train stage first (`dvc repro`)")
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:  # noqa: BLE001 - keras raises ValueError/TypeError/... here
+        msg = " ".join(str(exc).split())[:300]
+        raise ModelError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {msg}); "
+                         "retrain it with `dvc repro`") from None
+
+
+def flops_per_image(model: keras.Model, input_shape: tuple[int, ...]) -> int:
+    """Floating-point operations of one forward pass on one image (TF profiler count)."""
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec((1, *input_shape), tf.float32))
+    frozen = convert_variables_to_constants_v2(fn)
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    info = tf.compat.v1.profiler.profile(graph=frozen.graph,
+                                         run_meta=tf.compat.v1.RunMetadata(), cmd="op",
+                                         options=opts)
+    return int(info.total_float_ops)
+
+
+def latency_ms(model: keras.Model, images: np.ndarray, samples: int, warmup: int) -> dict:
+    """Mean and median wall time of a compiled forward pass on one image (batch of 1)."""
+    fn = tf.function(lambda x: model(x, training=False))
+    n = len(images)
+    for i in range(warmup):
+        fn(images[i % n][None]).numpy()
+    times = []
+    for i in range(samples):
+        x = images[i % n][None]
+        start = time.perf_counter()
+        fn(x).numpy()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return {"mean": float(np.mean(times)), "median": float(np.median(times)),
+            "samples": samples, "batch_size": 1}
+
+
+def test_arrays(data_dir, task) -> tuple[np.ndarray, list]:
+    """Test images as float32 (N, H, W, 3) and the task's ground truth per image."""
+    images, truths = [], []
+    for rec in record_dataset(data_dir, "test").as_numpy_iterator():
+        images.append(rec["image"])
+        truths.append(task.targets(rec))
+    return np.stack(images).astype(np.float32), truths
+
+
+def run(params: Params, model_name: str, layout: Layout) -> dict:
+    """Write reports/metrics/<model>.json and reports/plots/<model>/."""
+    cfg = params.model(model_name)
+    task = get_task(cfg.task)
+    model_path = layout.model_file(model_name)
+    model = load_model(model_path)
+    data_dir = layout.prepared(cfg.task)
+    manifest = records.read_manifest(data_dir)
+    names = manifest["class_names"]
+    images, truths = test_arrays(data_dir, task)
+    outputs = model.predict(images, batch_size=params.evaluate.batch_size, verbose=0)
+    test = task.evaluate(np.asarray(truths), outputs, names)
+
+    out_dir = layout.plots(model_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_class = test.pop("per_class", None)
+    if per_class is not None:
+        records.write_json(out_dir / "per_class.json", per_class)
+    task.plots(np.asarray(truths), outputs, names, out_dir)
+    history_path = layout.history(model_name)
+    if history_path.exists():
+        plots.learning_curves_png(plots.read_history(history_path),
+                                  out_dir / "learning_curves.png")
+
+    ev = params.evaluate
+    cost = {
+        "params": int(model.count_params()),
+        "flops_per_image": flops_per_image(model, images.shape[1:]),
+        "model_file_bytes": model_path.stat().st_size,
+        "latency_ms_per_image": latency_ms(model, images, ev.latency_samples, ev.latency_warmup),
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "cores": _cores(), "gpu": bool(tf.config.list_physical_devices("GPU"))},
+    }
+    metrics = {
+        "model": model_name,
+        "family": cfg.family,
+        "task": cfg.task,
+        "dataset": {"path": str(data_dir.relative_to(layout.root)),
+                    "name": manifest["source"].get("name"), "checksum": manifest["checksum"],
+                    "test_count": manifest["counts"]["test"]},
+        "test": test,
+        "cost": cost,
+    }
+    records.write_json(layout.metrics(model_name), metrics)
+    return metrics
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def read_metrics(layout: Layout, model_name: str) -> dict:
+    """The metrics JSON written by this stage."""
+    return json.loads(layout.metrics(model_name).read_text(encoding="utf-8"))

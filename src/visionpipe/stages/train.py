@@ -1,0 +1,104 @@
+"""train: fit one model on its task's augmented train split, validating on the val split."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import keras
+
+from visionpipe.config import Params, TrainConfig
+from visionpipe.data import records
+from visionpipe.data.pipeline import model_dataset
+from visionpipe.layout import Layout
+from visionpipe.models.registry import create_model, parse_architecture
+from visionpipe.stages.common import set_seed
+from visionpipe.tasks import get_task
+
+
+def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
+    """The optimizer named in params, with its learning rate and weight decay."""
+    wd = cfg.weight_decay or None
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum, weight_decay=wd)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(cfg.learning_rate, weight_decay=wd)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Puts the epoch's learning rate into the logs, so history.csv records it."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+                self.model.optimizer.learning_rate))
+
+
+def run(params: Params, model_name: str, layout: Layout) -> dict:
+    """Train ``model_name``; write model.keras, model.json, checkpoints/ and history.csv."""
+    cfg = params.model(model_name)
+    architecture = parse_architecture(cfg.family, cfg.architecture,
+                                      f"models.{model_name}.architecture")
+    set_seed(params.seed)
+    task = get_task(cfg.task)
+    train_dir, val_dir = layout.augmented(cfg.task), layout.prepared(cfg.task)
+    manifest = records.read_manifest(train_dir)
+    val_manifest = records.read_manifest(val_dir)
+    names = manifest["class_names"]
+    h, w = manifest["image_size"]
+    io = task.to_model_io(len(names))
+    t = cfg.train
+    train_ds = model_dataset(train_dir, "train", io, t.batch_size, shuffle=True,
+                             shuffle_buffer=t.shuffle_buffer, seed=params.seed)
+    val_ds = model_dataset(val_dir, "val", io, t.batch_size)
+
+    model = create_model(cfg.family, (h, w, 3), len(names), architecture)
+    model.compile(optimizer=make_optimizer(t), loss=task.loss(t), metrics=task.metrics())
+    model.summary(print_fn=lambda line, **_: print(line))
+
+    ckpt_dir = layout.checkpoints(model_name)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ckpt_dir.mkdir(parents=True)
+    history_path = layout.history(model_name)
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        LearningRateLogger(),
+        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.keras")),
+        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "best.keras"), monitor="val_loss",
+                                        save_best_only=True),
+        keras.callbacks.CSVLogger(str(history_path)),
+    ]
+    history = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
+                        callbacks=callbacks, verbose=2)
+
+    final = history.history
+    if t.restore_best:
+        from visionpipe.stages.evaluate import load_model
+
+        model = load_model(ckpt_dir / "best.keras")
+        best = min(range(len(final["val_loss"])), key=final["val_loss"].__getitem__)
+    else:
+        best = len(final["loss"]) - 1
+    model_path = layout.model_file(model_name)
+    tmp = model_path.with_name("model.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, model_path)
+    meta = {
+        "name": model_name,
+        "family": cfg.family,
+        "task": cfg.task,
+        "class_names": names,
+        "image_size": [h, w],
+        "input": "float32 RGB pixels in 0..255, shape (batch, height, width, 3)",
+        "params": model.count_params(),
+        "epochs": len(final["loss"]),
+        "kept_epoch": best + 1,
+        "train_dataset": {"path": str(train_dir.relative_to(layout.root)),
+                          "checksum": manifest["checksum"], "count": manifest["counts"]["train"]},
+        "val_dataset": {"checksum": val_manifest["checksum"],
+                        "count": val_manifest["counts"]["val"]},
+        "kept_epoch_metrics": {k: float(v[best]) for k, v in final.items()},
+    }
+    records.write_json(layout.model_meta(model_name), meta)
+    return meta

@@ -1,0 +1,14 @@
+"""Tasks own what differs between classification, segmentation and detection."""
+
+from __future__ import annotations
+
+from visionpipe.errors import ModelError
+
+
+def get_task(name: str):
+    """The task object for ``name`` (loss, metrics, model inputs/targets, evaluation)."""
+    if name == "classification":
+        from visionpipe.tasks.classification import ClassificationTask
+
+        return ClassificationTask()
+    raise ModelError(f"task '{name}' is not implemented yet; implemented: classification")

@@ -1,0 +1,104 @@
+"""Classification: one label per image; loss, metrics, evaluation and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from visionpipe.config import TrainConfig
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts[true, predicted]."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    return cm
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
+                           class_names: list[str]) -> dict:
+    """Accuracy, loss, per-class and macro precision/recall/F1, and a majority-class baseline."""
+    y_true = np.asarray(y_true, np.int64)
+    n = len(class_names)
+    y_pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y_true, y_pred, n)
+    tp = np.diag(cm).astype(float)
+    predicted, actual = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros(n), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
+                   where=(precision + recall) > 0)
+    eps = 1e-7
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0))))
+    majority = int(np.bincount(y_true, minlength=n).argmax())
+    return {
+        "accuracy": float((y_pred == y_true).mean()),
+        "loss": loss,
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                             "f1": float(f1[i]), "support": int(actual[i])}
+                      for i, name in enumerate(class_names)},
+        "baseline": {"name": "majority_class", "class": class_names[majority],
+                     "accuracy": float((y_true == majority).mean())},
+        "num_test_images": int(len(y_true)),
+    }
+
+
+class ClassificationTask:
+    """Softmax over classes; labels are one-hot so label smoothing works."""
+
+    name = "classification"
+
+    def __init__(self, num_classes: int | None = None):
+        self.num_classes = num_classes
+
+    def to_model_io(self, num_classes: int):
+        """Map a parsed record to (float image in 0..255, one-hot label)."""
+
+        def fn(rec):
+            return tf.cast(rec["image"], tf.float32), tf.one_hot(rec["label"], num_classes)
+
+        return fn
+
+    def loss(self, cfg: TrainConfig) -> keras.losses.Loss:
+        """Categorical cross-entropy with the configured label smoothing."""
+        return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+
+    def metrics(self) -> list:
+        """Metrics reported every epoch by fit."""
+        return [keras.metrics.CategoricalAccuracy(name="accuracy")]
+
+    def evaluate(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str]) -> dict:
+        """Test metrics from model outputs (class probabilities)."""
+        return classification_metrics(y_true, outputs, class_names)
+
+    def targets(self, rec: dict) -> int:
+        """The ground truth of one parsed numpy record."""
+        return int(rec["label"])
+
+    def agreement(self, reference: np.ndarray, other: np.ndarray) -> dict:
+        """How closely another runtime's outputs follow the Keras model's: label agreement."""
+        return {"label_agreement": float((reference.argmax(1) == other.argmax(1)).mean())}
+
+    def primary_agreement(self) -> str:
+        """The agreement key that export parity thresholds apply to."""
+        return "label_agreement"
+
+    def plots(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str],
+              out_dir: Path) -> list[Path]:
+        """Confusion matrix as rows for `dvc plots` (confusion template) and as a PNG."""
+        from visionpipe.plots import confusion_png
+        from visionpipe.data.records import write_json
+
+        y_pred = outputs.argmax(1)
+        rows = [{"actual": class_names[t], "predicted": class_names[p]}
+                for t, p in zip(np.asarray(y_true).tolist(), y_pred.tolist(), strict=True)]
+        write_json(out_dir / "confusion.json", rows)
+        cm = confusion_matrix(y_true, y_pred, len(class_names))
+        png = confusion_png(cm, class_names, out_dir / "confusion.png")
+        return [out_dir / "confusion.json", png]

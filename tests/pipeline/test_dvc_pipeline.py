@@ -1,0 +1,172 @@
+"""The real `dvc repro` on shrunk params, in a temporary copy of the repo: every output checked."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from PIL import Image
+
+from visionpipe.data import records
+from visionpipe.stages.evaluate import load_model
+
+from .conftest import GIT, copy_repo, run
+
+pytestmark = pytest.mark.slow
+
+SPLITS = {"train": 96, "val": 32, "test": 40}
+EPOCHS = 2
+
+
+def shrink(params: dict) -> None:
+    """32x32 images, a few dozen samples, 2 epochs: the same stages, in about a minute."""
+    prep = params["prepare"]["classification"]
+    prep.update(image_size=[32, 32], splits=dict(SPLITS), shard_size=50)
+    params["augment"]["classification"]["preview"] = 4
+    mlp = params["models"]["mlp"]
+    mlp["architecture"]["hidden_units"] = [32]
+    mlp["architecture"]["input_pool"] = 1
+    mlp["train"].update(epochs=EPOCHS, batch_size=16)
+    params["evaluate"].update(latency_samples=5, latency_warmup=1)
+    params["export"]["parity_samples"] = 16
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, repo_root):
+    dst = copy_repo(repo_root, tmp_path_factory.mktemp("pipeline"), shrink)
+    result = run(["dvc", "repro"], dst)
+    assert result.returncode == 0, result.stdout[-4000:]
+    ran = re.findall(r"Running stage '([^']+)'", result.stdout)
+    assert ran == ["prepare@classification", "augment@classification", "train@mlp",
+                   "evaluate@mlp", "export@mlp"]
+    return dst
+
+
+def test_prepare_manifest_counts_and_checksum(repo):
+    out = repo / "data/prepared/classification"
+    manifest = records.read_manifest(out)
+    assert manifest["counts"] == SPLITS
+    assert manifest["class_names"] == ["circle", "square", "triangle", "star"]
+    assert manifest["image_size"] == [32, 32]
+    assert manifest["source"]["kind"] == "shapes" and manifest["source"]["seed"] == 42
+    for split, n in SPLITS.items():
+        assert sum(manifest["class_counts"][split].values()) == n
+        assert len(list(records.read_split(out, split))) == n
+    shards = [s for v in manifest["splits"].values() for s in v["shards"]]
+    assert len(manifest["splits"]["train"]["shards"]) == 2  # 96 records, 50 per shard
+    assert records.checksum(out, shards) == manifest["checksum"]
+    assert manifest["skipped"] == {"count": 0, "items": []}
+    first = next(records.read_split(out, "test"))
+    assert first.image.shape == (32, 32, 3) and first.mask is None and first.boxes is None
+
+
+def test_augment_doubles_train_split_and_draws_preview(repo):
+    manifest = records.read_manifest(repo / "data/augmented/classification")
+    assert manifest["counts"] == {"train": 2 * SPLITS["train"], "original": SPLITS["train"],
+                                  "augmented": SPLITS["train"]}
+    prepared = records.read_manifest(repo / "data/prepared/classification")
+    assert manifest["source"]["from_checksum"] == prepared["checksum"]
+    ids = [ex.id for ex in records.read_split(repo / "data/augmented/classification", "train")]
+    assert ids[:2] == ["train-000000", "train-000000-aug0"]
+    preview = Image.open(repo / "reports/plots/augment/classification.png")
+    assert preview.size[0] > 8 * 32  # 8 tiles of 32 px, scaled up
+
+
+def test_train_writes_model_history_and_checkpoints(repo):
+    meta = json.loads((repo / "models/mlp/model.json").read_text())
+    assert meta["task"] == "classification" and meta["epochs"] == EPOCHS
+    assert meta["class_names"] == ["circle", "square", "triangle", "star"]
+    with open(repo / "reports/train/mlp/history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(rows[0])
+    assert float(rows[0]["learning_rate"]) == pytest.approx(1e-3)
+    assert sorted(p.name for p in (repo / "models/mlp/checkpoints").iterdir()) == [
+        "best.keras", "last.keras"]
+    assert load_model(repo / "models/mlp/checkpoints/last.keras").count_params() == meta["params"]
+
+
+def test_metrics_match_a_recomputation(repo):
+    metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
+    model = load_model(repo / "models/mlp/model.keras")
+    test = list(records.read_split(repo / "data/prepared/classification", "test"))
+    x = np.stack([ex.image for ex in test]).astype(np.float32)
+    y = np.array([ex.label for ex in test])
+    accuracy = float((model.predict(x, verbose=0).argmax(1) == y).mean())
+    assert metrics["test"]["accuracy"] == pytest.approx(accuracy)
+    assert metrics["test"]["num_test_images"] == SPLITS["test"]
+    majority = np.bincount(y, minlength=4).max() / len(y)
+    assert metrics["test"]["baseline"]["accuracy"] == pytest.approx(majority)
+    cost = metrics["cost"]
+    assert cost["params"] == model.count_params()
+    # One dense layer 3072 -> 32 dominates: at least its 2 * 3072 * 32 multiply-adds.
+    assert 2 * 3072 * 32 <= cost["flops_per_image"] < 4 * 3072 * 32
+    assert cost["model_file_bytes"] == (repo / "models/mlp/model.keras").stat().st_size
+    assert cost["latency_ms_per_image"]["mean"] > 0
+    assert cost["latency_ms_per_image"]["samples"] == 5
+    rows = json.loads((repo / "reports/plots/mlp/confusion.json").read_text())
+    assert len(rows) == SPLITS["test"]
+    assert sum(r["actual"] == r["predicted"] for r in rows) == round(accuracy * len(rows))
+    for png in ("confusion.png", "learning_curves.png"):
+        assert Image.open(repo / "reports/plots/mlp" / png).size[0] > 100
+
+
+def test_export_parity_report_and_files(repo):
+    report = json.loads((repo / "reports/export/mlp.json").read_text())
+    assert report["passed"] is True and report["samples"] == 16
+    assert set(report["formats"]) == {"saved_model", "tflite"}
+    for fmt in report["formats"].values():
+        assert fmt["max_abs_diff"] <= 1e-4 and fmt["label_agreement"] == 1.0
+    export = repo / "models/mlp/export"
+    assert (export / "saved_model" / "saved_model.pb").is_file()
+    interp = tf.lite.Interpreter(model_path=str(export / "model.tflite"))
+    interp.allocate_tensors()
+    assert list(interp.get_input_details()[0]["shape"]) == [1, 32, 32, 3]
+
+
+def test_dvc_metrics_show_reads_metrics(repo):
+    result = run(["dvc", "metrics", "show", "--json"], repo)
+    assert result.returncode == 0, result.stdout
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    flat = json.dumps(data)
+    assert "reports/metrics/mlp.json" in flat and "accuracy" in flat
+
+
+def test_second_repro_is_up_to_date(repo):
+    result = run(["dvc", "repro"], repo)
+    assert result.returncode == 0, result.stdout
+    assert "Running stage" not in result.stdout
+    assert "up to date" in result.stdout
+
+
+def test_exp_run_with_new_learning_rate_reruns_only_the_mlp(repo):
+    run(GIT + ["add", "-A"], repo)
+    run(GIT + ["commit", "-qm", "pipeline outputs"], repo)
+    result = run(["dvc", "exp", "run", "-S", "models.mlp.train.learning_rate=0.002"], repo)
+    assert result.returncode == 0, result.stdout[-4000:]
+    ran = re.findall(r"Running stage '([^']+)'", result.stdout)
+    assert ran == ["train@mlp", "evaluate@mlp", "export@mlp"]
+    with open(repo / "reports/train/mlp/history.csv") as fh:
+        assert float(next(csv.DictReader(fh))["learning_rate"]) == pytest.approx(0.002)
+
+
+def test_bad_params_fail_the_stage_with_one_line(repo):
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["models"]["mlp"]["train"]["epochs"] = -3
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = run(["dvc", "repro"], repo)
+    finally:
+        params_path.write_text(original)
+    assert result.returncode != 0
+    errors = [ln for ln in result.stdout.splitlines() if ln.startswith("visionpipe: error")]
+    assert errors == ["visionpipe: error: params.yaml: models.mlp.train.epochs = -3: "
+                      "expected a value >= 1"]
+    assert "Traceback" not in result.stdout

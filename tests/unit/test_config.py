@@ -1,0 +1,141 @@
+"""params.yaml validation: every error names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from visionpipe.config import load_params, parse_params
+from visionpipe.errors import ParamsError
+from visionpipe.models.registry import validate_architectures
+
+
+def _with(base: dict, dotted: str, value) -> dict:
+    data = copy.deepcopy(base)
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return data
+
+
+def _error(data: dict) -> str:
+    with pytest.raises(ParamsError) as info:
+        validate_architectures(parse_params(data))
+    return str(info.value)
+
+
+def test_committed_params_are_valid(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    validate_architectures(params)
+    assert params.models["mlp"].task == "classification"
+    assert params.prepare["classification"].image_size == (64, 64)
+    assert params.models["mlp"].train.learning_rate == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    ("models.mlp.train.lr", 0.1,
+     "models.mlp.train.lr: unknown key; allowed keys in models.mlp.train: epochs"),
+    ("prepare.classification.sizes", 3, "prepare.classification.sizes: unknown key"),
+    ("bogus", 1, "bogus: unknown key; allowed keys in (top level): seed, prepare"),
+    ("models.mlp.architecture.hidden", [3], "models.mlp.architecture.hidden: unknown key; "
+     "allowed keys in models.mlp.architecture: hidden_units"),
+])
+def test_unknown_key_names_key_and_allowed(default_params_dict, dotted, value, expected):
+    assert expected in _error(_with(default_params_dict, dotted, value))
+
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    ("models.mlp.train.epochs", "ten", "models.mlp.train.epochs = 'ten': expected an integer"),
+    ("models.mlp.train.epochs", 2.5, "models.mlp.train.epochs = 2.5: expected an integer"),
+    ("models.mlp.train.learning_rate", "fast", "learning_rate = 'fast': expected a number"),
+    ("models.mlp.architecture.batch_norm", 1, "batch_norm = 1: expected true or false"),
+    ("models.mlp.train.optimizer", "rmsprop",
+     "optimizer = 'rmsprop': expected one of 'sgd', 'adam', 'adamw'"),
+    ("prepare.classification.image_size", [64], "image_size = [64]: expected a list of 2"),
+    ("models.mlp.train", 5, "models.mlp.train = 5: expected a mapping"),
+    ("seed", True, "seed = True: expected an integer"),
+])
+def test_wrong_type_names_key_value_and_type(default_params_dict, dotted, value, expected):
+    assert expected in _error(_with(default_params_dict, dotted, value))
+
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    ("models.mlp.train.learning_rate", -0.1, "learning_rate = -0.1: expected a value > 0"),
+    ("models.mlp.train.epochs", 0, "epochs = 0: expected a value >= 1"),
+    ("models.mlp.architecture.dropout", 1.0, "dropout = 1.0: expected a value < 1"),
+    ("models.mlp.architecture.hidden_units", [64, 0],
+     "hidden_units = [64, 0]: expected every value >= 1"),
+    ("models.mlp.architecture.hidden_units", [], "hidden_units = []: expected at least 1"),
+    ("prepare.classification.image_size", [4, 64], "expected every value >= 8"),
+    ("models.mlp.train.learning_rate", float("nan"), "expected a finite number"),
+])
+def test_out_of_range_names_key_value_and_range(default_params_dict, dotted, value, expected):
+    assert expected in _error(_with(default_params_dict, dotted, value))
+
+
+def test_unknown_family_lists_known(default_params_dict):
+    msg = _error(_with(default_params_dict, "models.mlp.family", "transformer"))
+    assert "models.mlp.family = 'transformer'" in msg and "known families: mlp" in msg
+
+
+def test_family_and_task_must_agree(default_params_dict):
+    data = _with(default_params_dict, "prepare.segmentation", {"source": "shapes"})
+    msg = _error(_with(data, "models.mlp.task", "segmentation"))
+    assert "models.mlp.task = 'segmentation'" in msg and "set task: classification" in msg
+
+
+def test_model_task_needs_a_prepare_section(default_params_dict):
+    msg = _error(_with(default_params_dict, "models.mlp.task", "detection"))
+    assert "no prepare.detection section" in msg
+
+
+def test_shapes_split_sizes_are_counts(default_params_dict):
+    msg = _error(_with(default_params_dict, "prepare.classification.splits.val", 0.5))
+    assert "prepare.classification.splits.val = 0.5" in msg
+
+
+def test_unknown_model_name_lists_known(repo_root):
+    with pytest.raises(ParamsError, match="models.nope: no such model; known: mlp"):
+        load_params(repo_root / "params.yaml").model("nope")
+
+
+def test_yaml_syntax_error_gives_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 1\nmodels:\n  mlp: {family: mlp,\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: YAML syntax error at line \d+"):
+        load_params(bad)
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "visionpipe.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("dotted, value, fragment", [
+    ("models.mlp.train.learning_rate", -1, "models.mlp.train.learning_rate = -1"),
+    ("models.mlp.train.momentun", 0.9, "models.mlp.train.momentun: unknown key"),
+    ("models.mlp.architecture.activation", 3, "models.mlp.architecture.activation = 3"),
+])
+def test_cli_bad_params_exit_nonzero_with_one_line(tmp_path, default_params_dict, dotted,
+                                                   value, fragment):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_with(default_params_dict, dotted,
+                                                                value)))
+    result = _cli(["train", "--model", "mlp"], tmp_path)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("visionpipe:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unknown_model_lists_known(tmp_path, repo_root):
+    (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    result = _cli(["evaluate", "--model", "resnet9000"], tmp_path)
+    assert result.returncode == 2
+    assert "models.resnet9000: no such model; known: mlp" in result.stderr
+    assert "Traceback" not in result.stderr

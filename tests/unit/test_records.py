@@ -1,0 +1,85 @@
+"""The record format: lossless round trip, sharding, manifest checksum and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from visionpipe.data import records
+from visionpipe.data.example import Example
+from visionpipe.data.pipeline import record_dataset
+from visionpipe.errors import DataError
+
+
+def _example(i: int) -> Example:
+    rng = np.random.default_rng(i)
+    return Example(id=f"ex-{i}", image=rng.integers(0, 256, (12, 10, 3), dtype=np.uint8),
+                   label=i % 3, mask=rng.integers(0, 4, (12, 10), dtype=np.uint8),
+                   boxes=np.array([[1, 2, 5, 9], [0, 0, 10, 12]], np.float32) + i,
+                   box_labels=np.array([i % 3, 2], np.int32))
+
+
+def _write(tmp_path, n=5, shard_size=2):
+    count, shards = records.write_split((_example(i) for i in range(n)), tmp_path, "train",
+                                        shard_size)
+    manifest = records.write_manifest(tmp_path, {
+        "task": "classification", "class_names": ["a", "b", "c"], "image_size": [12, 10],
+        "splits": {"train": {"count": count, "shards": shards}}})
+    return count, shards, manifest
+
+
+def test_round_trip_is_lossless(tmp_path):
+    count, shards, _ = _write(tmp_path)
+    assert count == 5 and shards == ["train-00000.tfrecord", "train-00001.tfrecord",
+                                     "train-00002.tfrecord"]
+    back = list(records.read_split(tmp_path, "train"))
+    for i, ex in enumerate(back):
+        ref = _example(i)
+        assert ex.id == ref.id and ex.label == ref.label
+        np.testing.assert_array_equal(ex.image, ref.image)
+        np.testing.assert_array_equal(ex.mask, ref.mask)
+        np.testing.assert_array_equal(ex.boxes, ref.boxes)
+        np.testing.assert_array_equal(ex.box_labels, ref.box_labels)
+
+
+def test_tf_data_parse_matches_numpy_side(tmp_path):
+    _write(tmp_path)
+    recs = list(record_dataset(tmp_path, "train").as_numpy_iterator())
+    assert len(recs) == 5
+    ref = _example(3)
+    np.testing.assert_array_equal(recs[3]["image"], ref.image)
+    np.testing.assert_array_equal(recs[3]["mask"], ref.mask)
+    np.testing.assert_array_equal(recs[3]["boxes"], ref.boxes)
+    assert recs[3]["label"] == ref.label
+
+
+def test_checksum_tracks_content(tmp_path):
+    _, shards, manifest = _write(tmp_path)
+    same = records.checksum(tmp_path, shards)
+    assert same == manifest["checksum"] and same.startswith("sha256:")
+    data = bytearray((tmp_path / shards[1]).read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / shards[1]).write_bytes(bytes(data))
+    assert records.checksum(tmp_path, shards) != same
+
+
+def test_missing_manifest_names_path(tmp_path):
+    with pytest.raises(DataError, match=r"manifest.json: not found; run `dvc repro`"):
+        records.read_manifest(tmp_path)
+
+
+def test_broken_manifest_names_path(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json: not valid JSON"):
+        records.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"task": "x"}))
+    with pytest.raises(DataError, match="missing keys class_names, image_size"):
+        records.read_manifest(tmp_path)
+
+
+def test_unknown_split_is_an_error(tmp_path):
+    _write(tmp_path)
+    with pytest.raises(DataError, match="has no split 'test'"):
+        records.shard_paths(tmp_path, "test")
