@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -13,10 +14,17 @@ GIT = ["git", "-c", "user.name=visionpipe-tests", "-c", "user.email=tests@vision
        "-c", "commit.gpgsign=false"]
 
 
+# `dvc exp run` commits experiments: give it an identity on machines that have none.
+IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+            for what, value in (("NAME", "visionpipe-tests"),
+                                ("EMAIL", "tests@visionpipe.invalid"))}
+
+
 def run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a command, returning its result with stdout and stderr merged."""
     return subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **IDENTITY},
+                          check=False)
 
 
 def copy_repo(src: Path, dst: Path, edit_params: Callable[[dict], None] | None = None) -> Path:

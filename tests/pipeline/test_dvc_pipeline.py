@@ -170,3 +170,17 @@ def test_bad_params_fail_the_stage_with_one_line(repo):
     assert errors == ["visionpipe: error: params.yaml: models.mlp.train.epochs = -3: "
                       "expected a value >= 1"]
     assert "Traceback" not in result.stdout
+
+
+def test_failing_parity_fails_export_loudly(repo, tmp_path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["export"]["max_abs_diff"] = 1e-12  # TFLite differs from Keras by ~1e-6
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["visionpipe", "export", "--model", "mlp", "--params", str(strict)], repo)
+    assert result.returncode == 2
+    errors = [ln for ln in result.stdout.splitlines() if ln.startswith("visionpipe: error")]
+    assert len(errors) == 1 and "export of mlp: parity failed (tflite: max_abs_diff" in errors[0]
+    report = json.loads((repo / "reports/export/mlp.json").read_text())
+    assert report["passed"] is False and report["formats"]["tflite"]["passed"] is False
+    assert report["thresholds"]["max_abs_diff"] == 1e-12

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import platform
 import time
 
@@ -25,7 +25,7 @@ def load_model(path) -> keras.Model:
         raise ModelError(f"{path}: not found; run the train stage first (`dvc repro`)")
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
-    except Exception as exc:  # noqa: BLE001 - keras raises ValueError/TypeError/... here
+    except Exception as exc:
         msg = " ".join(str(exc).split())[:300]
         raise ModelError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {msg}); "
                          "retrain it with `dvc repro`") from None
@@ -89,8 +89,9 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     out_dir = layout.plots(model_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_class = test.pop("per_class", None)
-    if per_class is not None:
-        records.write_json(out_dir / "per_class.json", per_class)
+    if per_class is not None:  # rows, as `dvc plots` templates read them
+        records.write_json(out_dir / "per_class.json",
+                           [{"class": name, **scores} for name, scores in per_class.items()])
     task.plots(np.asarray(truths), outputs, names, out_dir)
     history_path = layout.history(model_name)
     if history_path.exists():
@@ -121,11 +122,5 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
-
-def read_metrics(layout: Layout, model_name: str) -> dict:
-    """The metrics JSON written by this stage."""
-    return json.loads(layout.metrics(model_name).read_text(encoding="utf-8"))

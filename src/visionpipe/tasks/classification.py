@@ -92,8 +92,8 @@ class ClassificationTask:
     def plots(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str],
               out_dir: Path) -> list[Path]:
         """Confusion matrix as rows for `dvc plots` (confusion template) and as a PNG."""
-        from visionpipe.plots import confusion_png
         from visionpipe.data.records import write_json
+        from visionpipe.plots import confusion_png
 
         y_pred = outputs.argmax(1)
         rows = [{"actual": class_names[t], "predicted": class_names[p]}
