@@ -155,7 +155,29 @@ def test_exp_run_with_new_learning_rate_reruns_only_the_mlp(repo):
         assert float(next(csv.DictReader(fh))["learning_rate"]) == pytest.approx(0.002)
 
 
-def test_bad_params_fail_the_stage_with_one_line(repo):
+def test_failing_parity_fails_export_loudly(repo, tmp_path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["export"]["max_abs_diff"] = 1e-12  # TFLite differs from Keras by ~1e-6
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(params, sort_keys=False))
+    report_path = repo / "reports/export/mlp.json"
+    good_report = report_path.read_bytes()
+    exported = sorted(p.name for p in (repo / "models/mlp/export").iterdir())
+    result = run(["visionpipe", "export", "--model", "mlp", "--params", str(strict)], repo)
+    assert result.returncode == 2
+    errors = [ln for ln in result.stdout.splitlines() if ln.startswith("visionpipe: error")]
+    assert len(errors) == 1 and "export of mlp: parity failed (tflite: max_abs_diff" in errors[0]
+    report = json.loads((repo / "reports/export/mlp.json").read_text())
+    assert report["passed"] is False and report["formats"]["tflite"]["passed"] is False
+    assert report["thresholds"]["max_abs_diff"] == 1e-12
+    # The previous export is left in place, not half-replaced.
+    assert sorted(p.name for p in (repo / "models/mlp/export").iterdir()) == exported
+    report_path.write_bytes(good_report)
+
+
+def test_bad_params_fail_the_stage_with_one_line_and_lose_nothing(repo):
+    # Last in this module: DVC removes a stage's outputs before running it.
+    model_hash = (repo / "models/mlp/model.keras").read_bytes()
     params_path = repo / "params.yaml"
     original = params_path.read_text()
     params = yaml.safe_load(original)
@@ -170,17 +192,10 @@ def test_bad_params_fail_the_stage_with_one_line(repo):
     assert errors == ["visionpipe: error: params.yaml: models.mlp.train.epochs = -3: "
                       "expected a value >= 1"]
     assert "Traceback" not in result.stdout
-
-
-def test_failing_parity_fails_export_loudly(repo, tmp_path):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["export"]["max_abs_diff"] = 1e-12  # TFLite differs from Keras by ~1e-6
-    strict = tmp_path / "strict.yaml"
-    strict.write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run(["visionpipe", "export", "--model", "mlp", "--params", str(strict)], repo)
-    assert result.returncode == 2
-    errors = [ln for ln in result.stdout.splitlines() if ln.startswith("visionpipe: error")]
-    assert len(errors) == 1 and "export of mlp: parity failed (tflite: max_abs_diff" in errors[0]
-    report = json.loads((repo / "reports/export/mlp.json").read_text())
-    assert report["passed"] is False and report["formats"]["tflite"]["passed"] is False
-    assert report["thresholds"]["max_abs_diff"] == 1e-12
+    assert not (repo / "models/mlp/model.keras").exists()
+    # The previous outputs are in the DVC cache: checkout brings them back, byte for byte.
+    result = run(["dvc", "checkout"], repo)
+    assert result.returncode == 0, result.stdout
+    assert (repo / "models/mlp/model.keras").read_bytes() == model_hash
+    status = run(["dvc", "status"], repo)
+    assert "up to date" in status.stdout, status.stdout
