@@ -22,6 +22,11 @@ STAGES = {
     "export": ("model", "Export one model to SavedModel and TFLite under "
                         "models/<model>/export/ and check parity (reports/export/<model>.json)."),
 }
+# Not pipeline stages: commands a person runs by hand.
+COMMANDS = {
+    "log": ("model", "Replay a model's run into MLflow from its local files (after the "
+                     "backend was unreachable); prints the new run id."),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluate -> export. Normally run through `dvc repro`.")
     parser.add_argument("--version", action="version", version=f"visionpipe {__version__}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (target, text) in STAGES.items():
+    for name, (target, text) in {**STAGES, **COMMANDS}.items():
         p = sub.add_parser(name, help=text, description=text)
         if target == "task":
             p.add_argument("--task", required=True,
@@ -57,14 +62,36 @@ def run_stage(args: argparse.Namespace) -> None:
     from visionpipe.layout import Layout
 
     params = load_params(args.params)
-    if STAGES[args.stage][0] == "model":
+    kind = {**STAGES, **COMMANDS}[args.stage][0]
+    if kind == "model":
         from visionpipe.models.registry import validate_architectures
 
         validate_architectures(params)
         params.model(args.model)
+    layout = Layout(args.root.resolve())
+    if args.stage == "log":
+        replay_run(params, args.model, layout)
+        return
     stage = import_module(f"visionpipe.stages.{args.stage}")
-    target = args.task if STAGES[args.stage][0] == "task" else args.model
-    stage.run(params, target, Layout(args.root.resolve()))
+    stage.run(params, args.task if kind == "task" else args.model, layout)
+
+
+def replay_run(params, model: str, layout) -> None:
+    """`visionpipe log`: a new MLflow run holding everything the local files record."""
+    from visionpipe.errors import VisionpipeError
+    from visionpipe.tracking.mlflow_runs import RunLogger
+    from visionpipe.tracking.stage_logs import replay
+
+    if not layout.model_file(model).exists():
+        raise VisionpipeError(f"{layout.model_file(model)}: not found; run `dvc repro` first")
+    if not params.tracking.mlflow:
+        raise VisionpipeError("params.yaml: tracking.mlflow = False: set it to true to log")
+    state = replay(RunLogger(params, model, layout))
+    if state.get("status") != "logged":
+        raise VisionpipeError(f"MLflow at {state.get('tracking_uri')} still not reachable; "
+                              "nothing was lost, try again later")
+    print(f"logged {model} to {state['tracking_uri']}: experiment {state['experiment']}, "
+          f"run {state['run_id']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,6 +116,19 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """tracking: where runs are logged. No stage depends on it: changing it retrains nothing."""
+
+    mlflow: bool = True
+    uri: str | None = None  # default sqlite:///<repo>/mlflow.db; MLFLOW_TRACKING_URI overrides
+    experiment_prefix: str = "visionpipe"  # experiment per task: <prefix>-<task>
+    system_metrics: bool = True
+    system_metrics_interval: float = spec(2.0, gt=0, le=3600)
+    codecarbon: bool = True
+    country_iso_code: str = "USA"  # grid carbon intensity used by the offline estimate
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -125,6 +138,7 @@ class Params:
     models: dict[str, ModelConfig] = spec(factory=dict)
     evaluate: EvaluateConfig = spec(factory=EvaluateConfig)
     export: ExportConfig = spec(factory=ExportConfig)
+    tracking: TrackingConfig = spec(factory=TrackingConfig)
 
     def model(self, name: str) -> ModelConfig:
         """The config of model ``name``; an unknown name lists the known ones."""

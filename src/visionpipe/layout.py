@@ -45,5 +45,8 @@ class Layout:
     def plots(self, model: str) -> Path:
         return self.root / "reports" / "plots" / model
 
+    def emissions(self, model: str) -> Path:
+        return self.root / "reports" / "emissions" / model
+
     def export_report(self, model: str) -> Path:
         return self.root / "reports" / "export" / f"{model}.json"

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
-from collections.abc import Callable
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -20,11 +27,89 @@ IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                                 ("EMAIL", "tests@visionpipe.invalid"))}
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+SPLITS = {"train": 96, "val": 32, "test": 40}
+EPOCHS = 2
+
+
+def shrink(params: dict) -> None:
+    """32x32 images, a few dozen samples, 2 epochs: the same stages, in about a minute."""
+    prep = params["prepare"]["classification"]
+    prep.update(image_size=[32, 32], splits=dict(SPLITS), shard_size=50)
+    params["augment"]["classification"]["preview"] = 4
+    mlp = params["models"]["mlp"]
+    mlp["architecture"]["hidden_units"] = [32]
+    mlp["architecture"]["input_pool"] = 1
+    mlp["train"].update(epochs=EPOCHS, batch_size=16)
+    params["evaluate"].update(latency_samples=5, latency_warmup=1)
+    params["export"]["parity_samples"] = 16
+    params["tracking"]["system_metrics_interval"] = 0.5
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a command a person would run: no pytest markers, a git identity."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    return {**env, **IDENTITY, **extra}
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
     """Run a command, returning its result with stdout and stderr merged."""
     return subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout, env={**os.environ, **IDENTITY},
-                          check=False)
+                          text=True, timeout=timeout, env=child_env(**env), check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(repo: Path, db: Path | None = None) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port over the repo's sqlite database."""
+    port = free_port()
+    db = db or repo / "mlflow.db"
+    log = open(repo / f"mlflow-server-{port}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
+         "--default-artifact-root", str(repo / "mlartifacts")],
+        cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                raise RuntimeError("mlflow server did not start: "
+                                   + (repo / f"mlflow-server-{port}.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def rest(base: str, endpoint: str, payload: dict | None = None, **query) -> dict:
+    """Call the MLflow REST API: POST with a JSON body, or GET with query parameters."""
+    url = f"{base}/api/2.0/mlflow/{endpoint}"
+    if payload is None:
+        url += "?" + urllib.parse.urlencode(query)
+        request = urllib.request.Request(url)
+    else:
+        request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
 
 
 def copy_repo(src: Path, dst: Path, edit_params: Callable[[dict], None] | None = None) -> Path:

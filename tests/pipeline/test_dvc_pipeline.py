@@ -15,26 +15,9 @@ from PIL import Image
 from visionpipe.data import records
 from visionpipe.stages.evaluate import load_model
 
-from .conftest import GIT, copy_repo, run
+from .conftest import EPOCHS, GIT, SPLITS, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
-
-SPLITS = {"train": 96, "val": 32, "test": 40}
-EPOCHS = 2
-
-
-def shrink(params: dict) -> None:
-    """32x32 images, a few dozen samples, 2 epochs: the same stages, in about a minute."""
-    prep = params["prepare"]["classification"]
-    prep.update(image_size=[32, 32], splits=dict(SPLITS), shard_size=50)
-    params["augment"]["classification"]["preview"] = 4
-    mlp = params["models"]["mlp"]
-    mlp["architecture"]["hidden_units"] = [32]
-    mlp["architecture"]["input_pool"] = 1
-    mlp["train"].update(epochs=EPOCHS, batch_size=16)
-    params["evaluate"].update(latency_samples=5, latency_warmup=1)
-    params["export"]["parity_samples"] = 16
-
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, repo_root):
@@ -137,11 +120,88 @@ def test_dvc_metrics_show_reads_metrics(repo):
     assert "reports/metrics/mlp.json" in flat and "accuracy" in flat
 
 
+def test_mlflow_server_returns_the_run_over_rest(repo):
+    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert state["status"] == "logged"
+    assert state["tracking_uri"] == f"sqlite:///{repo / 'mlflow.db'}"
+    assert state["stages"] == {"train": "logged", "evaluate": "logged", "export": "logged"}
+    metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
+    manifest = records.read_manifest(repo / "data/prepared/classification")
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    with mlflow_server(repo) as base:
+        exp = rest(base, "experiments/get-by-name",
+                   experiment_name="visionpipe-classification")["experiment"]
+        assert exp["artifact_location"] == str(repo / "mlartifacts/visionpipe-classification")
+        got = rest(base, "runs/get", run_id=state["run_id"])["run"]
+        assert got["info"]["run_name"] == "mlp" and got["info"]["status"] == "FINISHED"
+        assert got["info"]["experiment_id"] == exp["experiment_id"]
+        tags = {t["key"]: t["value"] for t in got["data"]["tags"]}
+        assert tags["dataset.checksum"] == manifest["checksum"]
+        assert tags["dataset.name"] == "shapes" and tags["visionpipe.version"]
+        assert tags["mlflow.source.git.commit"] == head
+        params = {p["key"]: p["value"] for p in got["data"]["params"]}
+        assert params["model.train.learning_rate"] == "0.001"
+        assert params["model.architecture.hidden_units"] == "[32]"
+        assert params["prepare.splits.train"] == str(float(SPLITS["train"]))
+        values = {m["key"]: m["value"] for m in got["data"]["metrics"]}
+        assert values["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+        assert values["cost.params"] == metrics["cost"]["params"]
+        assert values["co2.total.emissions_kg"] == pytest.approx(metrics["co2"]["emissions_kg"])
+        assert values["export.tflite.label_agreement"] == 1.0
+        assert any(k.startswith("system/cpu_utilization") for k in values)
+        history = rest(base, "metrics/get-history", run_id=state["run_id"], metric_key="val_loss")
+        assert sorted(m["step"] for m in history["metrics"]) == list(range(EPOCHS))
+        listed = rest(base, "artifacts/list", run_id=state["run_id"])
+        top = {f["path"] for f in listed["files"]}
+        assert {"model", "train", "evaluate", "export", "emissions"} <= top
+        model_files = {f["path"] for f in rest(base, "artifacts/list", run_id=state["run_id"],
+                                                 path="model")["files"]}
+        assert {"model/MLmodel", "model/input_example.json"} <= model_files
+        versions = rest(base, "model-versions/search", filter="name='visionpipe-mlp'")
+        mine = [v for v in versions["model_versions"] if v["run_id"] == state["run_id"]]
+        assert len(mine) == 1 and mine[0]["version"] == str(state["registered_model"]["version"])
+        vtags = {t["key"]: t["value"] for t in mine[0]["tags"]}
+        assert float(vtags["test.accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
+        assert vtags["export.parity_passed"] == "True"
+
+
+def test_co2_is_measured_and_in_the_metrics(repo):
+    metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
+    co2 = metrics["co2"]
+    assert co2["status"] == "measured" and set(co2["by_stage"]) == {"train", "evaluate"}
+    assert co2["emissions_kg"] > 0 and co2["energy_kwh"] > 0 and co2["duration_s"] > 0
+    assert co2["emissions_kg"] == pytest.approx(sum(s["emissions_kg"]
+                                                    for s in co2["by_stage"].values()))
+    assert co2["cpu_power_mode"] in {"rapl_reading", "tdp_estimate_from_cpu_load",
+                                     "constant_estimate", "power_gadget_reading"}
+    train = json.loads((repo / "reports/emissions/mlp/train.json").read_text())
+    assert train["emissions_kg"] == pytest.approx(co2["by_stage"]["train"]["emissions_kg"])
+    with open(repo / "reports/emissions/mlp/train.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["emissions"]) == pytest.approx(train["emissions_kg"])
+    export = json.loads((repo / "reports/export/mlp.json").read_text())
+    assert export["co2"]["stage"] == "export" and export["co2"]["emissions_kg"] > 0
+
+
 def test_second_repro_is_up_to_date(repo):
     result = run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout
     assert "Running stage" not in result.stdout
     assert "up to date" in result.stdout
+
+
+def test_changing_tracking_params_retrains_nothing(repo):
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["tracking"].update(country_iso_code="FRA", experiment_prefix="elsewhere",
+                              system_metrics=False)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = run(["dvc", "status"], repo)
+    finally:
+        params_path.write_text(original)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
 
 
 def test_exp_run_with_new_learning_rate_reruns_only_the_mlp(repo):
@@ -153,6 +213,19 @@ def test_exp_run_with_new_learning_rate_reruns_only_the_mlp(repo):
     assert ran == ["train@mlp", "evaluate@mlp", "export@mlp"]
     with open(repo / "reports/train/mlp/history.csv") as fh:
         assert float(next(csv.DictReader(fh))["learning_rate"]) == pytest.approx(0.002)
+    shown = run(["dvc", "exp", "show", "--json"], repo)
+    assert shown.returncode == 0, shown.stdout
+    data = json.loads(shown.stdout[shown.stdout.index("["):])
+    experiments = [e for base in data for e in (base.get("experiments") or [])]
+    assert experiments, data
+    latest = experiments[0]["revs"][0]["data"]
+    mlp_metrics = latest["metrics"]["reports/metrics/mlp.json"]["data"]
+    assert mlp_metrics["co2"]["emissions_kg"] > 0 and "accuracy" in mlp_metrics["test"]
+    assert latest["params"]["params.yaml"]["data"]["models"]["mlp"]["train"][
+        "learning_rate"] == 0.002
+    # The experiment logged a second MLflow run into the same database.
+    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert state["status"] == "logged" and state["tracking_uri"].endswith("/mlflow.db")
 
 
 def test_failing_parity_fails_export_loudly(repo, tmp_path):

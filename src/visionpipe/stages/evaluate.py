@@ -17,6 +17,9 @@ from visionpipe.data.pipeline import record_dataset
 from visionpipe.errors import ModelError
 from visionpipe.layout import Layout
 from visionpipe.tasks import get_task
+from visionpipe.tracking.carbon import combine, read_report, track_emissions
+from visionpipe.tracking.mlflow_runs import RunLogger
+from visionpipe.tracking.stage_logs import log_evaluate
 
 
 def load_model(path) -> keras.Model:
@@ -73,8 +76,32 @@ def test_arrays(data_dir, task) -> tuple[np.ndarray, list]:
     return np.stack(images).astype(np.float32), truths
 
 
+def co2_summary(stages: list[dict]) -> dict:
+    """Totals over the stages measured so far, with each stage's own figures beside them."""
+    keys = ("emissions_kg", "energy_kwh", "cpu_energy_kwh", "gpu_energy_kwh", "ram_energy_kwh",
+            "duration_s", "cpu_power_mode", "status")
+    return {**{k: v for k, v in combine(stages).items() if k in keys},
+            "by_stage": {r["stage"]: {k: r[k] for k in keys if k in r} for r in stages}}
+
+
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Write reports/metrics/<model>.json and reports/plots/<model>/."""
+    tracking = params.tracking
+    with track_emissions("evaluate", layout.emissions(model_name),
+                         country_iso_code=tracking.country_iso_code,
+                         enabled=tracking.codecarbon) as carbon:
+        metrics = _evaluate(params, model_name, layout)
+    train_co2 = read_report(layout.emissions(model_name) / "train.json")
+    metrics["co2"] = co2_summary([train_co2, carbon.report.to_dict()])
+    records.write_json(layout.metrics(model_name), metrics)
+    mlflow_run = RunLogger(params, model_name, layout).resume()
+    log_evaluate(mlflow_run)
+    mlflow_run.finish("evaluate")
+    return metrics
+
+
+def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
+    """Test metrics, plots and cost of one model (everything but CO2)."""
     cfg = params.model(model_name)
     task = get_task(cfg.task)
     model_path = layout.model_file(model_name)
@@ -117,7 +144,6 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         "test": test,
         "cost": cost,
     }
-    records.write_json(layout.metrics(model_name), metrics)
     return metrics
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
@@ -13,6 +15,9 @@ from visionpipe.layout import Layout
 from visionpipe.stages.common import fresh_dir
 from visionpipe.stages.evaluate import load_model, test_arrays
 from visionpipe.tasks import get_task
+from visionpipe.tracking.carbon import track_emissions
+from visionpipe.tracking.mlflow_runs import RunLogger
+from visionpipe.tracking.stage_logs import log_export
 
 
 def tflite_predict(model_content: bytes, images: np.ndarray) -> np.ndarray:
@@ -51,6 +56,43 @@ def parity(task, reference: np.ndarray, other: np.ndarray, max_abs_diff: float,
 
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Write models/<model>/export/ and reports/export/<model>.json; fail if parity fails."""
+    tracking = params.tracking
+    failure: ExportParityError | None = None
+    with track_emissions("export", layout.emissions(model_name),
+                         country_iso_code=tracking.country_iso_code,
+                         enabled=tracking.codecarbon) as carbon:
+        try:
+            with fresh_dir(layout.export_dir(model_name)) as out:
+                report = _export(params, model_name, layout, out)
+                if not report["passed"]:
+                    # Raised inside fresh_dir: the previous export stays in place.
+                    failure = ExportParityError(_parity_message(report, layout, model_name))
+                    raise failure
+        except ExportParityError:
+            pass
+    report["co2"] = carbon.report.to_dict()
+    records.write_json(layout.export_report(model_name), report)
+    if failure is not None:
+        raise failure
+    mlflow_run = RunLogger(params, model_name, layout).resume()
+    log_export(mlflow_run)
+    mlflow_run.finish("export")
+    return report
+
+
+def _parity_message(report: dict, layout: Layout, model_name: str) -> str:
+    key = report["agreement_key"]
+    failed = [n for n, f in report["formats"].items() if not f["passed"]]
+    details = "; ".join(f"{n}: max_abs_diff {report['formats'][n]['max_abs_diff']:.3g}, "
+                        f"{key} {report['formats'][n][key]:.4f}" for n in failed)
+    limits = report["thresholds"]
+    return (f"export of {model_name}: parity failed ({details}; thresholds max_abs_diff "
+            f"{limits['max_abs_diff']}, {key} >= {limits[key]}); see "
+            f"{layout.export_report(model_name)}")
+
+
+def _export(params: Params, model_name: str, layout: Layout, out) -> dict:
+    """Write the formats into ``out`` and measure each one's parity with the Keras model."""
     cfg = params.model(model_name)
     ex = params.export
     task = get_task(cfg.task)
@@ -60,43 +102,29 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     reference = model.predict(images, batch_size=64, verbose=0)
 
     formats: dict[str, dict] = {}
-    with fresh_dir(layout.export_dir(model_name)) as out:
-        saved = out / "saved_model"
-        model.export(str(saved), format="tf_saved_model", verbose=False)
-        if "saved_model" in ex.formats:
-            formats["saved_model"] = {
-                "path": "saved_model",
-                **parity(task, reference, saved_model_predict(str(saved), images),
-                         ex.max_abs_diff, ex.min_agreement)}
-        if "tflite" in ex.formats:
-            content = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
-            (out / "model.tflite").write_bytes(content)
-            formats["tflite"] = {
-                "path": "model.tflite", "bytes": len(content),
-                **parity(task, reference, tflite_predict(content, images),
-                         ex.max_abs_diff, ex.min_agreement)}
-        if "saved_model" not in ex.formats:
-            import shutil
-
-            shutil.rmtree(saved)
-        report = {
-            "model": model_name,
-            "task": cfg.task,
-            "samples": int(len(images)),
-            "thresholds": {"max_abs_diff": ex.max_abs_diff,
-                           task.primary_agreement(): ex.min_agreement},
-            "formats": formats,
-            "passed": all(f["passed"] for f in formats.values()),
-        }
-        records.write_json(layout.export_report(model_name), report)
-        failed = [name for name, f in formats.items() if not f["passed"]]
-        if failed:
-            details = "; ".join(
-                f"{n}: max_abs_diff {formats[n]['max_abs_diff']:.3g}, "
-                f"{task.primary_agreement()} {formats[n][task.primary_agreement()]:.4f}"
-                for n in failed)
-            raise ExportParityError(
-                f"export of {model_name}: parity failed ({details}; thresholds "
-                f"max_abs_diff {ex.max_abs_diff}, {task.primary_agreement()} "
-                f">= {ex.min_agreement}); see {layout.export_report(model_name)}")
-    return report
+    saved = out / "saved_model"
+    model.export(str(saved), format="tf_saved_model", verbose=False)
+    if "saved_model" in ex.formats:
+        formats["saved_model"] = {
+            "path": "saved_model",
+            **parity(task, reference, saved_model_predict(str(saved), images),
+                     ex.max_abs_diff, ex.min_agreement)}
+    if "tflite" in ex.formats:
+        content = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
+        (out / "model.tflite").write_bytes(content)
+        formats["tflite"] = {
+            "path": "model.tflite", "bytes": len(content),
+            **parity(task, reference, tflite_predict(content, images),
+                     ex.max_abs_diff, ex.min_agreement)}
+    if "saved_model" not in ex.formats:
+        shutil.rmtree(saved)
+    return {
+        "model": model_name,
+        "task": cfg.task,
+        "samples": int(len(images)),
+        "agreement_key": task.primary_agreement(),
+        "thresholds": {"max_abs_diff": ex.max_abs_diff,
+                       task.primary_agreement(): ex.min_agreement},
+        "formats": formats,
+        "passed": all(f["passed"] for f in formats.values()),
+    }

@@ -14,6 +14,9 @@ from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.stages.common import set_seed
 from visionpipe.tasks import get_task
+from visionpipe.tracking.carbon import track_emissions
+from visionpipe.tracking.mlflow_runs import RunLogger
+from visionpipe.tracking.stage_logs import log_train
 
 
 def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
@@ -69,8 +72,15 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
                                         save_best_only=True),
         keras.callbacks.CSVLogger(str(history_path)),
     ]
-    history = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
-                        callbacks=callbacks, verbose=2)
+    run = RunLogger(params, model_name, layout).start()
+    if run.client is not None:
+        callbacks.append(run.keras_callback())
+    tracking = params.tracking
+    with track_emissions("train", layout.emissions(model_name),
+                         country_iso_code=tracking.country_iso_code,
+                         enabled=tracking.codecarbon), run.system_metrics():
+        history = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
+                            callbacks=callbacks, verbose=2)
 
     final = history.history
     if t.restore_best:
@@ -101,4 +111,6 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         "kept_epoch_metrics": {k: float(v[best]) for k, v in final.items()},
     }
     records.write_json(layout.model_meta(model_name), meta)
+    log_train(run, model, live_epochs=run.client is not None)
+    run.finish("train")
     return meta

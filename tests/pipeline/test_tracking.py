@@ -1,0 +1,106 @@
+"""Tracking never loses work: an unreachable MLflow, a later replay, and concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from .conftest import EPOCHS, child_env, copy_repo, mlflow_server, rest, run, shrink
+
+pytestmark = pytest.mark.slow
+
+UNREACHABLE = "http://127.0.0.1:1"
+
+
+@pytest.fixture(scope="module")
+def offline_repo(tmp_path_factory, repo_root):
+    """The shrunk pipeline run end to end while the MLflow backend is unreachable."""
+    repo = copy_repo(repo_root, tmp_path_factory.mktemp("offline"), shrink)
+    result = run(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=UNREACHABLE)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return repo, result.stdout
+
+
+def test_unreachable_backend_finishes_with_one_warning_per_stage(offline_repo):
+    repo, output = offline_repo
+    warnings = [ln for ln in output.splitlines() if "visionpipe: warning: MLflow" in ln]
+    assert len(warnings) == 3, warnings
+    train = next(w for w in warnings if "not logged for mlp train:" in w)
+    assert f"MLflow at {UNREACHABLE} not reachable" in train
+    for item in ("the run itself", "params", "epoch metrics", "history", "CO2", "model"):
+        assert item in train
+    assert "replay with `visionpipe log --model mlp`" in train
+    for path in ("models/mlp/model.keras", "reports/train/mlp/history.csv",
+                 "reports/metrics/mlp.json", "reports/export/mlp.json",
+                 "models/mlp/export/model.tflite"):
+        assert (repo / path).stat().st_size > 0, path
+    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert state["status"] == "pending" and state["tracking_uri"] == UNREACHABLE
+    assert state["stages"] == {"train": "pending", "evaluate": "pending", "export": "pending"}
+    assert "train: model" in state["not_logged"]
+    assert not (repo / "mlflow.db").exists()
+
+
+def test_replay_logs_everything_from_local_files(offline_repo):
+    repo, _ = offline_repo
+    result = run(["visionpipe", "log", "--model", "mlp"], repo)
+    assert result.returncode == 0, result.stdout[-3000:]
+    match = re.search(r"logged mlp to sqlite:///\S+: experiment visionpipe-classification, "
+                      r"run ([0-9a-f]{32})", result.stdout)
+    assert match, result.stdout[-2000:]
+    run_id = match.group(1)
+    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert state["status"] == "logged" and state["run_id"] == run_id
+    metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
+    with mlflow_server(repo) as base:
+        got = rest(base, "runs/get", run_id=run_id)["run"]
+        values = {m["key"]: m["value"] for m in got["data"]["metrics"]}
+        assert values["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+        assert values["co2.train.emissions_kg"] > 0
+        params = {p["key"]: p["value"] for p in got["data"]["params"]}
+        assert params["model.train.epochs"] == str(EPOCHS)
+        history = rest(base, "metrics/get-history", run_id=run_id, metric_key="val_loss")
+        assert sorted(m["step"] for m in history["metrics"]) == list(range(EPOCHS))
+        top = {f["path"] for f in rest(base, "artifacts/list", run_id=run_id)["files"]}
+        assert {"model", "train", "evaluate", "export", "emissions"} <= top
+        versions = rest(base, "model-versions/search", filter="name='visionpipe-mlp'")
+        assert [v["run_id"] for v in versions["model_versions"]] == [run_id]
+
+
+def test_unreachable_replay_says_so_and_keeps_the_run_pending(offline_repo, tmp_path):
+    repo, _ = offline_repo
+    before = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert before["status"] == "logged"  # from the replay above
+    result = run(["visionpipe", "log", "--model", "mlp"], repo, MLFLOW_TRACKING_URI=UNREACHABLE)
+    assert result.returncode == 2
+    assert "visionpipe: error: MLflow at http://127.0.0.1:1 still not reachable" in result.stdout
+    assert "Traceback" not in result.stdout
+    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert state["status"] == "pending" and state["tracking_uri"] == UNREACHABLE
+    assert "replay: the run itself" in state["not_logged"]
+
+
+def test_concurrent_runs_share_one_sqlite_database(offline_repo, tmp_path):
+    """Two loggers start together on a fresh database, as two queued experiments would."""
+    repo, _ = offline_repo
+    db = tmp_path / "shared.db"
+    env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    procs = [subprocess.Popen(["visionpipe", "log", "--model", "mlp"], cwd=repo, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    run_ids = {re.search(r"run ([0-9a-f]{32})", o).group(1) for o in outputs}
+    assert len(run_ids) == 2
+    with mlflow_server(repo, db) as base:
+        exp = rest(base, "experiments/get-by-name",
+                   experiment_name="visionpipe-classification")["experiment"]
+        found = rest(base, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        assert {r["info"]["run_id"] for r in found} == run_ids
+        counts = {len(r["data"]["metrics"]) for r in found}
+        assert len(counts) == 1 and counts.pop() > 20  # both runs complete, none cut short
+        versions = rest(base, "model-versions/search", filter="name='visionpipe-mlp'")
+        assert sorted(v["version"] for v in versions["model_versions"]) == ["1", "2"]
