@@ -8,7 +8,8 @@ import pytest
 
 from visionpipe.errors import ModelError, ParamsError
 from visionpipe.models.registry import create_model, get_family, known_families
-from visionpipe.stages.evaluate import flops_per_image, load_model
+from visionpipe.models.saving import load_model
+from visionpipe.stages.evaluate import flops_per_image
 
 TINY = {"mlp": {"hidden_units": [16, 8], "dropout": 0.1}}
 

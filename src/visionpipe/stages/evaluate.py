@@ -14,24 +14,12 @@ from visionpipe import plots
 from visionpipe.config import Params
 from visionpipe.data import records
 from visionpipe.data.pipeline import record_dataset
-from visionpipe.errors import ModelError
 from visionpipe.layout import Layout
+from visionpipe.models.saving import load_model
 from visionpipe.tasks import get_task
 from visionpipe.tracking.carbon import combine, read_report, track_emissions
 from visionpipe.tracking.mlflow_runs import RunLogger
 from visionpipe.tracking.stage_logs import log_evaluate
-
-
-def load_model(path) -> keras.Model:
-    """Load a .keras file with safe_mode on (no arbitrary code from the file)."""
-    if not path.exists():
-        raise ModelError(f"{path}: not found; run the train stage first (`dvc repro`)")
-    try:
-        return keras.models.load_model(path, safe_mode=True, compile=False)
-    except Exception as exc:
-        msg = " ".join(str(exc).split())[:300]
-        raise ModelError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {msg}); "
-                         "retrain it with `dvc repro`") from None
 
 
 def flops_per_image(model: keras.Model, input_shape: tuple[int, ...]) -> int:

@@ -12,8 +12,9 @@ from visionpipe.config import Params
 from visionpipe.data import records
 from visionpipe.errors import ExportParityError
 from visionpipe.layout import Layout
+from visionpipe.models.saving import load_model
 from visionpipe.stages.common import fresh_dir
-from visionpipe.stages.evaluate import load_model, test_arrays
+from visionpipe.stages.evaluate import test_arrays
 from visionpipe.tasks import get_task
 from visionpipe.tracking.carbon import track_emissions
 from visionpipe.tracking.mlflow_runs import RunLogger

@@ -12,6 +12,7 @@ from visionpipe.data import records
 from visionpipe.data.pipeline import model_dataset
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
+from visionpipe.models.saving import load_model
 from visionpipe.stages.common import set_seed
 from visionpipe.tasks import get_task
 from visionpipe.tracking.carbon import track_emissions
@@ -84,8 +85,6 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
 
     final = history.history
     if t.restore_best:
-        from visionpipe.stages.evaluate import load_model
-
         model = load_model(ckpt_dir / "best.keras")
         best = min(range(len(final["val_loss"])), key=final["val_loss"].__getitem__)
     else:

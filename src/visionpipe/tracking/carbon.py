@@ -25,7 +25,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from visionpipe.data.records import write_json
 from visionpipe.errors import DataError
@@ -216,7 +216,7 @@ class track_emissions:
         return self.out_dir / f"{self.stage}.csv"
 
     # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> Self:
+    def __enter__(self) -> track_emissions:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # codecarbon appends to an existing CSV: start clean so it holds this run only
         self.csv_path.unlink(missing_ok=True)

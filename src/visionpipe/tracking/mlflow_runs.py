@@ -141,7 +141,10 @@ class RunLogger:
         try:
             self._connect()
             exp_id = self._experiment_id()
-            run = self.client.create_run(exp_id, run_name=self.model_name, tags=self._tags())
+            # Inside `dvc exp run` the experiment's name tells runs of one model apart.
+            exp_name = os.environ.get("DVC_EXP_NAME")
+            run_name = f"{self.model_name}-{exp_name}" if exp_name else self.model_name
+            run = self.client.create_run(exp_id, run_name=run_name, tags=self._tags())
             self.run_id = run.info.run_id
             self.state = {"run_id": self.run_id, "experiment": self.experiment,
                           "experiment_id": exp_id, "tracking_uri": self.uri}

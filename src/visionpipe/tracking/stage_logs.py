@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from visionpipe.data import records
+from visionpipe.models.saving import load_model
 from visionpipe.tracking.mlflow_runs import RunLogger, numeric
 
 
@@ -49,8 +50,6 @@ def log_train(run: RunLogger, model=None, *, live_epochs: bool = False) -> None:
             run.not_logged.append("model")
         return
     if model is None:
-        from visionpipe.stages.evaluate import load_model
-
         model = load_model(layout.model_file(name))
     run.log_keras_model(model, example_input(run))
 
