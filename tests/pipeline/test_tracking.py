@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from .conftest import EPOCHS, child_env, copy_repo, mlflow_server, rest, run, shrink
+from .conftest import EPOCHS, GIT, child_env, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +104,39 @@ def test_concurrent_runs_share_one_sqlite_database(offline_repo, tmp_path):
         assert len(counts) == 1 and counts.pop() > 20  # both runs complete, none cut short
         versions = rest(base, "model-versions/search", filter="name='visionpipe-mlp'")
         assert sorted(v["version"] for v in versions["model_versions"]) == ["1", "2"]
+
+
+def test_two_queued_experiments_at_once_log_to_the_parent_database(offline_repo):
+    """`dvc queue start -j 2`: both run in DVC's temp copies, both land in <repo>/mlflow.db."""
+    import time
+
+    from mlflow import MlflowClient
+
+    repo, _ = offline_repo
+    assert run(GIT + ["add", "-A"], repo).returncode == 0
+    assert run(GIT + ["commit", "-qm", "outputs"], repo).returncode == 0
+    for lr in ("0.002", "0.003"):
+        queued = run(["dvc", "exp", "run", "--queue", "-S",
+                      f"models.mlp.train.learning_rate={lr}"], repo)
+        assert queued.returncode == 0, queued.stdout
+    started = run(["dvc", "queue", "start", "-j", "2"], repo)
+    assert started.returncode == 0, started.stdout
+    deadline = time.time() + 900
+    while True:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if not re.search(r"\b(Running|Queued)\b", status) or time.time() > deadline:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("visionpipe-classification")
+    queued_runs = [r for r in client.search_runs([exp.experiment_id])
+                   if r.data.tags.get("dvc.experiment")]
+    assert sorted(r.data.params["model.train.learning_rate"] for r in queued_runs) == [
+        "0.002", "0.003"]
+    for r in queued_runs:
+        assert r.info.status == "FINISHED"
+        assert r.info.run_name == f"mlp-{r.data.tags['dvc.experiment']}"
+        assert "test.accuracy" in r.data.metrics and "co2.total.emissions_kg" in r.data.metrics
+    assert len({len(r.data.metrics) for r in queued_runs}) == 1
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
