@@ -11,7 +11,11 @@ from visionpipe.models.registry import create_model, get_family, known_families
 from visionpipe.models.saving import load_model
 from visionpipe.stages.evaluate import flops_per_image
 
-TINY = {"mlp": {"hidden_units": [16, 8], "dropout": 0.1}}
+TINY = {
+    "mlp": {"hidden_units": [16, 8], "dropout": 0.1},
+    "vgg": {"layout": "vgg11", "width_multiplier": 0.125, "head_units": [16]},
+    "resnet": {"variant": "cifar", "depth": 8, "width_multiplier": 0.5},
+}
 
 
 @pytest.mark.parametrize("family", known_families())
@@ -57,7 +61,7 @@ def test_flops_match_dense_arithmetic():
 
 
 def test_unknown_family_lists_known():
-    with pytest.raises(ModelError, match="unknown model family 'nope'; known families: mlp"):
+    with pytest.raises(ModelError, match="unknown model family 'nope'; known families: mlp, resnet, vgg"):
         get_family("nope")
 
 
@@ -73,3 +77,138 @@ def test_unsafe_model_file_is_refused(tmp_path):
     keras.Model(inputs, outputs).save(path)
     with pytest.raises(ModelError, match="cannot be loaded safely"):
         load_model(path)
+
+
+# --------------------------------------------------------------------------- vgg and resnet
+
+
+def _convs(model, *, shortcuts: bool = False) -> list:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
+            and layer.name.endswith("_shortcut") == shortcuts]
+
+
+def _trainable(model) -> int:
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize(("layout", "widths"), [
+    ("vgg11", [16, 32, 64, 64, 128, 128, 128, 128]),
+    ("vgg13", [16, 16, 32, 32, 64, 64, 128, 128, 128, 128]),
+    ("vgg16", [16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128]),
+])
+def test_vgg_layout_counts_and_widths(layout, widths):
+    model = create_model("vgg", (32, 32, 3), 4, {"layout": layout, "width_multiplier": 0.25})
+    convs = _convs(model)
+    assert [c.filters for c in convs] == widths
+    assert all(c.kernel_size == (3, 3) and c.padding == "same" for c in convs)
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)
+            ] == [f"block{b}_pool" for b in range(1, 6)]
+    assert [d.units for d in model.layers if isinstance(d, keras.layers.Dense)] == [256, 4]
+
+
+def test_vgg16_matches_the_paper_parameter_count():
+    # Keras' VGG16(include_top=False) has 14,714,688 parameters; plus a 512 -> 1000 softmax.
+    model = create_model("vgg", (32, 32, 3), 1000, {"layout": "vgg16", "width_multiplier": 1.0,
+                                                   "batch_norm": False, "head_units": []})
+    assert model.count_params() == 14_714_688 + 512 * 1000 + 1000
+
+
+def test_vgg_small_input_pools_only_while_at_least_2px():
+    model = create_model("vgg", (12, 12, 3), 3, {"pooling": "flatten", "head_units": [],
+                                                 "width_multiplier": 0.125})
+    pools = [layer for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)]
+    # 12 -> 6 -> 3 -> 1; blocks 4 and 5 still convolve, at 1x1.
+    assert [p.name for p in pools] == ["block1_pool", "block2_pool", "block3_pool"]
+    assert len(_convs(model)) == 8
+    assert model.get_layer("flatten").output.shape[-1] == 64
+
+
+def test_resnet20_cifar_has_20_weighted_layers_and_2_projections():
+    model = create_model("resnet", (32, 32, 3), 10, {"variant": "cifar", "depth": 20})
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert len(_convs(model)) + len(dense) == 20
+    assert [c.filters for c in _convs(model)] == [16] * 7 + [32] * 6 + [64] * 6
+    projections = _convs(model, shortcuts=True)
+    assert [(c.name, c.filters, c.strides) for c in projections] == [
+        ("stage2_block1_shortcut", 32, (2, 2)), ("stage3_block1_shortcut", 64, (2, 2))]
+    assert model.get_layer("global_pool").input.shape[1:] == (8, 8, 64)
+
+
+def test_resnet50_uses_bottlenecks_with_4_projections():
+    model = create_model("resnet", (64, 64, 3), 10, {"variant": "imagenet", "depth": 50,
+                                                     "width_multiplier": 0.25,
+                                                     "small_input_stem": True})
+    assert len(_convs(model, shortcuts=True)) == 4
+    assert len(_convs(model)) == 1 + 3 * (3 + 4 + 6 + 3)
+    for s, (blocks, width) in enumerate([(3, 16), (4, 32), (6, 64), (3, 128)], start=1):
+        for b in range(1, blocks + 1):
+            convs = [model.get_layer(f"stage{s}_block{b}_conv{i}") for i in (1, 2, 3)]
+            assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (1, 1)]
+            assert [c.filters for c in convs] == [width, width, 4 * width]
+            assert model.get_layer(f"stage{s}_block{b}_add").output.shape[-1] == 4 * width
+    assert model.get_layer("global_pool").input.shape[1:] == (8, 8, 512)
+
+
+def _resnet18_trainable(widths: list[int], num_classes: int) -> int:
+    """Torchvision's ResNet-18 count: bias-free convs, BN gamma+beta, fc with bias."""
+    total = 7 * 7 * 3 * widths[0] + 2 * widths[0]
+    cin = widths[0]
+    for s, cout in enumerate(widths):
+        for b in range(2):
+            stride = 2 if s > 0 and b == 0 else 1
+            total += 3 * 3 * cin * cout + 2 * cout + 3 * 3 * cout * cout + 2 * cout
+            if stride != 1 or cin != cout:
+                total += cin * cout + 2 * cout
+            cin = cout
+    return total + cin * num_classes + num_classes
+
+
+def test_resnet18_parameter_count_matches_formula():
+    model = create_model("resnet", (64, 64, 3), 10, {"variant": "imagenet", "depth": 18,
+                                                     "width_multiplier": 0.25})
+    # stem 2,384 + stages 9,344 + 33,088 + 131,712 + 525,568 + fc 1,290
+    assert _resnet18_trainable([16, 32, 64, 128], 10) == 703_386
+    assert _trainable(model) == 703_386
+    # BN moving mean and variance: 2 per channel of every BN layer.
+    bn_channels = sum(layer.gamma.shape[0] for layer in model.layers
+                      if isinstance(layer, keras.layers.BatchNormalization))
+    assert model.count_params() == 703_386 + 2 * bn_channels
+
+
+@pytest.mark.parametrize(("depth", "expected"), [(18, 11_689_512), (50, 25_557_032)])
+def test_resnet_full_width_matches_torchvision(depth, expected):
+    model = create_model("resnet", (32, 32, 3), 1000, {"variant": "imagenet", "depth": depth})
+    assert _trainable(model) == expected  # torchvision resnet18 / resnet50 parameters
+
+
+@pytest.mark.parametrize(("arch", "message"), [
+    ({"depth": 21}, (r"models.resnet.architecture.depth = 21: expected 6n\+2 >= 8 "
+                     r"\(e.g. 20, 32, 44, 56, 110\) for variant 'cifar'")),
+    ({"variant": "imagenet", "depth": 20},
+     r"models.resnet.architecture.depth = 20: expected one of 18, 34, 50 for variant 'imagenet'"),
+    ({"depth": 2}, r"models.resnet.architecture.depth = 2: expected a value >= 8"),
+    ({"variant": "v2"}, (r"models.resnet.architecture.variant = 'v2': expected one of "
+                         r"'cifar', 'imagenet'")),
+])
+def test_resnet_bad_params_name_the_key(arch, message):
+    with pytest.raises(ParamsError, match=message):
+        create_model("resnet", (32, 32, 3), 2, arch)
+
+
+def test_resnet_depth_checked_when_given_a_dataclass():
+    from visionpipe.models.resnet import ResNetParams
+    with pytest.raises(ParamsError, match=r"architecture.depth = 22: expected 6n\+2"):
+        create_model("resnet", (32, 32, 3), 2, ResNetParams(depth=22))
+
+
+@pytest.mark.parametrize(("arch", "message"), [
+    ({"layout": "vgg19"}, (r"models.vgg.architecture.layout = 'vgg19': expected one of "
+                           r"'vgg11', 'vgg13', 'vgg16'")),
+    ({"pooling": "max"}, r"models.vgg.architecture.pooling = 'max': expected one of"),
+    ({"width_multiplier": 0}, (r"models.vgg.architecture.width_multiplier = 0.0: expected a "
+                               r"value > 0")),
+    ({"head_units": [0]}, r"models.vgg.architecture.head_units = \[0\]: expected every value"),
+])
+def test_vgg_bad_params_name_the_key(arch, message):
+    with pytest.raises(ParamsError, match=message):
+        create_model("vgg", (32, 32, 3), 2, arch)

@@ -38,7 +38,7 @@ def register(name: str, *, task: str, params: type) -> Callable:
 
 def _load_families() -> None:
     # Importing the family modules runs their @register decorators.
-    from visionpipe.models import mlp  # noqa: F401
+    from visionpipe.models import mlp, resnet, vgg  # noqa: F401
 
 
 def known_families() -> list[str]:
@@ -59,7 +59,11 @@ def get_family(name: str) -> Family:
 def parse_architecture(family: str, data: Mapping, path: str) -> Any:
     """Validate ``models.<name>.architecture`` against the family's params dataclass."""
     fam = parse_family(family, f"{path.rsplit('.', 1)[0]}.family")
-    return parse_dataclass(fam.params, data, path)
+    params = parse_dataclass(fam.params, data, path)
+    # Checks across fields (e.g. resnet depth vs variant) a per-field spec cannot express.
+    if callable(getattr(params, "validate", None)):
+        params.validate(path)
+    return params
 
 
 def validate_architectures(params) -> None:
