@@ -17,11 +17,7 @@ from pathlib import Path
 
 import yaml
 
-GIT = ["git", "-c", "user.name=visionpipe-tests", "-c", "user.email=tests@visionpipe.invalid",
-       "-c", "commit.gpgsign=false"]
-
-
-# `dvc exp run` commits experiments: give it an identity on machines that have none.
+# git and `dvc exp run` commit: give them an identity on machines that have none.
 IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
             for what, value in (("NAME", "visionpipe-tests"),
                                 ("EMAIL", "tests@visionpipe.invalid"))}
@@ -126,6 +122,7 @@ def copy_repo(src: Path, dst: Path, edit_params: Callable[[dict], None] | None =
         params = yaml.safe_load((dst / "params.yaml").read_text())
         edit_params(params)
         (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], GIT + ["add", "-A"], GIT + ["commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "commit.gpgsign=false", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True, env=child_env())
     return dst

@@ -15,7 +15,7 @@ from PIL import Image
 from visionpipe.data import records
 from visionpipe.models.saving import load_model
 
-from .conftest import EPOCHS, GIT, SPLITS, copy_repo, mlflow_server, rest, run, shrink
+from .conftest import EPOCHS, SPLITS, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
 
@@ -205,8 +205,8 @@ def test_changing_tracking_params_retrains_nothing(repo):
 
 
 def test_exp_run_with_new_learning_rate_reruns_only_the_mlp(repo):
-    run(GIT + ["add", "-A"], repo)
-    run(GIT + ["commit", "-qm", "pipeline outputs"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "pipeline outputs"], repo)
     result = run(["dvc", "exp", "run", "-S", "models.mlp.train.learning_rate=0.002"], repo)
     assert result.returncode == 0, result.stdout[-4000:]
     ran = re.findall(r"Running stage '([^']+)'", result.stdout)

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from .conftest import EPOCHS, GIT, child_env, copy_repo, mlflow_server, rest, run, shrink
+from .conftest import EPOCHS, child_env, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
 
@@ -113,8 +113,8 @@ def test_two_queued_experiments_at_once_log_to_the_parent_database(offline_repo)
     from mlflow import MlflowClient
 
     repo, _ = offline_repo
-    assert run(GIT + ["add", "-A"], repo).returncode == 0
-    assert run(GIT + ["commit", "-qm", "outputs"], repo).returncode == 0
+    assert run(["git", "add", "-A"], repo).returncode == 0
+    assert run(["git", "commit", "-qm", "outputs"], repo).returncode == 0
     for lr in ("0.002", "0.003"):
         queued = run(["dvc", "exp", "run", "--queue", "-S",
                       f"models.mlp.train.learning_rate={lr}"], repo)

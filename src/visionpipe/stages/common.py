@@ -31,6 +31,16 @@ def fresh_dir(target: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def measure_co2(params, layout, model_name: str, stage: str):
+    """codecarbon around one model stage, as params.tracking says; see tracking/carbon.py."""
+    from visionpipe.tracking.carbon import track_emissions
+
+    tracking = params.tracking
+    return track_emissions(stage, layout.emissions(model_name),
+                           country_iso_code=tracking.country_iso_code,
+                           enabled=tracking.codecarbon)
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow/Keras together."""
     import keras

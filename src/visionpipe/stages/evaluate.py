@@ -16,10 +16,10 @@ from visionpipe.data import records
 from visionpipe.data.pipeline import record_dataset
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
+from visionpipe.stages.common import measure_co2
 from visionpipe.tasks import get_task
-from visionpipe.tracking.carbon import combine, read_report, track_emissions
-from visionpipe.tracking.mlflow_runs import RunLogger
-from visionpipe.tracking.stage_logs import log_evaluate
+from visionpipe.tracking.carbon import combine, read_report
+from visionpipe.tracking.stage_logs import log_evaluate, log_stage
 
 
 def flops_per_image(model: keras.Model, input_shape: tuple[int, ...]) -> int:
@@ -74,17 +74,12 @@ def co2_summary(stages: list[dict]) -> dict:
 
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Write reports/metrics/<model>.json and reports/plots/<model>/."""
-    tracking = params.tracking
-    with track_emissions("evaluate", layout.emissions(model_name),
-                         country_iso_code=tracking.country_iso_code,
-                         enabled=tracking.codecarbon) as carbon:
+    with measure_co2(params, layout, model_name, "evaluate") as carbon:
         metrics = _evaluate(params, model_name, layout)
     train_co2 = read_report(layout.emissions(model_name) / "train.json")
     metrics["co2"] = co2_summary([train_co2, carbon.report.to_dict()])
     records.write_json(layout.metrics(model_name), metrics)
-    mlflow_run = RunLogger(params, model_name, layout).resume()
-    log_evaluate(mlflow_run)
-    mlflow_run.finish("evaluate")
+    log_stage(params, model_name, layout, "evaluate", log_evaluate)
     return metrics
 
 

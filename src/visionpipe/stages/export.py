@@ -13,12 +13,10 @@ from visionpipe.data import records
 from visionpipe.errors import ExportParityError
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
-from visionpipe.stages.common import fresh_dir
+from visionpipe.stages.common import fresh_dir, measure_co2
 from visionpipe.stages.evaluate import test_arrays
 from visionpipe.tasks import get_task
-from visionpipe.tracking.carbon import track_emissions
-from visionpipe.tracking.mlflow_runs import RunLogger
-from visionpipe.tracking.stage_logs import log_export
+from visionpipe.tracking.stage_logs import log_export, log_stage
 
 
 def tflite_predict(model_content: bytes, images: np.ndarray) -> np.ndarray:
@@ -57,27 +55,21 @@ def parity(task, reference: np.ndarray, other: np.ndarray, max_abs_diff: float,
 
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Write models/<model>/export/ and reports/export/<model>.json; fail if parity fails."""
-    tracking = params.tracking
     failure: ExportParityError | None = None
-    with track_emissions("export", layout.emissions(model_name),
-                         country_iso_code=tracking.country_iso_code,
-                         enabled=tracking.codecarbon) as carbon:
+    with measure_co2(params, layout, model_name, "export") as carbon:
         try:
             with fresh_dir(layout.export_dir(model_name)) as out:
                 report = _export(params, model_name, layout, out)
                 if not report["passed"]:
                     # Raised inside fresh_dir: the previous export stays in place.
-                    failure = ExportParityError(_parity_message(report, layout, model_name))
-                    raise failure
-        except ExportParityError:
-            pass
+                    raise ExportParityError(_parity_message(report, layout, model_name))
+        except ExportParityError as exc:
+            failure = exc
     report["co2"] = carbon.report.to_dict()
     records.write_json(layout.export_report(model_name), report)
     if failure is not None:
         raise failure
-    mlflow_run = RunLogger(params, model_name, layout).resume()
-    log_export(mlflow_run)
-    mlflow_run.finish("export")
+    log_stage(params, model_name, layout, "export", log_export)
     return report
 
 

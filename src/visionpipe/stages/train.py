@@ -13,9 +13,8 @@ from visionpipe.data.pipeline import model_dataset
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.models.saving import load_model
-from visionpipe.stages.common import set_seed
+from visionpipe.stages.common import measure_co2, set_seed
 from visionpipe.tasks import get_task
-from visionpipe.tracking.carbon import track_emissions
 from visionpipe.tracking.mlflow_runs import RunLogger
 from visionpipe.tracking.stage_logs import log_train
 
@@ -76,10 +75,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     run = RunLogger(params, model_name, layout).start()
     if run.client is not None:
         callbacks.append(run.keras_callback())
-    tracking = params.tracking
-    with track_emissions("train", layout.emissions(model_name),
-                         country_iso_code=tracking.country_iso_code,
-                         enabled=tracking.codecarbon), run.system_metrics():
+    with measure_co2(params, layout, model_name, "train"), run.system_metrics():
         history = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
                             callbacks=callbacks, verbose=2)
 

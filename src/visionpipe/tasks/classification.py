@@ -54,9 +54,6 @@ class ClassificationTask:
 
     name = "classification"
 
-    def __init__(self, num_classes: int | None = None):
-        self.num_classes = num_classes
-
     def to_model_io(self, num_classes: int):
         """Map a parsed record to (float image in 0..255, one-hot label)."""
 

@@ -186,14 +186,14 @@ class RunLogger:
             self._fail("the run itself", exc)
         return self
 
-    def attempt(self, what: str, fn: Callable, *args, **kwargs) -> Any:
+    def attempt(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn`` against MLflow; a failure is recorded, not raised."""
         if self.client is None or self.run_id is None:
             if self.enabled:
                 self.not_logged.append(what)
             return None
         try:
-            return fn(*args, **kwargs)
+            return fn()
         except Exception as exc:  # noqa: BLE001
             self._fail(what, exc)
             return None
@@ -375,7 +375,7 @@ class RunLogger:
             mlflow.set_tracking_uri(self.uri)
             set_system_metrics_sampling_interval(self.params.tracking.system_metrics_interval)
             try:
-                run = mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+                mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
             except Exception as exc:  # noqa: BLE001
                 self._fail("system metrics", exc)
                 yield
@@ -384,6 +384,5 @@ class RunLogger:
                 yield
             finally:
                 self.attempt("system metrics", mlflow.end_run)
-                del run
 
         return monitored()

@@ -84,6 +84,13 @@ def log_export(run: RunLogger) -> None:
     run.register(_json(layout.metrics(name)) or {}, report)
 
 
+def log_stage(params, model_name: str, layout, stage: str, log) -> None:
+    """Add a stage (evaluate, export) to the run train opened, then close it for now."""
+    run = RunLogger(params, model_name, layout).resume()
+    log(run)
+    run.finish(stage)
+
+
 def replay(run: RunLogger) -> dict:
     """Log a whole model run from its local files into a new MLflow run."""
     run.start()

@@ -33,7 +33,7 @@ def prepare_builder(builder, *, name: str, task_key: str) -> None:
     _tfds().disable_progress_bar()  # prepare draws its own bar per split
     try:
         builder.download_and_prepare()
-    except Exception as exc:
+    except Exception as exc:  # TFDS raises many kinds of error for "no network"
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise SourceUnavailableError(
             f"TFDS dataset '{name}' is not available in {builder.data_dir} and could not be "
