@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +85,23 @@ def test_unknown_split_is_an_error(tmp_path):
     _write(tmp_path)
     with pytest.raises(DataError, match="has no split 'test'"):
         records.shard_paths(tmp_path, "test")
+
+
+def test_serialized_bytes_do_not_depend_on_the_process():
+    """Same Example, same bytes, in processes with different hash seeds: protobuf map order
+    is unspecified unless serialisation is deterministic, and DVC hashes these bytes."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from tests.unit.test_records import _example; "
+            "from visionpipe.data.records import serialize; "
+            "print(hashlib.sha256(b''.join(serialize(_example(i)) for i in range(20)))"
+            ".hexdigest())")
+    root = Path(__file__).resolve().parents[2]
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=120,
+                             env={**os.environ, "PYTHONHASHSEED": seed})
+        digests.add(out.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests

@@ -64,7 +64,8 @@ def serialize(example: Example) -> bytes:
         feats["boxes"] = f(float_list=tf.train.FloatList(value=boxes.ravel().tolist()))
         feats["box_labels"] = f(int64_list=tf.train.Int64List(
             value=np.asarray(example.box_labels, np.int64).tolist()))
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
+        deterministic=True)  # protobuf map order is otherwise unspecified
 
 
 def deserialize(data: bytes) -> Example:
