@@ -45,10 +45,16 @@ class SplitSizes:
 class PrepareConfig:
     """prepare.<task>: where a task's data comes from and how it is split and stored."""
 
-    source: Literal["shapes", "tfds"] = "shapes"
+    source: Literal["shapes", "tfds", "folder"] = "shapes"
     tfds_name: str | None = None
     tfds_data_dir: str | None = None
+    # folder: one sub-folder per class; relative paths start at the project root. dvc.yaml
+    # lists it as prepare's dependency, so it must exist even for the other sources.
+    path: str = "data/raw"
     image_size: tuple[int, int] = spec((64, 64), ge=8, le=4096)
+    # How an image of another shape reaches image_size: stretch (ignore aspect ratio), pad
+    # (keep it, letterbox with black bars) or crop (keep it, fill and cut the centre).
+    resize: Literal["stretch", "pad", "crop"] = "stretch"
     splits: SplitSizes = spec(factory=lambda: SplitSizes(4000, 500, 500))
     shard_size: int = spec(1000, ge=1)
 
@@ -81,6 +87,17 @@ class TrainConfig:
     momentum: float = spec(0.9, ge=0, lt=1)
     weight_decay: float = spec(0.0, ge=0, le=1)
     label_smoothing: float = spec(0.0, ge=0, lt=1)
+    # Learning rate over training: constant; step (times step_factor every step_epochs);
+    # cosine (down to min_learning_rate); warmup_cosine (linear from 0 over warmup_epochs,
+    # then cosine). Schedules advance every batch.
+    lr_schedule: Literal["constant", "step", "cosine", "warmup_cosine"] = "constant"
+    warmup_epochs: float = spec(1.0, ge=0, le=10000)
+    step_epochs: int = spec(10, ge=1, le=10000)
+    step_factor: float = spec(0.1, gt=0, le=1)
+    min_learning_rate: float = spec(0.0, ge=0, le=10)
+    # Stop after this many epochs without a lower val_loss (0: train all epochs).
+    early_stopping_patience: int = spec(0, ge=0, le=10000)
+    early_stopping_min_delta: float = spec(0.0, ge=0)  # smaller val_loss drops don't count
     shuffle_buffer: int = spec(10000, ge=1)
     restore_best: bool = True  # final model = the epoch with the lowest val_loss
 
@@ -102,6 +119,8 @@ class EvaluateConfig:
     batch_size: int = spec(256, ge=1)
     latency_samples: int = spec(50, ge=1, le=10000)
     latency_warmup: int = spec(5, ge=0, le=1000)
+    top_k: int = spec(2, ge=1, le=1000)  # top_<k>_accuracy, k capped at the number of classes
+    gallery: int = spec(16, ge=0, le=256)  # misclassified test images shown, most confident first
 
 
 @dataclass(frozen=True)
@@ -317,6 +336,10 @@ def _check_consistency(params: Params) -> None:
         if cfg.source == "tfds" and not cfg.tfds_name:
             raise ParamsError(f"params.yaml: {key}.tfds_name = None: expected a TFDS catalog "
                               "name (e.g. mnist) when source is 'tfds'")
+        if cfg.source == "folder" and task != "classification":
+            raise ParamsError(f"params.yaml: {key}.source = 'folder': class folders give "
+                              f"labels only, task '{task}' needs "
+                              + ("masks" if task == "segmentation" else "boxes"))
         if cfg.source == "shapes":
             for split in ("train", "val", "test"):
                 n = getattr(cfg.splits, split)
@@ -324,6 +347,15 @@ def _check_consistency(params: Params) -> None:
                     raise ParamsError(f"params.yaml: {key}.splits.{split} = {n!r}: expected a "
                                       "whole number of examples >= 1 for source 'shapes'")
     for name, model in params.models.items():
+        t = model.train
+        if t.min_learning_rate > t.learning_rate:
+            raise ParamsError(f"params.yaml: models.{name}.train.min_learning_rate = "
+                              f"{t.min_learning_rate!r}: expected at most learning_rate "
+                              f"({t.learning_rate!r})")
+        if t.lr_schedule == "warmup_cosine" and t.warmup_epochs >= t.epochs:
+            raise ParamsError(f"params.yaml: models.{name}.train.warmup_epochs = "
+                              f"{t.warmup_epochs!r}: expected fewer than epochs ({t.epochs}) "
+                              "so the cosine part has steps")
         if model.task not in params.prepare:
             raise ParamsError(f"params.yaml: models.{name}.task = {model.task!r}: no "
                               f"prepare.{model.task} section says where its data comes from")

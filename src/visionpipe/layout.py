@@ -15,6 +15,9 @@ class Layout:
     def prepared(self, task: str) -> Path:
         return self.root / "data" / "prepared" / task
 
+    def prepare_report(self, task: str) -> Path:
+        return self.root / "reports" / "prepare" / f"{task}.json"
+
     def augmented(self, task: str) -> Path:
         return self.root / "data" / "augmented" / task
 

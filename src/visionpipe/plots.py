@@ -64,6 +64,25 @@ def confusion_png(cm: np.ndarray, class_names: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+def labelled_gallery_png(images: list[np.ndarray], captions: list[str], path: Path, *,
+                         columns: int = 4, empty: str = "nothing to show") -> Path:
+    """Images with a caption under each (e.g. true/predicted label); a note when empty."""
+    if not images:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, empty, ha="center", va="center")
+        ax.axis("off")
+        return _save(fig, path)
+    columns = min(columns, len(images))
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.0 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, caption in zip(axes.ravel(), images, captions, strict=False):
+        ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
+        ax.set_title(caption, fontsize=8)
+    return _save(fig, path)
+
+
 def image_grid(tiles: list[np.ndarray], columns: int, path: Path, *, scale: int = 2,
                pad: int = 2) -> Path:
     """Tile uint8 RGB images (all the same size) into one PNG, scaled up for visibility."""

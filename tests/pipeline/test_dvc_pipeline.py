@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -43,7 +44,10 @@ def test_prepare_manifest_counts_and_checksum(repo):
     shards = [s for v in manifest["splits"].values() for s in v["shards"]]
     assert len(manifest["splits"]["train"]["shards"]) == 2  # 96 records, 50 per shard
     assert records.checksum(out, shards) == manifest["checksum"]
-    assert manifest["skipped"] == {"count": 0, "items": []}
+    assert manifest["skipped"] == {"count": 0, "by_reason": {}, "items": []}
+    report = json.loads((repo / "reports/prepare/classification.json").read_text())
+    assert report["counts"] == SPLITS and report["checksum"] == manifest["checksum"]
+    assert report["class_counts"] == manifest["class_counts"]
     first = next(records.read_split(out, "test"))
     assert first.image.shape == (32, 32, 3) and first.mask is None and first.boxes is None
 
@@ -82,6 +86,10 @@ def test_metrics_match_a_recomputation(repo):
     y = np.array([ex.label for ex in test])
     accuracy = float((model.predict(x, verbose=0).argmax(1) == y).mean())
     assert metrics["test"]["accuracy"] == pytest.approx(accuracy)
+    probs = model.predict(x, verbose=0)
+    top2 = np.argsort(-probs, axis=1)[:, :2]
+    assert metrics["test"]["top_2_accuracy"] == pytest.approx(
+        np.mean([label in row for label, row in zip(y, top2, strict=True)]))
     assert metrics["test"]["num_test_images"] == SPLITS["test"]
     majority = np.bincount(y, minlength=4).max() / len(y)
     assert metrics["test"]["baseline"]["accuracy"] == pytest.approx(majority)
@@ -95,8 +103,32 @@ def test_metrics_match_a_recomputation(repo):
     rows = json.loads((repo / "reports/plots/mlp/confusion.json").read_text())
     assert len(rows) == SPLITS["test"]
     assert sum(r["actual"] == r["predicted"] for r in rows) == round(accuracy * len(rows))
-    for png in ("confusion.png", "learning_curves.png"):
+    for png in ("confusion.png", "learning_curves.png", "misclassified.png"):
         assert Image.open(repo / "reports/plots/mlp" / png).size[0] > 100
+
+
+def test_lr_schedule_and_early_stopping_from_params(repo, tmp_path):
+    """Step decay halves the rate every epoch; min_delta 100 means no epoch after the first
+    improves, so patience 2 stops training after epoch 3 of 8."""
+    root = tmp_path / "root"
+    for part in ("data/prepared/classification", "data/augmented/classification"):
+        shutil.copytree(repo / part, root / part)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["models"]["mlp"]["train"].update(
+        epochs=8, learning_rate=0.004, lr_schedule="step", step_epochs=1, step_factor=0.5,
+        early_stopping_patience=2, early_stopping_min_delta=100.0)
+    params["tracking"].update(mlflow=False, codecarbon=False)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["visionpipe", "train", "--model", "mlp", "--root", str(root),
+                  "--params", str(root / "params.yaml")], repo)
+    assert result.returncode == 0, result.stdout[-3000:]
+    with open(root / "reports/train/mlp/history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx([0.004, 0.002, 0.001])
+    meta = json.loads((root / "models/mlp/model.json").read_text())
+    assert meta["epochs"] == 3 and meta["stopped_early"] is True
+    best = min(range(3), key=lambda i: float(rows[i]["val_loss"]))
+    assert meta["kept_epoch"] == best + 1
 
 
 def test_export_parity_report_and_files(repo):

@@ -95,6 +95,27 @@ def test_model_task_needs_a_prepare_section(default_params_dict):
     assert "no prepare.detection section" in msg
 
 
+@pytest.mark.parametrize("edits, expected", [
+    ({"models.mlp.train.min_learning_rate": 0.01},
+     "models.mlp.train.min_learning_rate = 0.01: expected at most learning_rate (0.001)"),
+    ({"models.mlp.train.lr_schedule": "warmup_cosine", "models.mlp.train.warmup_epochs": 12},
+     "models.mlp.train.warmup_epochs = 12.0: expected fewer than epochs (12)"),
+    ({"models.mlp.train.lr_schedule": "exponential"},
+     "lr_schedule = 'exponential': expected one of 'constant', 'step', 'cosine', "
+     "'warmup_cosine'"),
+    ({"prepare.classification.resize": "squash"},
+     "resize = 'squash': expected one of 'stretch', 'pad', 'crop'"),
+    ({"prepare.segmentation": {"source": "folder"}},
+     "prepare.segmentation.source = 'folder': class folders give labels only, task "
+     "'segmentation' needs masks"),
+])
+def test_cross_field_checks_name_the_key(default_params_dict, edits, expected):
+    data = default_params_dict
+    for dotted, value in edits.items():
+        data = _with(data, dotted, value)
+    assert expected in _error(data)
+
+
 def test_shapes_split_sizes_are_counts(default_params_dict):
     msg = _error(_with(default_params_dict, "prepare.classification.splits.val", 0.5))
     assert "prepare.classification.splits.val = 0.5" in msg
@@ -139,3 +160,15 @@ def test_cli_unknown_model_lists_known(tmp_path, repo_root):
     assert result.returncode == 2
     assert "models.resnet9000: no such model; known: mlp" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_example_params_files_are_valid(repo_root):
+    examples = sorted(repo_root.glob("examples/*/params.yaml"))
+    assert examples, "no example params found"
+    for path in examples:
+        params = load_params(path)
+        validate_architectures(params)
+        for task, cfg in params.prepare.items():
+            if cfg.source == "folder":  # the folder the README's command reads
+                assert (repo_root / cfg.path).is_dir() or not (repo_root.parent / "shared"
+                                                               ).is_dir(), (path, task)

@@ -55,13 +55,14 @@ def latency_ms(model: keras.Model, images: np.ndarray, samples: int, warmup: int
             "samples": samples, "batch_size": 1}
 
 
-def test_arrays(data_dir, task) -> tuple[np.ndarray, list]:
-    """Test images as float32 (N, H, W, 3) and the task's ground truth per image."""
-    images, truths = [], []
+def test_arrays(data_dir, task) -> tuple[np.ndarray, list, list[str]]:
+    """Test images as float32 (N, H, W, 3), the task's ground truth and the id per image."""
+    images, truths, ids = [], [], []
     for rec in record_dataset(data_dir, "test").as_numpy_iterator():
         images.append(rec["image"])
         truths.append(task.targets(rec))
-    return np.stack(images).astype(np.float32), truths
+        ids.append(rec["id"].decode())
+    return np.stack(images).astype(np.float32), truths, ids
 
 
 def co2_summary(stages: list[dict]) -> dict:
@@ -92,9 +93,9 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
     data_dir = layout.prepared(cfg.task)
     manifest = records.read_manifest(data_dir)
     names = manifest["class_names"]
-    images, truths = test_arrays(data_dir, task)
+    images, truths, ids = test_arrays(data_dir, task)
     outputs = model.predict(images, batch_size=params.evaluate.batch_size, verbose=0)
-    test = task.evaluate(np.asarray(truths), outputs, names)
+    test = task.evaluate(np.asarray(truths), outputs, names, params.evaluate)
 
     out_dir = layout.plots(model_name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
     if per_class is not None:  # rows, as `dvc plots` templates read them
         records.write_json(out_dir / "per_class.json",
                            [{"class": name, **scores} for name, scores in per_class.items()])
-    task.plots(np.asarray(truths), outputs, names, out_dir)
+    task.plots(images, ids, np.asarray(truths), outputs, names, out_dir, params.evaluate)
     history_path = layout.history(model_name)
     if history_path.exists():
         plots.learning_curves_png(plots.read_history(history_path),

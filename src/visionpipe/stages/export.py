@@ -90,7 +90,7 @@ def _export(params: Params, model_name: str, layout: Layout, out) -> dict:
     ex = params.export
     task = get_task(cfg.task)
     model = load_model(layout.model_file(model_name))
-    images, _ = test_arrays(layout.prepared(cfg.task), task)
+    images, _, _ = test_arrays(layout.prepared(cfg.task), task)
     images = images[:ex.parity_samples]
     reference = model.predict(images, batch_size=64, verbose=0)
 

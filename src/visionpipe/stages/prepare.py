@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -13,7 +15,7 @@ from tqdm import tqdm
 from visionpipe.config import Params, PrepareConfig
 from visionpipe.data import records
 from visionpipe.data.example import Example
-from visionpipe.data.sources import tfds_source
+from visionpipe.data.sources import image_folder, tfds_source
 from visionpipe.errors import DataError
 from visionpipe.layout import Layout
 from visionpipe.stages.common import fresh_dir
@@ -92,28 +94,65 @@ def _shapes_splits(cfg: PrepareConfig, seed: int, task: str, tfds_dir: str):
     return source, tfds_source.class_names(builder), splits
 
 
-def _catalog_splits(cfg: PrepareConfig, seed: int, task: str):
-    builder = tfds_source.catalog_builder(cfg.tfds_name, cfg.tfds_data_dir)
-    tfds_source.prepare_builder(builder, name=cfg.tfds_name, task_key=f"prepare.{task}")
-    examples = [resize(ex, cfg.image_size)
-                for split in tfds_source.split_sizes(builder)
-                for ex in tfds_source.iter_split(builder, split)]
+def _resplit(examples: list[Example], cfg: PrepareConfig, seed: int, task: str):
+    """Pool ``examples`` and split them by params' shares, stratified by class if labelled."""
     labels = (np.array([ex.label for ex in examples]) if task == "classification" else None)
     fractions = {"train": cfg.splits.train, "val": cfg.splits.val, "test": cfg.splits.test}
     parts = split_indices(labels, fractions, seed, len(examples))
+    return {s: ((examples[i] for i in idx), len(idx)) for s, idx in parts.items()}
+
+
+def _catalog_splits(cfg: PrepareConfig, seed: int, task: str):
+    builder = tfds_source.catalog_builder(cfg.tfds_name, cfg.tfds_data_dir)
+    tfds_source.require_network(builder, name=cfg.tfds_name, task_key=f"prepare.{task}")
+    tfds_source.prepare_builder(builder, name=cfg.tfds_name, task_key=f"prepare.{task}")
+    examples = []
+    for split in tfds_source.split_sizes(builder):
+        for ex in tfds_source.iter_split(builder, split):
+            if task == "classification":
+                ex.image = image_folder.fit_to_size(ex.image, cfg.image_size, cfg.resize)
+            else:
+                ex = resize(ex, cfg.image_size)
+            examples.append(ex)
     source = {"kind": "tfds", "name": cfg.tfds_name, "version": str(builder.version),
-              "seed": seed}
-    splits = {s: ((examples[i] for i in idx), len(idx)) for s, idx in parts.items()}
+              "data_dir": str(builder.data_dir), "seed": seed}
+    splits = _resplit(examples, cfg, seed, task)
     return source, tfds_source.class_names(builder), splits
+
+
+def _folder_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
+    folder = Path(cfg.path)
+    folder = folder if folder.is_absolute() else root / folder
+    names, examples, skipped = image_folder.load_folder(
+        folder, tuple(cfg.image_size), cfg.resize, shown_root=cfg.path,
+        progress=lambda files: tqdm(files, desc=f"prepare {task}/read", unit="file"))
+    source = {"kind": "folder", "name": folder.name, "path": cfg.path,
+              "files": len(examples) + len(skipped), "seed": seed}
+    return source, names, _resplit(examples, cfg, seed, task), [s.to_dict() for s in skipped]
+
+
+def _report_skipped(task: str, skipped: list[dict], report: Path) -> None:
+    if not skipped:
+        return
+    print(f"prepare {task}: skipped {len(skipped)} file(s), listed in {report}:",
+          file=sys.stderr)
+    for item in skipped[:20]:
+        print(f"  {item['path']}: {item['reason']}", file=sys.stderr)
+    if len(skipped) > 20:
+        print(f"  ... and {len(skipped) - 20} more", file=sys.stderr)
 
 
 def run(params: Params, task: str, layout: Layout) -> dict:
     """Write data/prepared/<task>/ and return its manifest."""
     cfg = params.prepare_for(task)
+    skipped: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="visionpipe-tfds-") as tfds_dir:
         if cfg.source == "shapes":
             # A throwaway TFDS folder: the generator's code, not a stale cache, decides bytes.
             source, names, splits = _shapes_splits(cfg, params.seed, task, tfds_dir)
+        elif cfg.source == "folder":
+            source, names, splits, skipped = _folder_splits(cfg, params.seed, task,
+                                                            layout.root)
         else:
             source, names, splits = _catalog_splits(cfg, params.seed, task)
         manifest_splits, class_counts = {}, {}
@@ -145,9 +184,24 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                 "targets": list(TASK_TARGETS[task]),
                 "counts": {s: v["count"] for s, v in manifest_splits.items()},
                 "class_counts": class_counts,
-                "skipped": {"count": 0, "items": []},
+                "skipped": {"count": len(skipped),
+                            "by_reason": dict(Counter(_reason_kind(x["reason"])
+                                                      for x in skipped)),
+                            "items": skipped},
+                "resize": cfg.resize,
                 "shard_size": cfg.shard_size,
                 "splits": manifest_splits,
             }
             manifest = records.write_manifest(out, manifest)
+    report = layout.prepare_report(task)
+    records.write_json(report, {
+        "task": task, "source": source, "counts": manifest["counts"],
+        "class_counts": class_counts, "skipped": manifest["skipped"],
+        "checksum": manifest["checksum"]})
+    _report_skipped(task, skipped, report.relative_to(layout.root))
     return manifest
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason without its detail: 'corrupt or truncated image: ...' -> before ': '."""
+    return reason.split(": ")[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -19,23 +20,43 @@ from visionpipe.tracking.mlflow_runs import RunLogger
 from visionpipe.tracking.stage_logs import log_train
 
 
-def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
-    """The optimizer named in params, with its learning rate and weight decay."""
+def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
+    """The learning rate or per-step schedule named by ``cfg.lr_schedule``."""
+    lr, total = cfg.learning_rate, cfg.epochs * steps_per_epoch
+    schedules = keras.optimizers.schedules
+    if cfg.lr_schedule == "step":
+        return schedules.ExponentialDecay(lr, cfg.step_epochs * steps_per_epoch,
+                                          cfg.step_factor, staircase=True)
+    if cfg.lr_schedule == "cosine":
+        return schedules.CosineDecay(lr, total, alpha=cfg.min_learning_rate / lr)
+    if cfg.lr_schedule == "warmup_cosine":
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        return schedules.CosineDecay(0.0, max(1, total - warmup),
+                                     alpha=cfg.min_learning_rate / lr, warmup_target=lr,
+                                     warmup_steps=warmup)
+    return lr
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer named in params, with its learning rate (schedule) and weight decay."""
+    lr = learning_rate(cfg, steps_per_epoch)
     wd = cfg.weight_decay or None
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum, weight_decay=wd)
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, weight_decay=wd)
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return keras.optimizers.Adam(cfg.learning_rate, weight_decay=wd)
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(lr, weight_decay=wd)
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Puts the epoch's learning rate into the logs, so history.csv records it."""
+    """Puts the learning rate each epoch started with into the logs (history.csv)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
-                self.model.optimizer.learning_rate))
+            logs["learning_rate"] = self._rate
 
 
 def run(params: Params, model_name: str, layout: Layout) -> dict:
@@ -57,7 +78,9 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     val_ds = model_dataset(val_dir, "val", io, t.batch_size)
 
     model = create_model(cfg.family, (h, w, 3), len(names), architecture)
-    model.compile(optimizer=make_optimizer(t), loss=task.loss(t), metrics=task.metrics())
+    steps_per_epoch = math.ceil(manifest["counts"]["train"] / t.batch_size)
+    model.compile(optimizer=make_optimizer(t, steps_per_epoch), loss=task.loss(t),
+                  metrics=task.metrics())
     model.summary(print_fn=lambda line, **_: print(line))
 
     ckpt_dir = layout.checkpoints(model_name)
@@ -72,6 +95,11 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
                                         save_best_only=True),
         keras.callbacks.CSVLogger(str(history_path)),
     ]
+    if t.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
+                                                       patience=t.early_stopping_patience,
+                                                       min_delta=t.early_stopping_min_delta,
+                                                       verbose=1))
     run = RunLogger(params, model_name, layout).start()
     if run.client is not None:
         callbacks.append(run.keras_callback())
@@ -98,6 +126,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         "input": "float32 RGB pixels in 0..255, shape (batch, height, width, 3)",
         "params": model.count_params(),
         "epochs": len(final["loss"]),
+        "stopped_early": len(final["loss"]) < t.epochs,
         "kept_epoch": best + 1,
         "train_dataset": {"path": str(train_dir.relative_to(layout.root)),
                           "checksum": manifest["checksum"], "count": manifest["counts"]["train"]},

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from visionpipe.config import TrainConfig
+from visionpipe.config import EvaluateConfig, TrainConfig
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -18,11 +18,29 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return cm
 
 
+def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
+    """Share of images whose true class is among the ``k`` highest scores. A class tied with
+    the k-th score counts as inside, as in ``tf.math.in_top_k`` and Keras' top-k metric."""
+    y_true = np.asarray(y_true, np.int64)
+    true_score = probs[np.arange(len(y_true)), y_true]
+    higher = (probs > true_score[:, None]).sum(axis=1)
+    return float((higher < k).mean())
+
+
+def most_confident_mistakes(y_true: np.ndarray, probs: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of misclassified images, highest predicted-class score first (at most limit)."""
+    y_pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != np.asarray(y_true))
+    return wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:limit]
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
-                           class_names: list[str]) -> dict:
-    """Accuracy, loss, per-class and macro precision/recall/F1, and a majority-class baseline."""
+                           class_names: list[str], top_k: int = 2) -> dict:
+    """Accuracy, top-k accuracy, loss, per-class and macro precision/recall/F1, and a
+    majority-class baseline. ``top_k`` is capped at the number of classes."""
     y_true = np.asarray(y_true, np.int64)
     n = len(class_names)
+    k = min(top_k, n)
     y_pred = probs.argmax(axis=1)
     cm = confusion_matrix(y_true, y_pred, n)
     tp = np.diag(cm).astype(float)
@@ -36,6 +54,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
     majority = int(np.bincount(y_true, minlength=n).argmax())
     return {
         "accuracy": float((y_pred == y_true).mean()),
+        f"top_{k}_accuracy": top_k_accuracy(y_true, probs, k),
         "loss": loss,
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
@@ -70,9 +89,10 @@ class ClassificationTask:
         """Metrics reported every epoch by fit."""
         return [keras.metrics.CategoricalAccuracy(name="accuracy")]
 
-    def evaluate(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str]) -> dict:
+    def evaluate(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str],
+                 cfg: EvaluateConfig) -> dict:
         """Test metrics from model outputs (class probabilities)."""
-        return classification_metrics(y_true, outputs, class_names)
+        return classification_metrics(y_true, outputs, class_names, cfg.top_k)
 
     def targets(self, rec: dict) -> int:
         """The ground truth of one parsed numpy record."""
@@ -86,11 +106,13 @@ class ClassificationTask:
         """The agreement key that export parity thresholds apply to."""
         return "label_agreement"
 
-    def plots(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str],
-              out_dir: Path) -> list[Path]:
-        """Confusion matrix as rows for `dvc plots` (confusion template) and as a PNG."""
+    def plots(self, images: np.ndarray, ids: list[str], y_true: np.ndarray,
+              outputs: np.ndarray, class_names: list[str], out_dir: Path,
+              cfg: EvaluateConfig) -> list[Path]:
+        """Confusion matrix as rows for `dvc plots` (confusion template) and as a PNG, and a
+        gallery of the misclassified test images, most confidently wrong first."""
         from visionpipe.data.records import write_json
-        from visionpipe.plots import confusion_png
+        from visionpipe.plots import confusion_png, labelled_gallery_png
 
         y_pred = outputs.argmax(1)
         rows = [{"actual": class_names[t], "predicted": class_names[p]}
@@ -98,4 +120,11 @@ class ClassificationTask:
         write_json(out_dir / "confusion.json", rows)
         cm = confusion_matrix(y_true, y_pred, len(class_names))
         png = confusion_png(cm, class_names, out_dir / "confusion.png")
-        return [out_dir / "confusion.json", png]
+        wrong = most_confident_mistakes(y_true, outputs, cfg.gallery)
+        captions = [f"{ids[i]}\ntrue: {class_names[y_true[i]]}\n"
+                    f"pred: {class_names[y_pred[i]]} ({outputs[i, y_pred[i]]:.2f})"
+                    for i in wrong]
+        gallery = labelled_gallery_png([images[i] for i in wrong], captions,
+                                       out_dir / "misclassified.png",
+                                       empty="no misclassified test images")
+        return [out_dir / "confusion.json", png, gallery]

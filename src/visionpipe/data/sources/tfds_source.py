@@ -28,6 +28,35 @@ def catalog_builder(name: str, data_dir: str | None):
                         "https://www.tensorflow.org/datasets/catalog") from None
 
 
+# Where TFDS's own prepared copies live; a download that cannot reach it will not get far.
+PROBE_URL = "https://storage.googleapis.com/"
+
+
+def _fetch_hint(name: str, task_key: str) -> str:
+    return (f"On a machine with network run `tfds build {name} --data_dir DIR`, copy DIR here "
+            f"and set {task_key}.tfds_data_dir to it.")
+
+
+def require_network(builder, *, name: str, task_key: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a dataset must be downloaded and there is no network.
+
+    TFDS retries each file ten times with backoff (about 3.5 minutes offline); one quick
+    request first (honouring HTTPS_PROXY) turns "no network" into an immediate clear error.
+    """
+    if builder.is_prepared():
+        return
+    import requests
+
+    try:
+        requests.head(PROBE_URL, timeout=timeout)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise SourceUnavailableError(
+            f"TFDS dataset '{name}' is not in {builder.data_dir} and there is no network to "
+            f"download it ({reason} reaching {PROBE_URL}). {_fetch_hint(name, task_key)}"
+        ) from None
+
+
 def prepare_builder(builder, *, name: str, task_key: str) -> None:
     """``download_and_prepare``; without network or a local copy, say how to get one."""
     _tfds().disable_progress_bar()  # prepare draws its own bar per split
@@ -37,9 +66,8 @@ def prepare_builder(builder, *, name: str, task_key: str) -> None:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise SourceUnavailableError(
             f"TFDS dataset '{name}' is not available in {builder.data_dir} and could not be "
-            f"downloaded ({type(exc).__name__}: {reason}). On a machine with network run "
-            f"`tfds build {name} --data_dir DIR`, copy DIR here and set "
-            f"{task_key}.tfds_data_dir to it.") from None
+            f"downloaded ({type(exc).__name__}: {reason}). {_fetch_hint(name, task_key)}"
+        ) from None
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:

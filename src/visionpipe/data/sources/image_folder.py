@@ -1,0 +1,147 @@
+"""Image folders: ``<root>/<class>/<image>``, the layout of Keras' and torchvision's loaders.
+
+Every file under a class folder is read; what cannot be used (not an image, corrupt,
+truncated, empty) is returned as a ``Skipped`` entry with its path and the reason, so prepare
+can list it in its report and count it in the manifest. Images are converted to 8-bit RGB
+(palette, grey, grey+alpha, RGBA, CMYK, 16-bit), turned upright by their EXIF orientation, and
+brought to the training size by a resize policy.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from visionpipe.data.example import Example
+from visionpipe.errors import DataError
+
+RESIZE_POLICIES = ("stretch", "pad", "crop")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not used, and why."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode as uint8 (H, W, 3): 16-bit and 32-bit grey are scaled, alpha dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        grey = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when a palette with transparency goes to RGB
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode ``path`` as upright uint8 RGB; raises DataError saying what is wrong."""
+    if path.stat().st_size == 0:
+        raise DataError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # truncated or corrupt data fails here, not at open
+                img = ImageOps.exif_transpose(img)
+                return _to_uint8_rgb(img)
+    except Image.UnidentifiedImageError:
+        raise DataError("not an image PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError("image too large (PIL decompression-bomb limit)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        detail = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise DataError(f"corrupt or truncated image: {detail}") from None
+
+
+def fit_to_size(image: np.ndarray, size: tuple[int, int], policy: str) -> np.ndarray:
+    """``image`` at (height, width) by ``policy``: stretch, pad (letterbox) or centre crop."""
+    th, tw = size
+    h, w = image.shape[:2]
+    if (h, w) == (th, tw):
+        return image
+    pil = Image.fromarray(image)
+    if policy == "stretch":
+        return np.asarray(pil.resize((tw, th), Image.BILINEAR))
+    if policy == "pad":
+        scale = min(th / h, tw / w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        out = np.zeros((th, tw, 3), np.uint8)
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        out[top:top + nh, left:left + nw] = np.asarray(pil.resize((nw, nh), Image.BILINEAR))
+        return out
+    if policy == "crop":
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        resized = np.asarray(pil.resize((nw, nh), Image.BILINEAR))
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        return resized[top:top + th, left:left + tw]
+    raise ValueError(f"unknown resize policy {policy!r}; known: {', '.join(RESIZE_POLICIES)}")
+
+
+def _display(root: Path, shown_root: str, path: Path) -> str:
+    return os.path.join(shown_root, path.relative_to(root).as_posix())
+
+
+def scan(root: Path, shown_root: str | None = None) -> tuple[list[str], list[tuple[Path, int]],
+                                                              list[Skipped]]:
+    """Class names (sorted sub-folder names), (file, class index) pairs, and loose files.
+
+    ``shown_root`` is how paths are written in reports (default: ``root`` as given).
+    """
+    shown = shown_root if shown_root is not None else str(root)
+    if not root.is_dir():
+        raise DataError(f"{shown}: image folder not found; create it with one sub-folder of "
+                        "images per class, or set prepare.<task>.path")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{shown}: no class sub-folders; expected {shown}/<class>/<image> "
+                        "with one sub-folder per class")
+    loose = [Skipped(_display(root, shown, p), "not inside a class folder")
+             for p in sorted(root.iterdir()) if p.is_file()]
+    files: list[tuple[Path, int]] = []
+    for index, folder in enumerate(class_dirs):
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            files.extend((Path(dirpath) / name, index) for name in sorted(filenames))
+    return [d.name for d in class_dirs], files, loose
+
+
+def load_folder(root: Path, image_size: tuple[int, int], policy: str,
+                shown_root: str | None = None, progress=None
+                ) -> tuple[list[str], list[Example], list[Skipped]]:
+    """Every usable image under ``root`` as an Example (id = path inside ``root``).
+
+    Returns (class names, examples, skipped files). A class folder left with no usable
+    image is an error naming it: training without that class would be silently wrong.
+    """
+    shown = shown_root if shown_root is not None else str(root)
+    names, files, skipped = scan(root, shown)
+    examples: list[Example] = []
+    iterator = progress(files) if progress else files
+    for path, label in iterator:
+        try:
+            image = fit_to_size(load_image(path), image_size, policy)
+        except DataError as exc:
+            skipped.append(Skipped(_display(root, shown, path), str(exc)))
+            continue
+        examples.append(Example(id=path.relative_to(root).as_posix(), image=image, label=label))
+    counts = np.bincount([ex.label for ex in examples], minlength=len(names))
+    empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(f"{shown}: class folder(s) {', '.join(empty)} hold no usable image "
+                        f"({len(skipped)} file(s) skipped in all); add images or remove the "
+                        "folder")
+    return names, examples, skipped
