@@ -95,11 +95,14 @@ class TrainConfig:
     step_epochs: int = spec(10, ge=1, le=10000)
     step_factor: float = spec(0.1, gt=0, le=1)
     min_learning_rate: float = spec(0.0, ge=0, le=10)
-    # Stop after this many epochs without a lower val_loss (0: train all epochs).
+    # The validation figure that picks the best epoch (lowest loss or highest accuracy) for
+    # restore_best and early stopping.
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    # Stop after this many epochs without a better monitored value (0: train all epochs).
     early_stopping_patience: int = spec(0, ge=0, le=10000)
-    early_stopping_min_delta: float = spec(0.0, ge=0)  # smaller val_loss drops don't count
+    early_stopping_min_delta: float = spec(0.0, ge=0)  # smaller improvements don't count
     shuffle_buffer: int = spec(10000, ge=1)
-    restore_best: bool = True  # final model = the epoch with the lowest val_loss
+    restore_best: bool = True  # final model = the best epoch by `monitor`
 
 
 @dataclass(frozen=True)

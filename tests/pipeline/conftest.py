@@ -116,7 +116,8 @@ def copy_repo(src: Path, dst: Path, edit_params: Callable[[dict], None] | None =
                              "--exclude-standard"], cwd=src, capture_output=True, check=True)
     for name in filter(None, listed.stdout.decode().split("\0")):
         path = src / name
-        if path.is_file() and not name.startswith(("data/", "models/", "reports/")):
+        if path.is_file() and not name.startswith(("data/prepared/", "data/augmented/",
+                                                   "models/", "reports/")):
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dst / name)
     (dst / "dvc.lock").unlink(missing_ok=True)

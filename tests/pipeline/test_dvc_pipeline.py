@@ -109,14 +109,15 @@ def test_metrics_match_a_recomputation(repo):
 
 def test_lr_schedule_and_early_stopping_from_params(repo, tmp_path):
     """Step decay halves the rate every epoch; min_delta 100 means no epoch after the first
-    improves, so patience 2 stops training after epoch 3 of 8."""
+    improves val_accuracy, so patience 2 stops training after epoch 3 of 8; the model kept is
+    the first epoch with the highest val_accuracy."""
     root = tmp_path / "root"
     for part in ("data/prepared/classification", "data/augmented/classification"):
         shutil.copytree(repo / part, root / part)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"]["mlp"]["train"].update(
         epochs=8, learning_rate=0.004, lr_schedule="step", step_epochs=1, step_factor=0.5,
-        early_stopping_patience=2, early_stopping_min_delta=100.0)
+        monitor="val_accuracy", early_stopping_patience=2, early_stopping_min_delta=100.0)
     params["tracking"].update(mlflow=False, codecarbon=False)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["visionpipe", "train", "--model", "mlp", "--root", str(root),
@@ -127,8 +128,17 @@ def test_lr_schedule_and_early_stopping_from_params(repo, tmp_path):
     assert [float(r["learning_rate"]) for r in rows] == pytest.approx([0.004, 0.002, 0.001])
     meta = json.loads((root / "models/mlp/model.json").read_text())
     assert meta["epochs"] == 3 and meta["stopped_early"] is True
-    best = min(range(3), key=lambda i: float(rows[i]["val_loss"]))
-    assert meta["kept_epoch"] == best + 1
+    assert meta["monitor"] == "val_accuracy"
+    val_acc = [float(r["val_accuracy"]) for r in rows]
+    assert meta["kept_epoch"] == val_acc.index(max(val_acc)) + 1
+    assert meta["kept_epoch_metrics"]["val_accuracy"] == pytest.approx(max(val_acc))
+    # The kept model is that epoch's: its val accuracy recomputed from the files matches.
+    model = load_model(root / "models/mlp/model.keras")
+    val = list(records.read_split(root / "data/prepared/classification", "val"))
+    x = np.stack([ex.image for ex in val]).astype(np.float32)
+    y = np.array([ex.label for ex in val])
+    assert float((model.predict(x, verbose=0).argmax(1) == y).mean()) == pytest.approx(
+        max(val_acc), abs=1e-6)
 
 
 def test_export_parity_report_and_files(repo):

@@ -59,6 +59,12 @@ class LearningRateLogger(keras.callbacks.Callback):
             logs["learning_rate"] = self._rate
 
 
+def best_epoch(values: list[float], *, higher_is_better: bool) -> int:
+    """Index of the first best value: the epoch Keras' save_best_only checkpoint holds."""
+    pick = max if higher_is_better else min
+    return pick(range(len(values)), key=values.__getitem__)
+
+
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Train ``model_name``; write model.keras, model.json, checkpoints/ and history.csv."""
     cfg = params.model(model_name)
@@ -91,12 +97,12 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     callbacks = [
         LearningRateLogger(),
         keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.keras")),
-        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "best.keras"), monitor="val_loss",
+        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "best.keras"), monitor=t.monitor,
                                         save_best_only=True),
         keras.callbacks.CSVLogger(str(history_path)),
     ]
     if t.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor,
                                                        patience=t.early_stopping_patience,
                                                        min_delta=t.early_stopping_min_delta,
                                                        verbose=1))
@@ -110,7 +116,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     final = history.history
     if t.restore_best:
         model = load_model(ckpt_dir / "best.keras")
-        best = min(range(len(final["val_loss"])), key=final["val_loss"].__getitem__)
+        best = best_epoch(final[t.monitor], higher_is_better=t.monitor != "val_loss")
     else:
         best = len(final["loss"]) - 1
     model_path = layout.model_file(model_name)
@@ -128,6 +134,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         "epochs": len(final["loss"]),
         "stopped_early": len(final["loss"]) < t.epochs,
         "kept_epoch": best + 1,
+        "monitor": t.monitor,
         "train_dataset": {"path": str(train_dir.relative_to(layout.root)),
                           "checksum": manifest["checksum"], "count": manifest["counts"]["train"]},
         "val_dataset": {"checksum": val_manifest["checksum"],
