@@ -233,6 +233,11 @@ class track_emissions:
         else:
             self.report = self._stop()
         write_json(self.json_path, self.report.to_dict())
+        if not self.csv_path.is_file():
+            # dvc.yaml caches <stage>.csv: without codecarbon's rows, one saying why not.
+            self.csv_path.write_text("stage,status,reason\n" + ",".join(
+                _csv_cell(v) for v in (self.stage, self.report.status, self.report.reason))
+                + "\n", encoding="utf-8")
         return False  # never swallow the block's exception
 
     # -- codecarbon ------------------------------------------------------------------------
@@ -341,6 +346,11 @@ class track_emissions:
             cpu_power_mode="", cpu_model="", gpu_model="",
             country_iso_code=self.country_iso_code, codecarbon_version=_codecarbon_version(),
             csv=None, reason=reason)
+
+
+def _csv_cell(value: Any) -> str:
+    text = str(value or "")
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 # -- reading and summing reports ----------------------------------------------------------------
