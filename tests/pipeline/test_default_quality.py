@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow
 MINIMUM = {"mlp": 0.80, "vgg": 0.95, "resnet": 0.95}
 
 
+def _no_tracking(params: dict) -> None:
+    # No stage depends on `tracking` (dvc.yaml): the models are the committed defaults'.
+    # Tracking is tested on its own (test_tracking.py); here it would only add minutes.
+    params["tracking"].update(mlflow=False, codecarbon=False)
+
+
 def test_default_params_reach_the_quality_targets(tmp_path, repo_root):
-    repo = copy_repo(repo_root, tmp_path)
+    repo = copy_repo(repo_root, tmp_path, _no_tracking)
     result = run(["dvc", "repro"], repo, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:]
     ran = re.findall(r"Running stage '([^']+)'", result.stdout)
