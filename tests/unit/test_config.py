@@ -170,5 +170,7 @@ def test_example_params_files_are_valid(repo_root):
         validate_architectures(params)
         for task, cfg in params.prepare.items():
             if cfg.source == "folder":  # the folder the README's command reads
-                assert (repo_root / cfg.path).is_dir() or not (repo_root.parent / "shared"
-                                                               ).is_dir(), (path, task)
+                if cfg.path.startswith("../shared/") and not (repo_root.parent / "shared"
+                                                              ).is_dir():
+                    pytest.skip("../shared not beside the repository")
+                assert (repo_root / cfg.path).is_dir(), (path, task, cfg.path)

@@ -45,8 +45,7 @@ def resize(example: Example, size: tuple[int, int]) -> Example:
         return example
     th, tw = size
     out = Example(id=example.id, label=example.label, box_labels=example.box_labels,
-                  image=np.asarray(Image.fromarray(example.image).resize((tw, th),
-                                                                         Image.BILINEAR)))
+                  image=image_folder.fit_to_size(example.image, (th, tw), "stretch"))
     if example.mask is not None:
         out.mask = np.asarray(Image.fromarray(example.mask).resize((tw, th), Image.NEAREST))
     if example.boxes is not None:
