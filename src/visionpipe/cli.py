@@ -19,14 +19,19 @@ STAGES = {
                        "reports/train/<model>/history.csv."),
     "evaluate": ("model", "Evaluate one model on the test split; writes "
                           "reports/metrics/<model>.json and reports/plots/<model>/."),
-    "export": ("model", "Export one model to SavedModel and TFLite under "
-                        "models/<model>/export/ and check parity (reports/export/<model>.json)."),
+    "export": ("model", "Export one model to the formats in params (keras, SavedModel, TFLite "
+                        "float/int8, ONNX) under models/<model>/export/, check each one's parity "
+                        "(reports/export/<model>.json) and write its model card."),
 }
 # Not pipeline stages: commands a person runs by hand.
 COMMANDS = {
     "log": ("model", "Replay a model's run into MLflow from its local files (after the "
                      "backend was unreachable); prints the new run id."),
+    "predict": ("model", "Run an exported model on a folder of images: "
+                         "OUTPUT/predictions.json (one record per image) and labelled copies "
+                         "in OUTPUT/rendered/. Needs only models/<model>/export/."),
 }
+PREDICT_FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="params file (default: params.yaml)")
         p.add_argument("--root", type=Path, default=Path("."),
                        help="project root holding data/, models/ and reports/ (default: .)")
+        if name == "predict":
+            p.add_argument("--input", type=Path, required=True,
+                           help="folder of images (searched recursively; any size)")
+            p.add_argument("--output", type=Path, required=True,
+                           help="folder for predictions.json and rendered/")
+            p.add_argument("--format", choices=PREDICT_FORMATS, default=None,
+                           help="exported format to run (default: predict.format in params, "
+                                "else saved_model)")
+            p.add_argument("--export-dir", type=Path, default=None,
+                           help="the export folder (default: ROOT/models/MODEL/export)")
     return parser
 
 
@@ -61,6 +76,9 @@ def run_stage(args: argparse.Namespace) -> None:
     from visionpipe.config import load_params
     from visionpipe.layout import Layout
 
+    if args.stage == "predict":
+        predict(args)
+        return
     params = load_params(args.params)
     kind = {**STAGES, **COMMANDS}[args.stage][0]
     if kind == "model":
@@ -74,6 +92,19 @@ def run_stage(args: argparse.Namespace) -> None:
         return
     stage = import_module(f"visionpipe.stages.{args.stage}")
     stage.run(params, args.task if kind == "task" else args.model, layout)
+
+
+def predict(args: argparse.Namespace) -> None:
+    """`visionpipe predict`: only the export folder is needed; params.yaml is optional."""
+    from visionpipe import predict as predict_module
+    from visionpipe.config import PredictConfig, load_params
+
+    explicit = args.params != Path("params.yaml")
+    if explicit or args.params.exists():
+        settings = load_params(args.params).predict
+    else:  # a machine that pulled only the export folder
+        settings = PredictConfig()
+    predict_module.run(args, settings)
 
 
 def replay_run(params, model: str, layout) -> None:

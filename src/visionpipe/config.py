@@ -113,6 +113,7 @@ class ModelConfig:
     task: Literal["classification", "segmentation", "detection"]
     architecture: dict = spec(factory=dict)
     train: TrainConfig = spec(factory=TrainConfig)
+    export_formats: tuple[ExportFormat, ...] | None = spec(None, min_len=1)  # None: export.formats
 
 
 @dataclass(frozen=True)
@@ -126,15 +127,50 @@ class EvaluateConfig:
     gallery: int = spec(16, ge=0, le=256)  # misclassified test images shown, most confident first
 
 
+EXPORT_FORMATS = ("keras", "saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx")
+ExportFormat = Literal["keras", "saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx"]
+
+
+@dataclass(frozen=True)
+class ParityThreshold:
+    """export.parity.<format>: how far an exported format may drift from the Keras model."""
+
+    max_abs_diff: float = spec(1e-4, ge=0)  # largest |output difference| over the samples
+    min_agreement: float = spec(0.99, ge=0, le=1)  # the task's agreement (label agreement)
+
+
+def _default_parity() -> dict[str, ParityThreshold]:
+    # Float formats match to rounding; int8 ones within a few quantisation steps, and full
+    # int8 (activations too) may flip a near-tie.
+    return {"keras": ParityThreshold(max_abs_diff=0.0, min_agreement=1.0),
+            "saved_model": ParityThreshold(), "tflite": ParityThreshold(),
+            "tflite_dynamic": ParityThreshold(max_abs_diff=0.05, min_agreement=0.98),
+            "tflite_int8": ParityThreshold(max_abs_diff=0.1, min_agreement=0.95),
+            "onnx": ParityThreshold()}
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """export: deployable formats and the parity each must keep with the Keras model."""
 
-    formats: tuple[Literal["saved_model", "tflite"], ...] = spec(("saved_model", "tflite"),
-                                                                 min_len=1)
+    formats: tuple[ExportFormat, ...] = spec(("keras", "saved_model", "tflite"), min_len=1)
     parity_samples: int = spec(200, ge=1)
-    max_abs_diff: float = spec(1e-4, gt=0)
-    min_agreement: float = spec(0.99, ge=0, le=1)
+    # Train images that calibrate tflite_int8's activation ranges.
+    representative_samples: int = spec(100, ge=1, le=100000)
+    parity: dict[str, ParityThreshold] = spec(factory=_default_parity)
+    # SavedModel on images of another size (resized inside the graph) against the Keras model
+    # on the same images resized as prepare resizes them: the task's agreement at least this.
+    resize_min_agreement: float = spec(0.95, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """predict: `visionpipe predict` on a folder of new images."""
+
+    format: Literal["saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx"] = \
+        "saved_model"
+    top_k: int = spec(3, ge=1, le=1000)  # classes listed per image, best first
+    render: bool = True  # draw the prediction onto a copy of each image
 
 
 @dataclass(frozen=True)
@@ -160,6 +196,7 @@ class Params:
     models: dict[str, ModelConfig] = spec(factory=dict)
     evaluate: EvaluateConfig = spec(factory=EvaluateConfig)
     export: ExportConfig = spec(factory=ExportConfig)
+    predict: PredictConfig = spec(factory=PredictConfig)
     tracking: TrackingConfig = spec(factory=TrackingConfig)
 
     def model(self, name: str) -> ModelConfig:
@@ -168,6 +205,10 @@ class Params:
             known = ", ".join(sorted(self.models)) or "(none)"
             raise ParamsError(f"params.yaml: models.{name}: no such model; known: {known}")
         return self.models[name]
+
+    def export_formats(self, name: str) -> tuple[str, ...]:
+        """The formats model ``name`` is exported to: its own list, else export.formats."""
+        return self.model(name).export_formats or self.export.formats
 
     def prepare_for(self, task: str) -> PrepareConfig:
         """The prepare section of ``task``."""
@@ -334,6 +375,10 @@ def _check_consistency(params: Params) -> None:
         if task not in TASKS:
             raise ParamsError(f"params.yaml: augment.{task}: unknown task; allowed: "
                               + ", ".join(TASKS))
+    for fmt in params.export.parity:
+        if fmt not in EXPORT_FORMATS:
+            raise ParamsError(f"params.yaml: export.parity.{fmt}: unknown format; allowed: "
+                              + ", ".join(EXPORT_FORMATS))
     for task, cfg in params.prepare.items():
         key = f"prepare.{task}"
         if cfg.source == "tfds" and not cfg.tfds_name:
@@ -359,6 +404,17 @@ def _check_consistency(params: Params) -> None:
             raise ParamsError(f"params.yaml: models.{name}.train.warmup_epochs = "
                               f"{t.warmup_epochs!r}: expected fewer than epochs ({t.epochs}) "
                               "so the cosine part has steps")
+        formats = params.export_formats(name)
+        if len(set(formats)) != len(formats):
+            where = f"models.{name}.export_formats" if model.export_formats else "export.formats"
+            raise ParamsError(f"params.yaml: {where} = {list(formats)}: a format is listed "
+                              "twice; list each once")
+        for fmt in formats:
+            if fmt not in params.export.parity:
+                where = (f"models.{name}.export_formats" if model.export_formats
+                         else "export.formats")
+                raise ParamsError(f"params.yaml: export.parity.{fmt}: missing; {where} "
+                                  f"lists {fmt}, so give its max_abs_diff and min_agreement")
         if model.task not in params.prepare:
             raise ParamsError(f"params.yaml: models.{name}.task = {model.task!r}: no "
                               f"prepare.{model.task} section says where its data comes from")

@@ -53,3 +53,6 @@ class Layout:
 
     def export_report(self, model: str) -> Path:
         return self.root / "reports" / "export" / f"{model}.json"
+
+    def model_card(self, model: str) -> Path:
+        return self.root / "reports" / "model_cards" / f"{model}.md"

@@ -24,12 +24,14 @@ def _no_tracking(params: dict) -> None:
 
 def test_default_params_reach_the_quality_targets(tmp_path, repo_root):
     repo = copy_repo(repo_root, tmp_path, _no_tracking)
-    result = run(["dvc", "repro"], repo, timeout=1800)
+    # Up to evaluate: export's formats and parity are tested in test_dvc_pipeline.py and
+    # test_export_formats.py; here they would add minutes.
+    result = run(["dvc", "repro", *(f"evaluate@{m}" for m in MINIMUM)], repo, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:]
     ran = re.findall(r"Running stage '([^']+)'", result.stdout)
     assert sorted(ran) == sorted(["prepare@classification", "augment@classification",
                                   *(f"{s}@{m}" for m in MINIMUM
-                                    for s in ("train", "evaluate", "export"))])
+                                    for s in ("train", "evaluate"))])
     chance = 1 / 4
     for model, minimum in MINIMUM.items():
         metrics = json.loads((repo / f"reports/metrics/{model}.json").read_text())
@@ -40,5 +42,3 @@ def test_default_params_reach_the_quality_targets(tmp_path, repo_root):
         assert test["macro_f1"] >= minimum - 0.05
         assert test["top_2_accuracy"] >= test["accuracy"]
         assert test["baseline"]["accuracy"] < chance + 0.1
-        export = json.loads((repo / f"reports/export/{model}.json").read_text())
-        assert export["passed"] is True, (model, export)

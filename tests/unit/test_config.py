@@ -108,6 +108,23 @@ def test_model_task_needs_a_prepare_section(default_params_dict):
     ({"prepare.segmentation": {"source": "folder"}},
      "prepare.segmentation.source = 'folder': class folders give labels only, task "
      "'segmentation' needs masks"),
+    ({"export.parity": {"tflite": {"max_abs_diff": 1e-4, "min_agreement": 0.99}}},
+     "export.parity.keras: missing; export.formats lists keras, so give its max_abs_diff"),
+    ({"models.vgg.export_formats": ["tflite", "onnx"],
+      "export.parity": {"tflite": {"max_abs_diff": 1e-4, "min_agreement": 0.99}},
+      "export.formats": ["tflite"]},
+     "export.parity.onnx: missing; models.vgg.export_formats lists onnx"),
+    ({"export.parity.coreml": {"max_abs_diff": 1e-4, "min_agreement": 0.99}},
+     "export.parity.coreml: unknown format; allowed: keras, saved_model, tflite, "
+     "tflite_dynamic, tflite_int8, onnx"),
+    ({"export.formats": ["tflite", "onnx", "tflite"]},
+     "export.formats = ['tflite', 'onnx', 'tflite']: a format is listed twice"),
+    ({"export.formats": ["tflite", "pytorch"]},
+     "export.formats[1] = 'pytorch': expected one of 'keras', 'saved_model', 'tflite', "
+     "'tflite_dynamic', 'tflite_int8', 'onnx'"),
+    ({"export.parity.tflite.min_agreement": 1.5},
+     "export.parity.tflite.min_agreement = 1.5: expected a value <= 1"),
+    ({"predict.format": "keras"}, "predict.format = 'keras': expected one of 'saved_model'"),
 ])
 def test_cross_field_checks_name_the_key(default_params_dict, edits, expected):
     data = default_params_dict

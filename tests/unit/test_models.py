@@ -61,7 +61,8 @@ def test_flops_match_dense_arithmetic():
 
 
 def test_unknown_family_lists_known():
-    with pytest.raises(ModelError, match="unknown model family 'nope'; known families: mlp, resnet, vgg"):
+    with pytest.raises(ModelError,
+                       match="unknown model family 'nope'; known families: mlp, resnet, vgg"):
         get_family("nope")
 
 

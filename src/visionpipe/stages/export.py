@@ -1,60 +1,59 @@
-"""export: SavedModel and TFLite files, each checked for parity with the Keras model."""
+"""export: the formats params ask for, each checked for parity with the Keras model.
+
+Every format takes raw uint8 RGB pixels. The SavedModel's ``serving_default`` takes any size
+and does the resizing inside; TFLite and ONNX take the model's input size. ``export.json``
+beside the files says what predict needs (task, classes, size, resize policy, formats), and
+``reports/model_cards/<model>.md`` describes the model for people.
+"""
 
 from __future__ import annotations
 
-import shutil
+import tempfile
+from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
+from visionpipe import __version__
 from visionpipe.config import Params
 from visionpipe.data import records
-from visionpipe.errors import ExportParityError
+from visionpipe.data.sources.image_folder import fit_to_size
+from visionpipe.errors import ExportParityError, ModelError
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
+from visionpipe.serving import (FILES, META_FILE, OnnxRunner, SavedModelRunner, TFLiteRunner,
+                                fit_images)
 from visionpipe.stages.common import fresh_dir, measure_co2
 from visionpipe.stages.evaluate import test_arrays
 from visionpipe.tasks import get_task
 from visionpipe.tracking.stage_logs import log_export, log_stage
 
-
-def tflite_predict(model_content: bytes, images: np.ndarray) -> np.ndarray:
-    """Run a TFLite flatbuffer on each image (batch of 1, as on a device)."""
-    interp = tf.lite.Interpreter(model_content=model_content)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    results = []
-    for image in tqdm(images, desc="parity tflite", unit="img", leave=False):
-        interp.set_tensor(inp["index"], image[None].astype(inp["dtype"]))
-        interp.invoke()
-        results.append(interp.get_tensor(out["index"])[0])
-    return np.stack(results)
+FIXED_SIGNATURE = "serving_fixed_size"
+# The inputs each format takes, as written in export.json and the model card.
+INPUTS = {"keras": "float32 [batch, H, W, 3], values 0..255",
+          "saved_model": "uint8 [batch, any height, any width, 3] (resized inside); "
+                         "serving_fixed_size: uint8 [batch, H, W, 3]",
+          "tflite": "uint8 [1, H, W, 3]", "tflite_dynamic": "uint8 [1, H, W, 3]",
+          "tflite_int8": "uint8 [1, H, W, 3]", "onnx": "uint8 [batch, H, W, 3]"}
 
 
-def saved_model_predict(path: str, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run the SavedModel's serving signature, loaded with TensorFlow alone."""
-    loaded = tf.saved_model.load(path)
-    serve = loaded.signatures["serving_default"]
-    parts = []
-    for start in range(0, len(images), batch_size):
-        result = serve(tf.constant(images[start:start + batch_size]))
-        parts.append(next(iter(result.values())).numpy())
-    return np.concatenate(parts)
-
-
-def parity(task, reference: np.ndarray, other: np.ndarray, max_abs_diff: float,
-           min_agreement: float) -> dict:
-    """Max abs difference and the task's agreement measure, against the thresholds."""
+def parity(task, reference: np.ndarray, other: np.ndarray, threshold) -> dict:
+    """Max abs difference and the task's agreement measure, against the format's thresholds."""
     diff = float(np.max(np.abs(reference.astype(np.float64) - other.astype(np.float64))))
     agreement = task.agreement(reference, other)
     key = task.primary_agreement()
     return {"max_abs_diff": diff, **agreement,
-            "passed": bool(diff <= max_abs_diff and agreement[key] >= min_agreement)}
+            "thresholds": {"max_abs_diff": threshold.max_abs_diff, key: threshold.min_agreement},
+            "passed": bool(diff <= threshold.max_abs_diff
+                           and agreement[key] >= threshold.min_agreement)}
 
 
 def run(params: Params, model_name: str, layout: Layout) -> dict:
-    """Write models/<model>/export/ and reports/export/<model>.json; fail if parity fails."""
+    """Write models/<model>/export/, reports/export/<model>.json and the model card; fail if
+    any format's parity fails (the previous export then stays in place)."""
+    from visionpipe.model_card import write_model_card
+
     failure: ExportParityError | None = None
     with measure_co2(params, layout, model_name, "export") as carbon:
         try:
@@ -69,55 +68,180 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     records.write_json(layout.export_report(model_name), report)
     if failure is not None:
         raise failure
+    write_model_card(params, model_name, layout)
     log_stage(params, model_name, layout, "export", log_export)
     return report
 
 
 def _parity_message(report: dict, layout: Layout, model_name: str) -> str:
     key = report["agreement_key"]
-    failed = [n for n, f in report["formats"].items() if not f["passed"]]
-    details = "; ".join(f"{n}: max_abs_diff {report['formats'][n]['max_abs_diff']:.3g}, "
-                        f"{key} {report['formats'][n][key]:.4f}" for n in failed)
-    limits = report["thresholds"]
-    return (f"export of {model_name}: parity failed ({details}; thresholds max_abs_diff "
-            f"{limits['max_abs_diff']}, {key} >= {limits[key]}); see "
-            f"{layout.export_report(model_name)}")
+    checks = {**report["formats"]}
+    if "resized_input" in report:
+        checks["saved_model on resized images"] = report["resized_input"]
+    failed = {n: f for n, f in checks.items() if not f["passed"]}
+    details = "; ".join(
+        f"{n}: max_abs_diff {f['max_abs_diff']:.3g} (limit {f['thresholds']['max_abs_diff']}), "
+        f"{key} {f[key]:.4f} (limit {f['thresholds'][key]})" for n, f in failed.items())
+    return (f"export of {model_name}: parity failed ({details}); see "
+            f"{layout.export_report(model_name)}; loosen export.parity.<format> in params.yaml "
+            "only if that drift is acceptable")
 
 
-def _export(params: Params, model_name: str, layout: Layout, out) -> dict:
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     """Write the formats into ``out`` and measure each one's parity with the Keras model."""
     cfg = params.model(model_name)
     ex = params.export
+    formats = params.export_formats(model_name)
     task = get_task(cfg.task)
     model = load_model(layout.model_file(model_name))
-    images, _, _ = test_arrays(layout.prepared(cfg.task), task)
-    images = images[:ex.parity_samples]
-    reference = model.predict(images, batch_size=64, verbose=0)
+    data_dir = layout.prepared(cfg.task)
+    manifest = records.read_manifest(data_dir)
+    policy = manifest.get("resize") or params.prepare_for(cfg.task).resize  # as prepared
+    images, _, _ = test_arrays(data_dir, task)
+    pixels = images[:ex.parity_samples].astype(np.uint8)
+    reference = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
+    size = tuple(int(d) for d in model.inputs[0].shape[1:3])
 
-    formats: dict[str, dict] = {}
-    saved = out / "saved_model"
-    model.export(str(saved), format="tf_saved_model", verbose=False)
-    if "saved_model" in ex.formats:
-        formats["saved_model"] = {
-            "path": "saved_model",
-            **parity(task, reference, saved_model_predict(str(saved), images),
-                     ex.max_abs_diff, ex.min_agreement)}
-    if "tflite" in ex.formats:
-        content = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
-        (out / "model.tflite").write_bytes(content)
-        formats["tflite"] = {
-            "path": "model.tflite", "bytes": len(content),
-            **parity(task, reference, tflite_predict(content, images),
-                     ex.max_abs_diff, ex.min_agreement)}
-    if "saved_model" not in ex.formats:
-        shutil.rmtree(saved)
-    return {
+    report_formats: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="visionpipe-export-") as tmp:
+        # One SavedModel serves both as the shipped format and as the TFLite converter's
+        # input (its fixed-size signature); without saved_model it is written to tmp only.
+        archive = out / FILES["saved_model"] if "saved_model" in formats else Path(tmp) / "sm"
+        if "saved_model" in formats or any(f.startswith("tflite") for f in formats):
+            _archive(model, size, manifest["class_names"], policy, archive)
+        for fmt in formats:
+            path = out / FILES[fmt]
+            runner = WRITERS[fmt](model=model, path=path, size=size, archive=archive,
+                                  representative=lambda: _representative(
+                                      data_dir, ex.representative_samples))
+            outputs = runner(pixels)
+            report_formats[fmt] = {"path": FILES[fmt], "bytes": _size(path),
+                                   "input": INPUTS[fmt],
+                                   **parity(task, reference, outputs, ex.parity[fmt])}
+    report = {
         "model": model_name,
         "task": cfg.task,
-        "samples": int(len(images)),
+        "samples": int(len(pixels)),
         "agreement_key": task.primary_agreement(),
-        "thresholds": {"max_abs_diff": ex.max_abs_diff,
-                       task.primary_agreement(): ex.min_agreement},
-        "formats": formats,
-        "passed": all(f["passed"] for f in formats.values()),
+        "formats": report_formats,
     }
+    if "saved_model" in formats:
+        report["resized_input"] = _resized_input_check(task, model, out / FILES["saved_model"],
+                                                       pixels, size, policy, ex)
+    checks = [*report_formats.values(), report.get("resized_input", {"passed": True})]
+    report["passed"] = all(c["passed"] for c in checks)
+    records.write_json(out / META_FILE, {
+        "model": model_name, "family": cfg.family, "task": cfg.task,
+        "class_names": manifest["class_names"], "image_size": list(size), "resize": policy,
+        "input": "RGB pixels as uint8 0..255",
+        "formats": {fmt: {"path": FILES[fmt], "input": INPUTS[fmt]} for fmt in formats},
+        "outputs": {"scores": "float32 [batch, classes], softmax probabilities"},
+        "dataset": {"name": manifest["source"].get("name"), "checksum": manifest["checksum"]},
+        "visionpipe_version": __version__,
+    })
+    return report
+
+
+def _resized_input_check(task, model, saved: Path, pixels: np.ndarray, size, policy, ex) -> dict:
+    """SavedModel fed images at another size (resizing in the graph) against the Keras model
+    fed the same images resized the way prepare resizes them (PIL)."""
+    h, w = size
+    big = (h * 2 + 6, w * 3 // 2 + 5)  # another size and another aspect ratio
+    enlarged = np.stack([fit_to_size(p, big, "stretch") for p in pixels])
+    served = SavedModelRunner(saved).predict(enlarged)
+    as_prepared = np.stack([fit_to_size(p, size, policy) for p in enlarged]).astype(np.float32)
+    keras_out = model.predict(as_prepared, batch_size=64, verbose=0)
+    agreement = task.agreement(keras_out, served)
+    key = task.primary_agreement()
+    diff = float(np.max(np.abs(keras_out.astype(np.float64) - served)))
+    return {"input_size": list(big), "resize": policy, "max_abs_diff": diff, **agreement,
+            "thresholds": {"max_abs_diff": None, key: ex.resize_min_agreement},
+            "passed": bool(agreement[key] >= ex.resize_min_agreement)}
+
+
+def _representative(data_dir: Path, limit: int):
+    """The first ``limit`` train images, one at a time, for int8 calibration."""
+    for i, example in enumerate(records.read_split(data_dir, "train")):
+        if i >= limit:
+            return
+        yield {"images": example.image[None].astype(np.uint8)}
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _archive(model, size, class_names, policy: str, path: Path) -> None:
+    """A SavedModel with two signatures over uint8 pixels: ``serving_default`` takes any size
+    (resized inside as prepare resizes) and returns scores, class ids and class names;
+    ``serving_fixed_size`` takes the model's size and returns scores (the TFLite source)."""
+    names = tf.constant(class_names)
+
+    def serve(images):
+        scores = model(fit_images(images, size, policy), training=False)
+        class_id = tf.argmax(scores, axis=-1, output_type=tf.int32)
+        return {"scores": scores, "class_id": class_id, "class_name": tf.gather(names, class_id)}
+
+    def serve_fixed(images):
+        return {"scores": model(tf.cast(images, tf.float32), training=False)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", tf.function(serve), input_signature=[
+        tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    archive.add_endpoint(FIXED_SIGNATURE, tf.function(serve_fixed), input_signature=[
+        tf.TensorSpec([None, *size, 3], tf.uint8, name="images")])
+    archive.write_out(str(path), verbose=False)
+
+
+def _write_keras(*, model, path: Path, **_):
+    model.save(path)
+    reloaded = load_model(path)
+    return lambda x: reloaded.predict(x.astype(np.float32), batch_size=64, verbose=0)
+
+
+def _write_saved_model(*, path: Path, **_):
+    return SavedModelRunner(path).predict  # written by _archive
+
+
+def _tflite_writer(quantize: str):
+    def write(*, path: Path, archive: Path, representative, **_):
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(archive),
+                                                             signature_keys=[FIXED_SIGNATURE])
+        if quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights
+        if quantize == "full":
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
+        path.write_bytes(converter.convert())
+        return TFLiteRunner(path).predict
+    return write
+
+
+def _write_onnx(*, model, path: Path, size, **_):
+    try:
+        import tf2onnx
+    except ImportError:
+        raise ModelError("export.formats lists onnx but tf2onnx is not installed: "
+                         "`pip install tf2onnx onnxruntime` (pinned in requirements.txt), "
+                         "or remove onnx from export.formats") from None
+    spec = (tf.TensorSpec([None, *size, 3], tf.uint8, name="images"),)
+
+    @tf.function(input_signature=spec)
+    def serve(images):
+        return {"scores": model(tf.cast(images, tf.float32), training=False)}
+
+    tf2onnx.convert.from_function(serve, input_signature=spec, opset=17, output_path=str(path))
+    return OnnxRunner(path).predict
+
+
+WRITERS = {"keras": _write_keras, "saved_model": _write_saved_model,
+           "tflite": _tflite_writer("none"), "tflite_dynamic": _tflite_writer("dynamic"),
+           "tflite_int8": _tflite_writer("full"), "onnx": _write_onnx}

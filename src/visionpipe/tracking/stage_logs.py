@@ -76,11 +76,13 @@ def log_export(run: RunLogger) -> None:
     report = _json(layout.export_report(name))
     if report is None:
         return
-    parity = {fmt: {k: v for k, v in r.items() if k != "path"}
-              for fmt, r in report.get("formats", {}).items()}
+    checks = {**report.get("formats", {}), "resized_input": report.get("resized_input", {})}
+    parity = {fmt: {k: v for k, v in r.items() if k not in ("path", "thresholds")}
+              for fmt, r in checks.items()}
     run.log_metrics(numeric(parity, "export."), what="export parity")
     _emissions(run, "export")
-    run.log_files([layout.export_report(name), layout.export_dir(name)], "export", "export files")
+    run.log_files([layout.export_report(name), layout.export_dir(name),
+                   layout.model_card(name)], "export", "export files")
     run.register(_json(layout.metrics(name)) or {}, report)
 
 

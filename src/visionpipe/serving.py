@@ -1,0 +1,179 @@
+"""Exported models, run without the training code: SavedModel, TFLite and ONNX.
+
+This module imports TensorFlow, NumPy and (for ONNX) onnxruntime, never Keras or the model
+code, so `visionpipe predict` works where only ``models/<model>/export/`` was pulled.
+
+Every exported format takes raw RGB pixels as uint8. The SavedModel's ``serving_default``
+takes any size and resizes inside the graph with :func:`fit_images`; the TFLite and ONNX files
+take the model's own size, and callers resize with the same function first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from visionpipe.errors import ModelError
+
+META_FILE = "export.json"
+# Format -> file or folder inside the export directory.
+FILES = {"keras": "model.keras", "saved_model": "saved_model", "tflite": "model.tflite",
+         "tflite_dynamic": "model_dynamic_int8.tflite", "tflite_int8": "model_int8.tflite",
+         "onnx": "model.onnx"}
+RUNNABLE = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx")
+
+
+def _round_half_even(x: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.round(x), tf.int32)
+
+
+def fit_images(images: tf.Tensor, size: tuple[int, int], policy: str) -> tf.Tensor:
+    """uint8 images (N, h, w, 3) of one size -> float32 (N, H, W, 3) holding whole 0..255 values.
+
+    The TensorFlow twin of ``image_folder.fit_to_size`` (what prepare does with PIL): stretch,
+    pad (letterbox, black bars) or crop (centre), antialiased bilinear, rounded to whole pixel
+    values as a uint8 image would be. Images already at ``size`` pass through unchanged.
+    """
+    th, tw = int(size[0]), int(size[1])
+    images = tf.convert_to_tensor(images)
+    shape = tf.shape(images)
+    h, w = shape[1], shape[2]
+    hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+
+    def resize(x, nh, nw):
+        out = tf.image.resize(tf.cast(x, tf.float32), tf.stack([nh, nw]), method="bilinear",
+                              antialias=True)
+        return tf.clip_by_value(tf.round(out), 0.0, 255.0)
+
+    def fit():
+        if policy == "stretch":
+            return resize(images, th, tw)
+        if policy == "pad":
+            scale = tf.minimum(th / hf, tw / wf)
+            nh = tf.maximum(1, _round_half_even(hf * scale))
+            nw = tf.maximum(1, _round_half_even(wf * scale))
+            return tf.image.pad_to_bounding_box(resize(images, nh, nw), (th - nh) // 2,
+                                                (tw - nw) // 2, th, tw)
+        if policy == "crop":
+            scale = tf.maximum(th / hf, tw / wf)
+            nh = tf.maximum(th, _round_half_even(hf * scale))
+            nw = tf.maximum(tw, _round_half_even(wf * scale))
+            return tf.image.crop_to_bounding_box(resize(images, nh, nw), (nh - th) // 2,
+                                                 (nw - tw) // 2, th, tw)
+        raise ValueError(f"unknown resize policy {policy!r}")
+
+    same = tf.logical_and(tf.equal(h, th), tf.equal(w, tw))
+    out = tf.cond(same, lambda: tf.cast(images, tf.float32), fit)
+    return tf.ensure_shape(out, [None, th, tw, 3])
+
+
+def read_meta(export_dir: Path) -> dict:
+    """The export's ``export.json``: task, class names, input size, resize policy, formats."""
+    path = Path(export_dir) / META_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: not found; {export_dir} is not a visionpipe export. Build it "
+                         "with `dvc repro export@<model>` or fetch it with `dvc pull "
+                         "models/<model>/export`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc}); rebuild the export") from None
+
+
+class SavedModelRunner:
+    """The SavedModel's ``serving_default``: uint8 images of any size in, ``scores`` out."""
+
+    any_size = True
+
+    def __init__(self, path: Path):
+        self.fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.fn(images=tf.constant(images, tf.uint8))["scores"].numpy()
+
+
+class TFLiteRunner:
+    """A .tflite file, one image per invoke as on a device; int8 outputs are dequantised."""
+
+    any_size = False
+
+    def __init__(self, path: Path | None = None, content: bytes | None = None):
+        import warnings
+
+        with warnings.catch_warnings():  # TF 2.20+ points at ai_edge_litert; same runtime
+            warnings.simplefilter("ignore", UserWarning)
+            self.interp = tf.lite.Interpreter(model_path=str(path) if path else None,
+                                              model_content=content)
+        self.interp.allocate_tensors()
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        results = []
+        for image in images:
+            self.interp.set_tensor(self.inp["index"], image[None].astype(self.inp["dtype"]))
+            self.interp.invoke()
+            results.append(self.interp.get_tensor(self.out["index"])[0])
+        scores = np.stack(results)
+        if self.out["dtype"] != np.float32:
+            scale, zero = self.out["quantization"]
+            scores = (scores.astype(np.float32) - zero) * scale
+        return scores.astype(np.float32)
+
+
+class OnnxRunner:
+    """An ONNX file through onnxruntime on the CPU."""
+
+    any_size = False
+
+    def __init__(self, path: Path):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelError("onnxruntime is not installed: `pip install onnxruntime` to run "
+                             f"{path}, or choose another format") from None
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images.astype(np.uint8)})[0]
+
+
+def open_runner(export_dir: Path, fmt: str, meta: dict | None = None):
+    """A runner for format ``fmt`` of the export in ``export_dir``; errors say what to do."""
+    meta = meta if meta is not None else read_meta(export_dir)
+    if fmt not in RUNNABLE:
+        raise ModelError(f"format {fmt!r} cannot be run by predict; choose one of "
+                         + ", ".join(RUNNABLE))
+    exported = sorted(meta.get("formats", {}))
+    path = Path(export_dir) / FILES[fmt]
+    if fmt not in exported or not path.exists():
+        raise ModelError(f"{path}: format {fmt} was not exported (this export has: "
+                         f"{', '.join(exported) or 'none'}); add it to export.formats in "
+                         "params.yaml and run `dvc repro`, or pick one of those")
+    if fmt == "saved_model":
+        return SavedModelRunner(path)
+    if fmt == "onnx":
+        return OnnxRunner(path)
+    return TFLiteRunner(path)
+
+
+def predict_images(runner, images: list[np.ndarray], size: tuple[int, int], policy: str,
+                   batch_size: int = 32) -> np.ndarray:
+    """Scores for uint8 RGB images of any sizes: same-size runs are batched together."""
+    scores: list[np.ndarray | None] = [None] * len(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape[:2], []).append(i)
+    for shape, indices in groups.items():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            batch = np.stack([images[i] for i in chunk])
+            if not runner.any_size and shape != tuple(size):
+                batch = fit_images(batch, size, policy).numpy().astype(np.uint8)
+            for i, row in zip(chunk, runner.predict(batch), strict=True):
+                scores[i] = row
+    return np.stack(scores)
