@@ -22,13 +22,16 @@ from visionpipe.serving import FILES, open_runner, predict_images, read_meta
 PREDICTIONS_FILE = "predictions.json"
 
 
-def list_files(input_dir: Path) -> list[Path]:
-    """Every file under ``input_dir`` (hidden ones aside), in a stable order."""
+def list_files(input_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """Every file under ``input_dir`` (hidden ones, and the folder ``exclude``, aside), in a
+    stable order."""
     if not input_dir.is_dir():
         raise DataError(f"{input_dir}: input folder not found; pass --input a folder of images")
+    skip = exclude.resolve() if exclude is not None else None
     files = []
     for dirpath, dirnames, filenames in os.walk(input_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and (Path(dirpath) / d).resolve() != skip)
         files.extend(Path(dirpath) / n for n in sorted(filenames) if not n.startswith("."))
     return files
 
@@ -56,7 +59,7 @@ def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str
     runner = open_runner(export_dir, fmt, meta)
     names, size, policy = meta["class_names"], tuple(meta["image_size"]), meta["resize"]
     images, used, skipped = [], [], []
-    for path in list_files(input_dir):
+    for path in list_files(input_dir, exclude=output_dir):  # an output inside the input
         rel = path.relative_to(input_dir).as_posix()
         try:
             images.append(load_image(path))

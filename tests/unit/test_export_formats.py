@@ -188,3 +188,26 @@ def test_rendered_label_is_drawn_on_top():
     banner = out[:-40]
     assert (banner == [255, 255, 0]).all(axis=-1).any()  # yellow text on black
     Image.fromarray(out)  # a valid image
+
+
+def test_predict_skips_its_own_output_inside_the_input(project, tmp_path):
+    from visionpipe.predict import predict_folder
+
+    params, layout = project
+    _train("mlp", params, layout)
+    data = _as_dict(params)
+    data["export"]["formats"] = ["tflite"]
+    out = tmp_path / "export"
+    out.mkdir()
+    export._export(parse_params(data), "mlp", layout, out)
+    images = tmp_path / "images"
+    images.mkdir()
+    test = list(records.read_split(layout.prepared("classification"), "test"))[:3]
+    for ex in test:
+        Image.fromarray(ex.image).save(images / f"{ex.id}.png")
+    first = predict_folder(out, images, images / "pred", "tflite", 2, True)
+    second = predict_folder(out, images, images / "pred", "tflite", 2, True)
+    assert first["count"] == second["count"] == 3 and second["skipped"]["count"] == 0
+    assert [p["file"] for p in second["predictions"]] == sorted(f"{ex.id}.png" for ex in test)
+    assert [p["class_id"] for p in second["predictions"]] == [
+        p["class_id"] for p in first["predictions"]]
