@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from visionpipe import __version__
+from visionpipe.config import PREDICT_FORMATS
 from visionpipe.errors import VisionpipeError
 
 STAGES = {
@@ -31,7 +32,6 @@ COMMANDS = {
                          "OUTPUT/predictions.json (one record per image) and labelled copies "
                          "in OUTPUT/rendered/. Needs only models/<model>/export/."),
 }
-PREDICT_FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,8 +127,11 @@ class EvaluateConfig:
     gallery: int = spec(16, ge=0, le=256)  # misclassified test images shown, most confident first
 
 
-EXPORT_FORMATS = ("keras", "saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx")
 ExportFormat = Literal["keras", "saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx"]
+EXPORT_FORMATS: tuple[str, ...] = typing.get_args(ExportFormat)
+# What `visionpipe predict` can run: every format but the .keras file (that needs Keras).
+PredictFormat = Literal["saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx"]
+PREDICT_FORMATS: tuple[str, ...] = typing.get_args(PredictFormat)
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,7 @@ class ExportConfig:
 class PredictConfig:
     """predict: `visionpipe predict` on a folder of new images."""
 
-    format: Literal["saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx"] = \
-        "saved_model"
+    format: PredictFormat = "saved_model"
     top_k: int = spec(3, ge=1, le=1000)  # classes listed per image, best first
     render: bool = True  # draw the prediction onto a copy of each image
 

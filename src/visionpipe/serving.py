@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from visionpipe.config import PREDICT_FORMATS
 from visionpipe.errors import ModelError
 
 META_FILE = "export.json"
@@ -23,7 +24,7 @@ META_FILE = "export.json"
 FILES = {"keras": "model.keras", "saved_model": "saved_model", "tflite": "model.tflite",
          "tflite_dynamic": "model_dynamic_int8.tflite", "tflite_int8": "model_int8.tflite",
          "onnx": "model.onnx"}
-RUNNABLE = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx")
+RUNNABLE = PREDICT_FORMATS  # every format but .keras, which needs Keras
 
 
 def _round_half_even(x: tf.Tensor) -> tf.Tensor:

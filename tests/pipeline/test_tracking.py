@@ -15,10 +15,17 @@ pytestmark = pytest.mark.slow
 UNREACHABLE = "http://127.0.0.1:1"
 
 
+def _shrink(params: dict) -> None:
+    """The shrunk pipeline, exporting TFLite only: the formats are test_dvc_pipeline's and
+    test_export_formats' business; here each export would only add seconds."""
+    shrink(params)
+    params["export"]["formats"] = ["tflite"]
+
+
 @pytest.fixture(scope="module")
 def offline_repo(tmp_path_factory, repo_root):
     """The shrunk pipeline run end to end while the MLflow backend is unreachable."""
-    repo = copy_repo(repo_root, tmp_path_factory.mktemp("offline"), shrink)
+    repo = copy_repo(repo_root, tmp_path_factory.mktemp("offline"), _shrink)
     result = run(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=UNREACHABLE)
     assert result.returncode == 0, result.stdout[-4000:]
     return repo, result.stdout
