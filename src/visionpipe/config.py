@@ -103,6 +103,10 @@ class TrainConfig:
     early_stopping_min_delta: float = spec(0.0, ge=0)  # smaller improvements don't count
     shuffle_buffer: int = spec(10000, ge=1)
     restore_best: bool = True  # final model = the best epoch by `monitor`
+    # TensorFlow op determinism: same params and seed give the same weights, run after run,
+    # on any device. Off by default: on this 2-core CPU it made training about 2x slower, and
+    # CPU runs here already repeat bit for bit without it (README, "Training controls").
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)

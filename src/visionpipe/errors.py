@@ -23,3 +23,7 @@ class ModelError(VisionpipeError):
 
 class ExportParityError(VisionpipeError):
     """An exported model disagrees with the Keras model beyond the allowed threshold."""
+
+
+class TrainingDivergedError(VisionpipeError):
+    """The training loss became NaN or infinite."""

@@ -143,6 +143,31 @@ def test_lr_schedule_and_early_stopping_from_params(repo, tmp_path):
         max(val_acc), abs=1e-6)
 
 
+def test_training_again_with_the_same_params_gives_identical_weights(repo, tmp_path):
+    """Op determinism on (train.deterministic, the default): a second process, same params and
+    seed, gives the pipeline's model bit for bit, and the same per-epoch history."""
+    root = tmp_path / "root"
+    for part in ("data/prepared/classification", "data/augmented/classification"):
+        shutil.copytree(repo / part, root / part)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tracking"].update(mlflow=False, codecarbon=False)  # not part of the model
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["visionpipe", "train", "--model", "mlp", "--root", str(root),
+                  "--params", str(root / "params.yaml")], repo)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+    def weights(path):
+        return hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes()
+                                       for w in load_model(path).get_weights())).hexdigest()
+
+    assert weights(root / "models/mlp/model.keras") == weights(repo / "models/mlp/model.keras")
+    assert ((root / "reports/train/mlp/history.csv").read_text()
+            == (repo / "reports/train/mlp/history.csv").read_text())
+    first = json.loads((repo / "models/mlp/model.json").read_text())
+    again = json.loads((root / "models/mlp/model.json").read_text())
+    assert first["deterministic"] is True and again == first
+
+
 def test_export_parity_report_and_files(repo):
     report = json.loads((repo / "reports/export/mlp.json").read_text())
     assert report["passed"] is True and report["samples"] == 16

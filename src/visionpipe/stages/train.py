@@ -11,6 +11,7 @@ import keras
 from visionpipe.config import Params, TrainConfig
 from visionpipe.data import records
 from visionpipe.data.pipeline import model_dataset
+from visionpipe.errors import TrainingDivergedError
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.models.saving import load_model
@@ -59,6 +60,42 @@ class LearningRateLogger(keras.callbacks.Callback):
             logs["learning_rate"] = self._rate
 
 
+class Diverged(Exception):
+    """Raised inside ``fit`` by :class:`DivergenceGuard`, before any epoch-end callback."""
+
+    def __init__(self, epoch: int, step: int, loss: float):
+        super().__init__(f"loss {loss} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN or infinite.
+
+    It raises rather than setting ``stop_training``: Keras would still end the epoch and let
+    ModelCheckpoint overwrite ``last.keras`` with the broken weights. Raising keeps the last
+    complete epoch's checkpoint as it was.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise Diverged(self._epoch, batch + 1, loss)
+
+
+def divergence_message(model_name: str, cfg: TrainConfig, exc: Diverged, layout: Layout) -> str:
+    """What happened, where, and what to do, on one line."""
+    last = layout.checkpoints(model_name) / "last.keras"
+    kept = (f"the last complete epoch ({exc.epoch - 1}) is kept in {last}" if exc.epoch > 1
+            else "no epoch completed, so there is no checkpoint")
+    return (f"train@{model_name} diverged: the loss became {exc.loss} at epoch {exc.epoch}, "
+            f"step {exc.step}; lower models.{model_name}.train.learning_rate (now "
+            f"{cfg.learning_rate:g}, e.g. to {cfg.learning_rate / 10:g}) or warm it up "
+            f"(lr_schedule: warmup_cosine); {kept}")
+
+
 def best_epoch(values: list[float], *, higher_is_better: bool) -> int:
     """Index of the first best value: the epoch Keras' save_best_only checkpoint holds."""
     pick = max if higher_is_better else min
@@ -70,6 +107,11 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     cfg = params.model(model_name)
     architecture = parse_architecture(cfg.family, cfg.architecture,
                                       f"models.{model_name}.architecture")
+    t = cfg.train
+    if t.deterministic:  # before any op runs; recorded in model.json
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     set_seed(params.seed)
     task = get_task(cfg.task)
     train_dir, val_dir = layout.augmented(cfg.task), layout.prepared(cfg.task)
@@ -78,7 +120,6 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     names = manifest["class_names"]
     h, w = manifest["image_size"]
     io = task.to_model_io(len(names))
-    t = cfg.train
     train_ds = model_dataset(train_dir, "train", io, t.batch_size, shuffle=True,
                              shuffle_buffer=t.shuffle_buffer, seed=params.seed)
     val_ds = model_dataset(val_dir, "val", io, t.batch_size)
@@ -95,6 +136,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     history_path = layout.history(model_name)
     history_path.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [
+        DivergenceGuard(),
         LearningRateLogger(),
         keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.keras")),
         keras.callbacks.ModelCheckpoint(str(ckpt_dir / "best.keras"), monitor=t.monitor,
@@ -109,9 +151,14 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     run = RunLogger(params, model_name, layout).start()
     if run.client is not None:
         callbacks.append(run.keras_callback())
-    with measure_co2(params, layout, model_name, "train"), run.system_metrics():
-        history = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
-                            callbacks=callbacks, verbose=2)
+    try:
+        with measure_co2(params, layout, model_name, "train"), run.system_metrics():
+            history = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
+                                callbacks=callbacks, verbose=2)
+    except Diverged as exc:
+        if run.client is not None and run.run_id is not None:
+            run.call("run status", "set_terminated", run.run_id, "FAILED")
+        raise TrainingDivergedError(divergence_message(model_name, t, exc, layout)) from None
 
     final = history.history
     if t.restore_best:
@@ -135,6 +182,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         "stopped_early": len(final["loss"]) < t.epochs,
         "kept_epoch": best + 1,
         "monitor": t.monitor,
+        "deterministic": t.deterministic,
         "train_dataset": {"path": str(train_dir.relative_to(layout.root)),
                           "checksum": manifest["checksum"], "count": manifest["counts"]["train"]},
         "val_dataset": {"checksum": val_manifest["checksum"],
