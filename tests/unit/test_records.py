@@ -99,7 +99,7 @@ def test_serialized_bytes_do_not_depend_on_the_process():
             ".hexdigest())")
     root = Path(__file__).resolve().parents[2]
     digests = set()
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                              text=True, check=True, timeout=120,
                              env={**os.environ, "PYTHONHASHSEED": seed})

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,26 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}"
 
 
+@contextmanager
+def _sqlite_creation_lock(uri: str):
+    """For a sqlite backend, one process at a time opens the database (and, the first time,
+    creates its tables): two runs starting together on a fresh file otherwise race through
+    MLflow's schema migrations and can both fail. A no-op for other backends."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class RunLogger:
     """Logs one model's run; after the first failure it stops trying and records the rest."""
 
@@ -121,8 +142,9 @@ class RunLogger:
         last: Exception | None = None
         for attempt in range(5):
             try:
-                client = MlflowClient(self.uri)
-                client.search_experiments(max_results=1)
+                with _sqlite_creation_lock(self.uri):
+                    client = MlflowClient(self.uri)
+                    client.search_experiments(max_results=1)
                 self.client = client
                 return
             except Exception as exc:  # noqa: BLE001 - any backend failure means "offline"
