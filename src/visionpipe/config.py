@@ -18,6 +18,8 @@ import yaml
 from visionpipe.errors import ParamsError
 
 TASKS = ("classification", "segmentation", "detection")
+# Segmentation catalog datasets whose mask values are known: value -> class name.
+KNOWN_MASK_VALUES = {"oxford_iiit_pet": {1: "pet", 2: "background", 3: "border"}}
 
 
 def spec(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None,
@@ -45,18 +47,28 @@ class SplitSizes:
 class PrepareConfig:
     """prepare.<task>: where a task's data comes from and how it is split and stored."""
 
-    source: Literal["shapes", "tfds", "folder"] = "shapes"
+    source: Literal["shapes", "tfds", "folder", "pairs"] = "shapes"
     tfds_name: str | None = None
     tfds_data_dir: str | None = None
-    # folder: one sub-folder per class; relative paths start at the project root. dvc.yaml
-    # lists it as prepare's dependency, so it must exist even for the other sources.
+    # folder: one sub-folder per class; pairs: path/<images_dir>/<name>.png with
+    # path/<masks_dir>/<name>.png. Relative paths start at the project root. dvc.yaml lists
+    # it as prepare's dependency, so it must exist even for the other sources.
     path: str = "data/raw"
+    images_dir: str = "images"
+    masks_dir: str = "masks"
+    # Segmentation from pairs or tfds: mask pixel value -> class name, e.g. {0: cell,
+    # 255: membrane}; class ids follow this order. Other values in a mask are an error.
+    mask_values: dict[int, str] | None = None
     image_size: tuple[int, int] = spec((64, 64), ge=8, le=4096)
     # How an image of another shape reaches image_size: stretch (ignore aspect ratio), pad
     # (keep it, letterbox with black bars) or crop (keep it, fill and cut the centre).
     resize: Literal["stretch", "pad", "crop"] = "stretch"
     splits: SplitSizes = spec(factory=lambda: SplitSizes(4000, 500, 500))
     shard_size: int = spec(1000, ge=1)
+    # Segmentation: cut train and val images into non-overlapping crops of this size (what
+    # the model trains on); test images stay at image_size and evaluate predicts them with
+    # overlapping tiles (evaluate.tile_overlap).
+    crop_size: tuple[int, int] | None = spec(None, ge=8, le=4096)
 
 
 @dataclass(frozen=True)
@@ -97,12 +109,16 @@ class TrainConfig:
     min_learning_rate: float = spec(0.0, ge=0, le=10)
     # The validation figure that picks the best epoch (lowest loss or highest accuracy) for
     # restore_best and early stopping.
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    monitor: Literal["val_loss", "val_accuracy", "val_mean_iou"] = "val_loss"
     # Stop after this many epochs without a better monitored value (0: train all epochs).
     early_stopping_patience: int = spec(0, ge=0, le=10000)
     early_stopping_min_delta: float = spec(0.0, ge=0)  # smaller improvements don't count
     shuffle_buffer: int = spec(10000, ge=1)
     restore_best: bool = True  # final model = the best epoch by `monitor`
+    # Segmentation: per-pixel cross_entropy, soft dice, or ce_dice (their sum); class_weights
+    # (one per class, in class order) weight both. Classification uses cross-entropy.
+    loss: Literal["cross_entropy", "dice", "ce_dice"] = "cross_entropy"
+    class_weights: tuple[float, ...] | None = spec(None, ge=0, le=1000, min_len=1)
     # TensorFlow op determinism: same params and seed give the same weights, run after run,
     # on any device. Off by default: on this 2-core CPU it made training about 2x slower, and
     # CPU runs here already repeat bit for bit without it (README, "Training controls").
@@ -118,6 +134,9 @@ class ModelConfig:
     architecture: dict = spec(factory=dict)
     train: TrainConfig = spec(factory=TrainConfig)
     export_formats: tuple[ExportFormat, ...] | None = spec(None, min_len=1)  # None: export.formats
+    # Thresholds of this model that replace export.parity.<format> (e.g. a segmentation
+    # model's max_abs_diff is a maximum over every pixel's scores).
+    export_parity: dict[str, ParityThreshold] = spec(factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,9 @@ class EvaluateConfig:
     latency_warmup: int = spec(5, ge=0, le=1000)
     top_k: int = spec(2, ge=1, le=1000)  # top_<k>_accuracy, k capped at the number of classes
     gallery: int = spec(16, ge=0, le=256)  # misclassified test images shown, most confident first
+    # Segmentation: test images larger than the model's input are predicted in tiles that
+    # overlap by this fraction, blended so seams do not show.
+    tile_overlap: float = spec(0.25, ge=0, le=0.9)
 
 
 ExportFormat = Literal["keras", "saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx"]
@@ -215,6 +237,10 @@ class Params:
     def export_formats(self, name: str) -> tuple[str, ...]:
         """The formats model ``name`` is exported to: its own list, else export.formats."""
         return self.model(name).export_formats or self.export.formats
+
+    def parity(self, name: str, fmt: str) -> ParityThreshold:
+        """Format ``fmt``'s thresholds for model ``name``: its own, else export.parity's."""
+        return self.model(name).export_parity.get(fmt) or self.export.parity[fmt]
 
     def prepare_for(self, task: str) -> PrepareConfig:
         """The prepare section of ``task``."""
@@ -381,10 +407,12 @@ def _check_consistency(params: Params) -> None:
         if task not in TASKS:
             raise ParamsError(f"params.yaml: augment.{task}: unknown task; allowed: "
                               + ", ".join(TASKS))
-    for fmt in params.export.parity:
-        if fmt not in EXPORT_FORMATS:
-            raise ParamsError(f"params.yaml: export.parity.{fmt}: unknown format; allowed: "
-                              + ", ".join(EXPORT_FORMATS))
+    overrides = [(f"models.{n}.export_parity", m.export_parity) for n, m in params.models.items()]
+    for where, parity in [("export.parity", params.export.parity), *overrides]:
+        for fmt in parity:
+            if fmt not in EXPORT_FORMATS:
+                raise ParamsError(f"params.yaml: {where}.{fmt}: unknown format; allowed: "
+                                  + ", ".join(EXPORT_FORMATS))
     for task, cfg in params.prepare.items():
         key = f"prepare.{task}"
         if cfg.source == "tfds" and not cfg.tfds_name:
@@ -394,6 +422,34 @@ def _check_consistency(params: Params) -> None:
             raise ParamsError(f"params.yaml: {key}.source = 'folder': class folders give "
                               f"labels only, task '{task}' needs "
                               + ("masks" if task == "segmentation" else "boxes"))
+        if cfg.source == "pairs" and task != "segmentation":
+            raise ParamsError(f"params.yaml: {key}.source = 'pairs': image/mask pairs are "
+                              f"segmentation data, not {task}")
+        if task == "segmentation":
+            if cfg.source in ("pairs", "tfds") and not cfg.mask_values and not (
+                    cfg.source == "tfds" and cfg.tfds_name in KNOWN_MASK_VALUES):
+                raise ParamsError(f"params.yaml: {key}.mask_values = None: expected a mapping "
+                                  "of mask pixel value to class name, e.g. {0: cell, "
+                                  "255: membrane}")
+            if cfg.mask_values is not None:
+                bad = [v for v in cfg.mask_values if not 0 <= v <= 255]
+                if bad:
+                    _fail(f"{key}.mask_values", cfg.mask_values,
+                          f"8-bit mask values 0..255 as keys (found {bad})")
+                if len(set(cfg.mask_values.values())) != len(cfg.mask_values):
+                    _fail(f"{key}.mask_values", cfg.mask_values, "a different class name "
+                          "for each value")
+            if cfg.resize != "stretch":
+                _fail(f"{key}.resize", cfg.resize, "'stretch' for segmentation (pad and crop "
+                      "would need an ignore label for the added mask pixels)")
+            if cfg.crop_size is not None and any(
+                    c > s for c, s in zip(cfg.crop_size, cfg.image_size, strict=True)):
+                _fail(f"{key}.crop_size", list(cfg.crop_size),
+                      f"at most image_size ({list(cfg.image_size)}) in each dimension")
+        elif cfg.crop_size is not None:
+            _fail(f"{key}.crop_size", list(cfg.crop_size), "null: crops are for segmentation")
+        elif cfg.mask_values is not None:
+            _fail(f"{key}.mask_values", cfg.mask_values, "null: masks are for segmentation")
         if cfg.source == "shapes":
             for split in ("train", "val", "test"):
                 n = getattr(cfg.splits, split)
@@ -410,13 +466,24 @@ def _check_consistency(params: Params) -> None:
             raise ParamsError(f"params.yaml: models.{name}.train.warmup_epochs = "
                               f"{t.warmup_epochs!r}: expected fewer than epochs ({t.epochs}) "
                               "so the cosine part has steps")
+        if model.task != "segmentation":
+            key = f"models.{name}.train"
+            if t.loss != "cross_entropy":
+                _fail(f"{key}.loss", t.loss, f"'cross_entropy' for a {model.task} model "
+                      "(dice and ce_dice are segmentation losses)")
+            if t.class_weights is not None:
+                _fail(f"{key}.class_weights", list(t.class_weights),
+                      f"null for a {model.task} model (class weights apply to segmentation)")
+            if t.monitor == "val_mean_iou":
+                _fail(f"{key}.monitor", t.monitor, f"val_loss or val_accuracy for a "
+                      f"{model.task} model (val_mean_iou is segmentation's)")
         formats = params.export_formats(name)
         if len(set(formats)) != len(formats):
             where = f"models.{name}.export_formats" if model.export_formats else "export.formats"
             raise ParamsError(f"params.yaml: {where} = {list(formats)}: a format is listed "
                               "twice; list each once")
         for fmt in formats:
-            if fmt not in params.export.parity:
+            if fmt not in params.export.parity and fmt not in model.export_parity:
                 where = (f"models.{name}.export_formats" if model.export_formats
                          else "export.formats")
                 raise ParamsError(f"params.yaml: export.parity.{fmt}: missing; {where} "

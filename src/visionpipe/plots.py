@@ -74,7 +74,11 @@ def labelled_gallery_png(images: list[np.ndarray], captions: list[str], path: Pa
         return _save(fig, path)
     columns = min(columns, len(images))
     rows = (len(images) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.0 * rows), squeeze=False)
+    width = 2.6 if images[0].shape[1] <= images[0].shape[0] * 1.5 else 4.2
+    aspect = images[0].shape[0] / images[0].shape[1]  # rows as tall as the images need
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns,
+                                                     (width * aspect + 0.5) * rows),
+                             squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, caption in zip(axes.ravel(), images, captions, strict=False):

@@ -31,6 +31,9 @@ def shrink(params: dict) -> None:
     """32x32 images, a few dozen samples, 2 epochs, the MLP only: the same stages, in about
     a minute."""
     params["models"] = {"mlp": params["models"]["mlp"]}
+    # Only the MLP's task: no prepare/augment stages for data no model reads.
+    params["prepare"] = {"classification": params["prepare"]["classification"]}
+    params["augment"] = {"classification": params["augment"]["classification"]}
     prep = params["prepare"]["classification"]
     prep.update(image_size=[32, 32], splits=dict(SPLITS), shard_size=50)
     params["augment"]["classification"]["preview"] = 4

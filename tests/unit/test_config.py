@@ -125,6 +125,32 @@ def test_model_task_needs_a_prepare_section(default_params_dict):
     ({"export.parity.tflite.min_agreement": 1.5},
      "export.parity.tflite.min_agreement = 1.5: expected a value <= 1"),
     ({"predict.format": "keras"}, "predict.format = 'keras': expected one of 'saved_model'"),
+    ({"prepare.segmentation.source": "pairs"},
+     "prepare.segmentation.mask_values = None: expected a mapping of mask pixel value"),
+    ({"prepare.segmentation.source": "pairs", "prepare.segmentation.mask_values": {300: "x"}},
+     "prepare.segmentation.mask_values = {300: 'x'}: expected 8-bit mask values 0..255"),
+    ({"prepare.segmentation.mask_values": {0: "x", 255: "x"}},
+     "expected a different class name for each value"),
+    ({"prepare.classification.source": "pairs"},
+     "prepare.classification.source = 'pairs': image/mask pairs are segmentation data"),
+    ({"prepare.segmentation.resize": "pad"},
+     "prepare.segmentation.resize = 'pad': expected 'stretch' for segmentation"),
+    ({"prepare.segmentation.crop_size": [128, 32]},
+     "prepare.segmentation.crop_size = [128, 32]: expected at most image_size ([64, 64])"),
+    ({"prepare.classification.crop_size": [32, 32]},
+     "prepare.classification.crop_size = [32, 32]: expected null: crops are for segmentation"),
+    ({"models.mlp.train.loss": "dice"},
+     "models.mlp.train.loss = 'dice': expected 'cross_entropy' for a classification model"),
+    ({"models.mlp.train.class_weights": [1, 2, 1, 1]},
+     "models.mlp.train.class_weights = [1.0, 2.0, 1.0, 1.0]: expected null for a "
+     "classification model"),
+    ({"models.vgg.train.monitor": "val_mean_iou"},
+     "models.vgg.train.monitor = 'val_mean_iou': expected val_loss or val_accuracy"),
+    ({"models.unet.export_parity.coreml": {"max_abs_diff": 1e-4, "min_agreement": 0.99}},
+     "models.unet.export_parity.coreml: unknown format"),
+    ({"models.unet.architecture.upsampling": "nearest"},
+     "models.unet.architecture.upsampling = 'nearest': expected one of 'transpose', "
+     "'bilinear'"),
 ])
 def test_cross_field_checks_name_the_key(default_params_dict, edits, expected):
     data = default_params_dict
@@ -186,8 +212,16 @@ def test_example_params_files_are_valid(repo_root):
         params = load_params(path)
         validate_architectures(params)
         for task, cfg in params.prepare.items():
-            if cfg.source == "folder":  # the folder the README's command reads
+            if cfg.source in ("folder", "pairs"):  # the folder the README's command reads
                 if cfg.path.startswith("../shared/") and not (repo_root.parent / "shared"
                                                               ).is_dir():
                     pytest.skip("../shared not beside the repository")
                 assert (repo_root / cfg.path).is_dir(), (path, task, cfg.path)
+
+
+def test_a_model_may_override_parity_thresholds(default_params_dict):
+    params = parse_params(default_params_dict)
+    own = default_params_dict["models"]["unet"]["export_parity"]["tflite_int8"]
+    assert params.parity("unet", "tflite_int8").max_abs_diff == own["max_abs_diff"]
+    assert params.parity("unet", "tflite") == params.export.parity["tflite"]
+    assert params.parity("mlp", "tflite_int8") == params.export.parity["tflite_int8"]

@@ -94,7 +94,8 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
     manifest = records.read_manifest(data_dir)
     names = manifest["class_names"]
     images, truths, ids = test_arrays(data_dir, task)
-    outputs = model.predict(images, batch_size=params.evaluate.batch_size, verbose=0)
+    outputs = task.predict(model, images, params.evaluate.batch_size,
+                           params.evaluate.tile_overlap)
     test = task.evaluate(np.asarray(truths), outputs, names, params.evaluate)
 
     out_dir = layout.plots(model_name)
@@ -110,11 +111,14 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
                                   out_dir / "learning_curves.png")
 
     ev = params.evaluate
+    h, w = (int(d) for d in model.inputs[0].shape[1:3])
+    inputs = images[:, :h, :w]  # the model's own size (larger test images go through tiles)
     cost = {
         "params": int(model.count_params()),
-        "flops_per_image": flops_per_image(model, images.shape[1:]),
+        "input_size": [h, w],
+        "flops_per_image": flops_per_image(model, inputs.shape[1:]),
         "model_file_bytes": model_path.stat().st_size,
-        "latency_ms_per_image": latency_ms(model, images, ev.latency_samples, ev.latency_warmup),
+        "latency_ms_per_image": latency_ms(model, inputs, ev.latency_samples, ev.latency_warmup),
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "cores": _cores(), "gpu": bool(tf.config.list_physical_devices("GPU"))},
     }

@@ -37,6 +37,16 @@ INPUTS = {"keras": "float32 [batch, H, W, 3], values 0..255",
           "tflite": "uint8 [1, H, W, 3]", "tflite_dynamic": "uint8 [1, H, W, 3]",
           "tflite_int8": "uint8 [1, H, W, 3]", "onnx": "uint8 [batch, H, W, 3]"}
 
+# What the SavedModel's serving_default returns, per task (export.json "outputs").
+OUTPUTS = {
+    "classification": {"scores": "float32 [batch, classes], softmax probabilities",
+                       "class_id": "int32 [batch]", "class_name": "string [batch]"},
+    "segmentation": {"scores": "float32 [batch, H, W, classes] at the model's size, softmax "
+                               "per pixel",
+                     "mask": "int32 [batch, height, width], class id per pixel at the input "
+                             "image's own size"},
+}
+
 
 def parity(task, reference: np.ndarray, other: np.ndarray, threshold) -> dict:
     """Max abs difference and the task's agreement measure, against the format's thresholds."""
@@ -83,8 +93,9 @@ def _parity_message(report: dict, layout: Layout, model_name: str) -> str:
         f"{n}: max_abs_diff {f['max_abs_diff']:.3g} (limit {f['thresholds']['max_abs_diff']}), "
         f"{key} {f[key]:.4f} (limit {f['thresholds'][key]})" for n, f in failed.items())
     return (f"export of {model_name}: parity failed ({details}); see "
-            f"{layout.export_report(model_name)}; loosen export.parity.<format> in params.yaml "
-            "only if that drift is acceptable")
+            f"{layout.export_report(model_name)}; loosen export.parity.<format> or "
+            f"models.{model_name}.export_parity.<format> in params.yaml only if that drift is "
+            "acceptable")
 
 
 def _size(path: Path) -> int:
@@ -104,9 +115,11 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     manifest = records.read_manifest(data_dir)
     policy = manifest.get("resize") or params.prepare_for(cfg.task).resize  # as prepared
     images, _, _ = test_arrays(data_dir, task)
-    pixels = images[:ex.parity_samples].astype(np.uint8)
-    reference = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
     size = tuple(int(d) for d in model.inputs[0].shape[1:3])
+    # Test images larger than the model's input (segmentation trained on crops): their
+    # top-left crop at the model's size.
+    pixels = images[:ex.parity_samples, :size[0], :size[1]].astype(np.uint8)
+    reference = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
 
     report_formats: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="visionpipe-export-") as tmp:
@@ -114,7 +127,7 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         # input (its fixed-size signature); without saved_model it is written to tmp only.
         archive = out / FILES["saved_model"] if "saved_model" in formats else Path(tmp) / "sm"
         if "saved_model" in formats or any(f.startswith("tflite") for f in formats):
-            _archive(model, size, manifest["class_names"], policy, archive)
+            _archive(task, model, size, manifest["class_names"], policy, archive)
         for fmt in formats:
             path = out / FILES[fmt]
             runner = WRITERS[fmt](model=model, path=path, size=size, archive=archive,
@@ -123,7 +136,8 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
             outputs = runner(pixels)
             report_formats[fmt] = {"path": FILES[fmt], "bytes": _size(path),
                                    "input": INPUTS[fmt],
-                                   **parity(task, reference, outputs, ex.parity[fmt])}
+                                   **parity(task, reference, outputs,
+                                            params.parity(model_name, fmt))}
     report = {
         "model": model_name,
         "task": cfg.task,
@@ -141,7 +155,7 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         "class_names": manifest["class_names"], "image_size": list(size), "resize": policy,
         "input": "RGB pixels as uint8 0..255",
         "formats": {fmt: {"path": FILES[fmt], "input": INPUTS[fmt]} for fmt in formats},
-        "outputs": {"scores": "float32 [batch, classes], softmax probabilities"},
+        "outputs": OUTPUTS[cfg.task],
         "dataset": {"name": manifest["source"].get("name"), "checksum": manifest["checksum"]},
         "visionpipe_version": __version__,
     })
@@ -176,16 +190,14 @@ def _representative(data_dir: Path, limit: int):
 # --------------------------------------------------------------------------- formats
 
 
-def _archive(model, size, class_names, policy: str, path: Path) -> None:
+def _archive(task, model, size, class_names, policy: str, path: Path) -> None:
     """A SavedModel with two signatures over uint8 pixels: ``serving_default`` takes any size
-    (resized inside as prepare resizes) and returns scores, class ids and class names;
+    (resized inside as prepare resizes) and returns the task's outputs (OUTPUTS);
     ``serving_fixed_size`` takes the model's size and returns scores (the TFLite source)."""
-    names = tf.constant(class_names)
 
     def serve(images):
         scores = model(fit_images(images, size, policy), training=False)
-        class_id = tf.argmax(scores, axis=-1, output_type=tf.int32)
-        return {"scores": scores, "class_id": class_id, "class_name": tf.gather(names, class_id)}
+        return task.serving_outputs(scores, images, class_names)
 
     def serve_fixed(images):
         return {"scores": model(tf.cast(images, tf.float32), training=False)}

@@ -90,7 +90,10 @@ def _shapes_splits(cfg: PrepareConfig, seed: int, task: str, tfds_dir: str):
     source = {"kind": "shapes", "name": "shapes", "builder_config": builder.builder_config.name,
               "version": str(builder.version), "seed": seed}
     splits = {s: (tfds_source.iter_split(builder, s), n) for s, n in sizes.items()}
-    return source, tfds_source.class_names(builder), splits
+    names = tfds_source.class_names(builder)
+    if task == "segmentation":  # shapes masks: 0 is background, k is shape class k-1
+        names = ["background", *names]
+    return source, names, splits
 
 
 def _resplit(examples: list[Example], cfg: PrepareConfig, seed: int, task: str):
@@ -101,22 +104,76 @@ def _resplit(examples: list[Example], cfg: PrepareConfig, seed: int, task: str):
     return {s: ((examples[i] for i in idx), len(idx)) for s, idx in parts.items()}
 
 
+def remap_mask(mask: np.ndarray, values: dict[int, str], where: str) -> np.ndarray:
+    """Mask pixel values -> class ids in the order of ``values``; other values are an error
+    naming ``where`` and the values found."""
+    table = np.zeros(256, np.uint8)
+    valid = np.zeros(256, bool)
+    for class_id, value in enumerate(values):
+        table[value], valid[value] = class_id, True
+    bad = ~valid[mask]
+    if bad.any():
+        found, counts = np.unique(mask[bad], return_counts=True)
+        raise DataError(f"{where}: mask values {dict(zip(found.tolist(), counts.tolist()))} "
+                        f"(value: pixels) are not in mask_values {values}; add them to "
+                        "prepare.segmentation.mask_values")
+    return table[mask]
+
+
+def mask_classes(cfg: PrepareConfig) -> dict[int, str]:
+    """prepare.segmentation.mask_values, or the known mapping of a catalog dataset."""
+    from visionpipe.config import KNOWN_MASK_VALUES
+
+    return dict(cfg.mask_values or KNOWN_MASK_VALUES[cfg.tfds_name])
+
+
 def _catalog_splits(cfg: PrepareConfig, seed: int, task: str):
     builder = tfds_source.catalog_builder(cfg.tfds_name, cfg.tfds_data_dir)
     tfds_source.require_network(builder, name=cfg.tfds_name, task_key=f"prepare.{task}")
     tfds_source.prepare_builder(builder, name=cfg.tfds_name, task_key=f"prepare.{task}")
+    values = mask_classes(cfg) if task == "segmentation" else None
     examples = []
     for split in tfds_source.split_sizes(builder):
         for ex in tfds_source.iter_split(builder, split):
             if task == "classification":
                 ex.image = image_folder.fit_to_size(ex.image, cfg.image_size, cfg.resize)
             else:
+                if values is not None:
+                    ex.mask = remap_mask(ex.mask, values, f"{cfg.tfds_name} {ex.id}")
                 ex = resize(ex, cfg.image_size)
             examples.append(ex)
     source = {"kind": "tfds", "name": cfg.tfds_name, "version": str(builder.version),
               "data_dir": str(builder.data_dir), "seed": seed}
     splits = _resplit(examples, cfg, seed, task)
-    return source, tfds_source.class_names(builder), splits
+    names = list(values.values()) if values is not None else tfds_source.class_names(builder)
+    return source, names, splits
+
+
+def _pairs_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
+    from visionpipe.data.sources import mask_folder
+
+    folder = Path(cfg.path)
+    folder = folder if folder.is_absolute() else root / folder
+    names, examples, skipped = mask_folder.load_pairs(
+        folder, cfg.mask_values, images=cfg.images_dir, masks=cfg.masks_dir,
+        shown_root=cfg.path,
+        progress=lambda files: tqdm(files, desc=f"prepare {task}/read", unit="pair"))
+    examples = [resize(ex, cfg.image_size) for ex in examples]
+    source = {"kind": "pairs", "name": folder.name, "path": cfg.path,
+              "pairs": len(examples) + len(skipped), "seed": seed}
+    return source, names, _resplit(examples, cfg, seed, task), [s.to_dict() for s in skipped]
+
+
+def crops(example: Example, size: tuple[int, int]) -> Iterator[Example]:
+    """Non-overlapping crops of ``size`` on a grid from the top-left corner (a remainder
+    narrower than a crop is not used)."""
+    ch, cw = size
+    h, w = example.image.shape[:2]
+    for r, top in enumerate(range(0, h - ch + 1, ch)):
+        for c, left in enumerate(range(0, w - cw + 1, cw)):
+            yield Example(id=f"{example.id}-r{r}c{c}",
+                          image=example.image[top:top + ch, left:left + cw],
+                          mask=example.mask[top:top + ch, left:left + cw])
 
 
 def _folder_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
@@ -152,19 +209,31 @@ def run(params: Params, task: str, layout: Layout) -> dict:
         elif cfg.source == "folder":
             source, names, splits, skipped = _folder_splits(cfg, params.seed, task,
                                                             layout.root)
+        elif cfg.source == "pairs":
+            source, names, splits, skipped = _pairs_splits(cfg, params.seed, task,
+                                                           layout.root)
         else:
             source, names, splits = _catalog_splits(cfg, params.seed, task)
-        manifest_splits, class_counts = {}, {}
+        crop = tuple(cfg.crop_size) if cfg.crop_size else None
+        per_image = (cfg.image_size[0] // crop[0]) * (cfg.image_size[1] // crop[1]) if crop else 1
+        manifest_splits, class_counts, class_pixels = {}, {}, {}
         with fresh_dir(layout.prepared(task)) as out:
             for split, (examples, total) in splits.items():
                 counter: Counter = Counter()
+                pixels = np.zeros(len(names), np.int64)
+                cut = crop is not None and split != "test"  # test images stay whole
+                total = total * per_image if cut else total
 
-                def kept(examples=examples, counter=counter):
+                def kept(examples=examples, counter=counter, pixels=pixels, cut=cut):
                     for ex in examples:
                         ex = keep_targets(ex, task)
                         if ex.label is not None:
                             counter[names[ex.label]] += 1
-                        yield ex
+                        for part in (crops(ex, crop) if cut else [ex]):
+                            if part.mask is not None:
+                                pixels += np.bincount(part.mask.ravel(),
+                                                      minlength=len(names))[:len(names)]
+                            yield part
 
                 count, shards = records.write_split(
                     _progress(kept(), total, f"prepare {task}/{split}"), out, split,
@@ -175,14 +244,19 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                 manifest_splits[split] = {"count": count, "shards": shards}
                 if counter:
                     class_counts[split] = {n: counter.get(n, 0) for n in names}
+                if pixels.any():
+                    class_pixels[split] = dict(zip(names, pixels.tolist(), strict=True))
             manifest = {
                 "task": task,
                 "source": source,
                 "class_names": names,
-                "image_size": list(cfg.image_size),
+                # What the model trains on; test images are test_image_size.
+                "image_size": list(crop or cfg.image_size),
+                "test_image_size": list(cfg.image_size),
                 "targets": list(TASK_TARGETS[task]),
                 "counts": {s: v["count"] for s, v in manifest_splits.items()},
                 "class_counts": class_counts,
+                **({"class_pixels": class_pixels} if class_pixels else {}),
                 "skipped": {"count": len(skipped),
                             "by_reason": dict(Counter(_reason_kind(x["reason"])
                                                       for x in skipped)),
@@ -195,7 +269,8 @@ def run(params: Params, task: str, layout: Layout) -> dict:
     report = layout.prepare_report(task)
     records.write_json(report, {
         "task": task, "source": source, "counts": manifest["counts"],
-        "class_counts": class_counts, "skipped": manifest["skipped"],
+        "class_counts": class_counts, **({"class_pixels": class_pixels} if class_pixels else {}),
+        "skipped": manifest["skipped"],
         "checksum": manifest["checksum"]})
     _report_skipped(task, skipped, report.relative_to(layout.root))
     return manifest

@@ -11,7 +11,7 @@ import keras
 from visionpipe.config import Params, TrainConfig
 from visionpipe.data import records
 from visionpipe.data.pipeline import model_dataset
-from visionpipe.errors import TrainingDivergedError
+from visionpipe.errors import ParamsError, TrainingDivergedError
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.models.saving import load_model
@@ -126,10 +126,15 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
 
     model = create_model(cfg.family, (h, w, 3), len(names), architecture)
     steps_per_epoch = math.ceil(manifest["counts"]["train"] / t.batch_size)
-    model.compile(optimizer=make_optimizer(t, steps_per_epoch), loss=task.loss(t),
-                  metrics=task.metrics())
+    if t.class_weights is not None and len(t.class_weights) != len(names):
+        raise ParamsError(f"params.yaml: models.{model_name}.train.class_weights = "
+                          f"{list(t.class_weights)}: expected one weight per class, "
+                          f"{len(names)} in class order ({', '.join(names)})")
+    model.compile(optimizer=make_optimizer(t, steps_per_epoch),
+                  loss=task.loss(t, len(names)), metrics=task.metrics(len(names)))
     model.summary(print_fn=lambda line, **_: print(line))
 
+    mode = "min" if t.monitor == "val_loss" else "max"
     ckpt_dir = layout.checkpoints(model_name)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir(parents=True)
@@ -140,14 +145,14 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         LearningRateLogger(),
         keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.keras")),
         keras.callbacks.ModelCheckpoint(str(ckpt_dir / "best.keras"), monitor=t.monitor,
-                                        save_best_only=True),
+                                        mode=mode, save_best_only=True),
         keras.callbacks.CSVLogger(str(history_path)),
     ]
     if t.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor,
                                                        patience=t.early_stopping_patience,
                                                        min_delta=t.early_stopping_min_delta,
-                                                       verbose=1))
+                                                       mode=mode, verbose=1))
     run = RunLogger(params, model_name, layout).start()
     if run.client is not None:
         callbacks.append(run.keras_callback())

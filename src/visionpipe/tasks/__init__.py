@@ -11,4 +11,9 @@ def get_task(name: str):
         from visionpipe.tasks.classification import ClassificationTask
 
         return ClassificationTask()
-    raise ModelError(f"task '{name}' is not implemented yet; implemented: classification")
+    if name == "segmentation":
+        from visionpipe.tasks.segmentation import SegmentationTask
+
+        return SegmentationTask()
+    raise ModelError(f"task '{name}' is not implemented yet; implemented: classification, "
+                     "segmentation")

@@ -72,6 +72,7 @@ class ClassificationTask:
     """Softmax over classes; labels are one-hot so label smoothing works."""
 
     name = "classification"
+    monitors = ("val_loss", "val_accuracy")
 
     def to_model_io(self, num_classes: int):
         """Map a parsed record to (float image in 0..255, one-hot label)."""
@@ -81,13 +82,18 @@ class ClassificationTask:
 
         return fn
 
-    def loss(self, cfg: TrainConfig) -> keras.losses.Loss:
+    def loss(self, cfg: TrainConfig, num_classes: int) -> keras.losses.Loss:
         """Categorical cross-entropy with the configured label smoothing."""
         return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
 
-    def metrics(self) -> list:
+    def metrics(self, num_classes: int) -> list:
         """Metrics reported every epoch by fit."""
         return [keras.metrics.CategoricalAccuracy(name="accuracy")]
+
+    def predict(self, model: keras.Model, images: np.ndarray, batch_size: int,
+                overlap: float = 0.0) -> np.ndarray:
+        """Class probabilities for test images at the model's size."""
+        return model.predict(images, batch_size=batch_size, verbose=0)
 
     def evaluate(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str],
                  cfg: EvaluateConfig) -> dict:
@@ -105,6 +111,12 @@ class ClassificationTask:
     def primary_agreement(self) -> str:
         """The agreement key that export parity thresholds apply to."""
         return "label_agreement"
+
+    def serving_outputs(self, scores: tf.Tensor, images: tf.Tensor, class_names) -> dict:
+        """What the SavedModel returns: scores, the best class id and its name."""
+        class_id = tf.argmax(scores, axis=-1, output_type=tf.int32)
+        return {"scores": scores, "class_id": class_id,
+                "class_name": tf.gather(tf.constant(class_names), class_id)}
 
     def plots(self, images: np.ndarray, ids: list[str], y_true: np.ndarray,
               outputs: np.ndarray, class_names: list[str], out_dir: Path,

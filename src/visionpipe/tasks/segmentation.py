@@ -1,0 +1,261 @@
+"""Semantic segmentation: one class per pixel; losses, metrics, tiled inference and plots.
+
+Masks hold class ids 0..K-1 (``class_names[k]`` is id k). Models output per-pixel softmax
+scores of shape (batch, H, W, K). Test images larger than the model's input are predicted by
+a sliding window of overlapping tiles (:func:`sliding_window`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from visionpipe.config import EvaluateConfig, TrainConfig
+
+EPS = 1e-7
+CONFUSION_ROWS = 5000  # pixels sampled for the `dvc plots` confusion rows
+
+
+class SegmentationLoss(keras.losses.Loss):
+    """Per-pixel cross-entropy, soft Dice, or their sum, with optional class weights.
+
+    ``y_true``: class ids (batch, H, W); ``y_pred``: softmax scores (batch, H, W, K). Dice is
+    computed per image and class (smoothed by 1 so a class absent from both counts as a
+    match), then averaged over classes with the class weights.
+    """
+
+    def __init__(self, kind: str, num_classes: int, class_weights=None,
+                 name: str = "segmentation_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.kind, self.num_classes = kind, int(num_classes)
+        self.class_weights = None if class_weights is None else [float(w) for w in
+                                                                 class_weights]
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.cast(y_pred, "float32")
+        onehot = ops.one_hot(ops.cast(y_true, "int32"), self.num_classes)
+        weights = ops.convert_to_tensor(self.class_weights or [1.0] * self.num_classes,
+                                        "float32")
+        total = 0.0
+        if self.kind in ("cross_entropy", "ce_dice"):
+            log_p = ops.log(ops.clip(y_pred, EPS, 1.0))
+            pixel = -ops.sum(onehot * log_p * weights, axis=-1)
+            total = total + ops.mean(pixel, axis=(1, 2))
+        if self.kind in ("dice", "ce_dice"):
+            inter = ops.sum(onehot * y_pred, axis=(1, 2))
+            denom = ops.sum(onehot, axis=(1, 2)) + ops.sum(y_pred, axis=(1, 2))
+            dice = (2.0 * inter + 1.0) / (denom + 1.0)
+            total = total + 1.0 - ops.sum(dice * weights, axis=-1) / ops.sum(weights)
+        return total
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "num_classes": self.num_classes,
+                "class_weights": self.class_weights}
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixel counts[true, predicted] over any number of masks."""
+    idx = np.asarray(y_true, np.int64).ravel() * num_classes + np.asarray(y_pred,
+                                                                          np.int64).ravel()
+    return np.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def scores_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class IoU, Dice (= pixel F1), precision and recall; NaN where undefined."""
+    cm = cm.astype(np.float64)
+    tp = np.diag(cm)
+    fp, fn = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {"iou": tp / (tp + fp + fn), "dice": 2 * tp / (2 * tp + fp + fn),
+                "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
+
+
+def mean_iou(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """IoU averaged over the classes present in the truth or the prediction."""
+    iou = scores_from_confusion(confusion(y_true, y_pred, num_classes))["iou"]
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else 1.0
+
+
+def _num(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+def segmentation_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
+    """Pixel accuracy, per-class IoU/Dice/precision/recall, mean IoU and Dice over the classes
+    that occur (in truth or prediction), pixel cross-entropy, and a majority-class baseline."""
+    y_true = np.asarray(y_true, np.int64)
+    n = len(class_names)
+    y_pred = probs.argmax(axis=-1)
+    cm = confusion(y_true, y_pred, n)
+    s = scores_from_confusion(cm)
+    support = cm.sum(axis=1)
+    true_p = np.take_along_axis(probs, y_true[..., None], axis=-1)
+    loss = float(-np.mean(np.log(np.clip(true_p, EPS, 1.0))))
+    majority = int(support.argmax())
+    base = confusion(y_true, np.full_like(y_true, majority), n)
+    base_iou = scores_from_confusion(base)["iou"]
+    return {
+        "pixel_accuracy": float(np.trace(cm) / cm.sum()),
+        "mean_iou": float(np.nanmean(s["iou"])),
+        "mean_dice": float(np.nanmean(s["dice"])),
+        "loss": loss,
+        "per_class": {name: {"iou": _num(s["iou"][i]), "dice": _num(s["dice"][i]),
+                             "f1": _num(s["dice"][i]), "precision": _num(s["precision"][i]),
+                             "recall": _num(s["recall"][i]), "support": int(support[i])}
+                      for i, name in enumerate(class_names)},
+        "baseline": {"name": "majority_class", "class": class_names[majority],
+                     "accuracy": float(np.trace(base) / base.sum()),
+                     "mean_iou": float(np.nanmean(base_iou))},
+        "num_test_images": int(len(y_true)),
+        "num_test_pixels": int(cm.sum()),
+    }
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles covering ``length`` with at least ``overlap`` shared; the last
+    tile ends at the edge."""
+    if length <= tile:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+def _taper(size: int) -> np.ndarray:
+    """Weights that fall towards a tile's edges, where a model sees the least context."""
+    ramp = np.minimum(np.arange(size) + 0.5, size - np.arange(size) - 0.5) / (size / 2)
+    return np.clip(ramp, 0.05, 1.0)
+
+
+def sliding_window(predict, image: np.ndarray, tile: tuple[int, int], overlap: float = 0.25,
+                   batch_size: int = 16) -> np.ndarray:
+    """Scores (H, W, K) for one image of any size from a model taking ``tile``-sized inputs.
+
+    Overlapping tiles are predicted in batches and blended with weights that taper towards
+    each tile's edges, so seams do not show. An image smaller than a tile is padded by
+    reflection and the result cropped back.
+    """
+    th, tw = tile
+    h, w = image.shape[:2]
+    ph, pw = max(0, th - h), max(0, tw - w)
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+    H, W = image.shape[:2]
+    weight = np.outer(_taper(th), _taper(tw))[..., None]
+    acc, norm = None, np.zeros((H, W, 1), np.float64)
+    spots = [(y, x) for y in tile_starts(H, th, overlap) for x in tile_starts(W, tw, overlap)]
+    for i in range(0, len(spots), batch_size):
+        chunk = spots[i:i + batch_size]
+        batch = np.stack([image[y:y + th, x:x + tw] for y, x in chunk]).astype(np.float32)
+        out = np.asarray(predict(batch), np.float64)
+        if acc is None:
+            acc = np.zeros((H, W, out.shape[-1]), np.float64)
+        for (y, x), scores in zip(chunk, out, strict=True):
+            acc[y:y + th, x:x + tw] += scores * weight
+            norm[y:y + th, x:x + tw] += weight
+    return (acc / norm)[:h, :w].astype(np.float32)
+
+
+def gallery_tile(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """image | ground truth | prediction, side by side, masks drawn over the image."""
+    from visionpipe.plots import overlay
+
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
+    return np.concatenate([image, gap, overlay(image, truth.astype(np.uint8)), gap,
+                           overlay(image, pred.astype(np.uint8))], axis=1)
+
+
+class SegmentationTask:
+    """Per-pixel softmax over classes; masks stay class ids (sparse) through the pipeline."""
+
+    name = "segmentation"
+    monitors = ("val_loss", "val_accuracy", "val_mean_iou")
+
+    def to_model_io(self, num_classes: int):
+        """Map a parsed record to (float image in 0..255, int32 class-id mask)."""
+
+        def fn(rec):
+            return tf.cast(rec["image"], tf.float32), tf.cast(rec["mask"], tf.int32)
+
+        return fn
+
+    def loss(self, cfg: TrainConfig, num_classes: int) -> keras.losses.Loss:
+        """cross_entropy, dice or ce_dice from params, with class weights if given."""
+        return SegmentationLoss(cfg.loss, num_classes, cfg.class_weights)
+
+    def metrics(self, num_classes: int) -> list:
+        """Pixel accuracy and mean IoU, reported every epoch by fit."""
+        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                keras.metrics.MeanIoU(num_classes, sparse_y_true=True, sparse_y_pred=False,
+                                      name="mean_iou")]
+
+    def predict(self, model: keras.Model, images: np.ndarray, batch_size: int,
+                overlap: float = 0.25) -> np.ndarray:
+        """Scores per pixel; images larger than the model's input go through tiles."""
+        size = tuple(int(d) for d in model.inputs[0].shape[1:3])
+        if tuple(images.shape[1:3]) == size:
+            return model.predict(images, batch_size=batch_size, verbose=0)
+        fn = tf.function(lambda x: model(x, training=False))
+        return np.stack([sliding_window(lambda b: fn(b).numpy(), image, size, overlap,
+                                        batch_size) for image in images])
+
+    def evaluate(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str],
+                 cfg: EvaluateConfig) -> dict:
+        """Test metrics from per-pixel scores."""
+        return segmentation_metrics(y_true, outputs, class_names)
+
+    def targets(self, rec: dict) -> np.ndarray:
+        """The ground-truth mask of one parsed numpy record."""
+        return np.asarray(rec["mask"], np.uint8)
+
+    def agreement(self, reference: np.ndarray, other: np.ndarray) -> dict:
+        """Another runtime's masks against the Keras model's: share of equal pixels, and mean
+        IoU between the two masks (classes present in either)."""
+        a, b = reference.argmax(-1), other.argmax(-1)
+        return {"pixel_agreement": float((a == b).mean()),
+                "mask_iou": mean_iou(a, b, reference.shape[-1])}
+
+    def primary_agreement(self) -> str:
+        """The agreement key that export parity thresholds apply to."""
+        return "mask_iou"
+
+    def serving_outputs(self, scores: tf.Tensor, images: tf.Tensor, class_names) -> dict:
+        """What the SavedModel returns: scores at the model's size, and the mask at the input
+        image's own size (scores resized bilinearly, then the best class per pixel)."""
+        size = tf.shape(images)[1:3]
+        full = tf.image.resize(scores, size, method="bilinear")
+        return {"scores": scores, "mask": tf.argmax(full, axis=-1, output_type=tf.int32)}
+
+    def plots(self, images: np.ndarray, ids: list[str], y_true: np.ndarray,
+              outputs: np.ndarray, class_names: list[str], out_dir: Path,
+              cfg: EvaluateConfig) -> list[Path]:
+        """Pixel confusion matrix (PNG, and sampled rows for `dvc plots`) and a gallery of the
+        test images with the lowest mean IoU: image | ground truth | prediction."""
+        from visionpipe.data.records import write_json
+        from visionpipe.plots import confusion_png, labelled_gallery_png
+
+        n = len(class_names)
+        y_pred = outputs.argmax(-1)
+        cm = confusion(y_true, y_pred, n)
+        png = confusion_png(cm, class_names, out_dir / "confusion.png")
+        # `dvc plots` counts rows: a regular sample of pixels, not all of them.
+        flat_t, flat_p = np.asarray(y_true).ravel(), y_pred.ravel()
+        step = max(1, int(np.ceil(flat_t.size / CONFUSION_ROWS)))
+        write_json(out_dir / "confusion.json",
+                   [{"actual": class_names[t], "predicted": class_names[p]}
+                    for t, p in zip(flat_t[::step].tolist(), flat_p[::step].tolist(),
+                                    strict=True)])
+        per_image = np.array([mean_iou(t, p, n) for t, p in zip(y_true, y_pred, strict=True)])
+        worst = np.argsort(per_image, kind="stable")[:cfg.gallery]
+        tiles = [gallery_tile(images[i], y_true[i], y_pred[i]) for i in worst]
+        wrong = (np.asarray(y_true) != y_pred).sum(axis=(1, 2))
+        captions = [f"{ids[i]}: IoU {per_image[i]:.3f}, {wrong[i]} px wrong\n"
+                    "image | truth | prediction" for i in worst]
+        gallery = labelled_gallery_png(tiles, captions, out_dir / "misclassified.png",
+                                       columns=2, empty="no test images")
+        return [png, out_dir / "confusion.json", gallery]

@@ -1,0 +1,135 @@
+"""Segmentation on real image/mask pairs (../shared/datasets/membrane): prepare cuts training
+crops and keeps test slices whole; a U-Net trained on 128x128 crops predicts a 512x512 slice
+in tiles as well as in one piece; its exports keep parity and serve masks."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from visionpipe.config import parse_params
+from visionpipe.data import records
+from visionpipe.layout import Layout
+from visionpipe.models.registry import create_model
+from visionpipe.serving import FILES
+from visionpipe.stages import export, prepare
+from visionpipe.tasks.segmentation import (SegmentationTask, mean_iou, sliding_window,
+                                           tile_starts)
+
+pytestmark = pytest.mark.slow
+
+ARCH = {"depth": 3, "base_filters": 8}
+
+
+@pytest.fixture(scope="module")
+def membrane(tmp_path_factory, default_params_dict, datasets_dir):
+    """Prepared membrane pairs in a temporary project, and a small U-Net trained on crops."""
+    root = tmp_path_factory.mktemp("membrane")
+    data = json.loads(json.dumps(default_params_dict))
+    data["prepare"] = {"segmentation": {
+        "source": "pairs", "path": str(datasets_dir / "membrane"),
+        "mask_values": {255: "cell", 0: "membrane"}, "image_size": [512, 512],
+        "crop_size": [128, 128], "splits": {"train": 0.7, "val": 0.1, "test": 0.2}}}
+    data["augment"] = {}
+    data["models"] = {"unet": {"family": "unet", "task": "segmentation",
+                               "architecture": ARCH}}
+    data["export"].update(formats=["keras", "saved_model", "tflite", "onnx"], parity_samples=6)
+    data["tracking"].update(mlflow=False, codecarbon=False)
+    params = parse_params(data)
+    layout = Layout(root)
+    manifest = prepare.run(params, "segmentation", layout)
+
+    keras.utils.set_random_seed(0)
+    train = list(records.read_split(layout.prepared("segmentation"), "train"))
+    x = np.stack([ex.image for ex in train]).astype(np.float32)
+    y = np.stack([ex.mask for ex in train]).astype(np.int32)
+    task = SegmentationTask()
+    model = create_model("unet", (128, 128, 3), 2, ARCH)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=task.loss(
+        params.model("unet").train, 2))
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    layout.model_dir("unet").mkdir(parents=True, exist_ok=True)
+    model.save(layout.model_file("unet"))
+    return params, layout, manifest, model
+
+
+def test_prepare_cuts_train_crops_and_keeps_test_slices_whole(membrane):
+    _, layout, manifest, _ = membrane
+    assert manifest["class_names"] == ["cell", "membrane"]
+    assert manifest["source"]["kind"] == "pairs" and manifest["source"]["pairs"] == 30
+    assert manifest["skipped"]["count"] == 0
+    # 30 pairs split 21 / 3 / 6; train and val cut into 4 x 4 crops of 128.
+    assert manifest["counts"] == {"train": 21 * 16, "val": 3 * 16, "test": 6}
+    assert manifest["image_size"] == [128, 128] and manifest["test_image_size"] == [512, 512]
+    pixels = manifest["class_pixels"]
+    assert sum(pixels["test"].values()) == 6 * 512 * 512
+    assert 0.1 < pixels["train"]["membrane"] / sum(pixels["train"].values()) < 0.4
+    test = list(records.read_split(layout.prepared("segmentation"), "test"))
+    assert {ex.image.shape for ex in test} == {(512, 512, 3)}
+    assert set(np.unique(np.stack([ex.mask for ex in test]))) == {0, 1}
+    crop = next(records.read_split(layout.prepared("segmentation"), "train"))
+    assert crop.image.shape == (128, 128, 3) and crop.id.endswith("-r0c0")
+
+
+def test_tiled_prediction_of_a_whole_slice_matches_one_piece(membrane):
+    _, layout, _, model = membrane
+    slice_ = next(records.read_split(layout.prepared("segmentation"), "test"))
+    image = slice_.image.astype(np.float32)
+    tiled = sliding_window(lambda b: model.predict(b, verbose=0), image, (128, 128), 0.25)
+    assert tiled.shape == (512, 512, 2)
+    # U-Net is fully convolutional: the same weights at 512x512 see the slice in one piece.
+    whole_model = create_model("unet", (512, 512, 3), 2, ARCH)
+    whole_model.set_weights(model.get_weights())
+    whole = whole_model.predict(image[None], verbose=0)[0]
+    truth = slice_.mask
+    iou_tiled = mean_iou(truth, tiled.argmax(-1), 2)
+    iou_whole = mean_iou(truth, whole.argmax(-1), 2)
+    assert iou_whole > 0.55, iou_whole  # the model has learned something to compare
+    assert abs(iou_tiled - iou_whole) <= 0.02, (iou_tiled, iou_whole)
+    # No grid of errors along the seams: pixels next to a tile edge are wrong no more often
+    # than the rest (within a margin).
+    wrong = tiled.argmax(-1) != truth
+    near = np.zeros((512, 512), bool)
+    for s in tile_starts(512, 128, 0.25):
+        for edge in (s, s + 128):
+            near[max(0, edge - 2):edge + 2, :] = True
+            near[:, max(0, edge - 2):edge + 2] = True
+    near[:4], near[-4:], near[:, :4], near[:, -4:] = False, False, False, False
+    assert wrong[near].mean() <= wrong[~near].mean() * 1.25 + 0.01, (
+        wrong[near].mean(), wrong[~near].mean())
+
+
+def test_evaluate_predicts_whole_test_slices_through_tiles(membrane):
+    params, layout, _, model = membrane
+    task = SegmentationTask()
+    test = list(records.read_split(layout.prepared("segmentation"), "test"))
+    images = np.stack([ex.image for ex in test]).astype(np.float32)
+    scores = task.predict(model, images, 16, params.evaluate.tile_overlap)
+    assert scores.shape == (6, 512, 512, 2)
+    np.testing.assert_allclose(scores.sum(-1), 1.0, atol=1e-4)
+    metrics = task.evaluate(np.stack([ex.mask for ex in test]), scores, ["cell", "membrane"],
+                            params.evaluate)
+    assert metrics["num_test_pixels"] == 6 * 512 * 512
+    assert metrics["pixel_accuracy"] > metrics["baseline"]["accuracy"]
+
+
+def test_exported_formats_keep_parity_and_serve_masks(membrane, tmp_path):
+    params, layout, _, model = membrane
+    out = tmp_path / "export"
+    out.mkdir()
+    report = export._export(params, "unet", layout, out)
+    assert report["agreement_key"] == "mask_iou"
+    assert report["passed"] is True, json.dumps(report, indent=1)
+    for fmt in ("saved_model", "tflite", "onnx"):
+        result = report["formats"][fmt]
+        assert result["max_abs_diff"] <= 1e-4 and result["mask_iou"] >= 0.99, (fmt, result)
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(out / FILES["saved_model"])).signatures[
+        "serving_default"](images=tf.constant(np.zeros((2, 200, 136, 3), np.uint8)))
+    assert served["mask"].shape == (2, 200, 136) and served["scores"].shape == (2, 128, 128, 2)
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["task"] == "segmentation" and "mask" in meta["outputs"]

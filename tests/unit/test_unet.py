@@ -1,0 +1,172 @@
+"""U-Net family: shapes, layout from params, the input-size check, learning, saving."""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from visionpipe.errors import ModelError, ParamsError
+from visionpipe.models.registry import create_model, get_family, known_families
+from visionpipe.models.saving import load_model
+
+
+def _layers(model, cls) -> list:
+    return [layer for layer in model.layers if isinstance(layer, cls)]
+
+
+def _images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, height, width, 3)).astype(np.float32)
+
+
+def test_unet_is_a_registered_segmentation_family():
+    assert "unet" in known_families()
+    assert get_family("unet").task == "segmentation"
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_output_is_a_per_pixel_softmax_of_the_input_size(depth, num_classes):
+    model = create_model("unet", (32, 32, 3), num_classes, {"depth": depth, "base_filters": 4})
+    assert model.name == "unet"
+    probs = model.predict(_images(2, 32, 32), verbose=0)
+    assert probs.shape == (2, 32, 32, num_classes)
+    assert probs.dtype == np.float32
+    assert (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-5)
+    # depth poolings: the bottleneck is 32 / 2**depth px with 4 * 2**depth channels.
+    side = 32 // 2 ** depth
+    assert model.get_layer("bottleneck_conv2").output.shape[1:] == (side, side, 4 * 2 ** depth)
+    assert len(_layers(model, keras.layers.MaxPooling2D)) == depth
+
+
+def test_layers_are_named_and_filters_double_per_level():
+    model = create_model("unet", (32, 32, 3), 3, {"depth": 2, "base_filters": 8})
+    for level, (filters, side) in enumerate([(8, 32), (16, 16)], start=1):
+        for block in ("enc", "dec"):
+            for c in (1, 2):
+                conv = model.get_layer(f"{block}{level}_conv{c}")
+                assert conv.kernel_size == (3, 3) and conv.padding == "same"
+                assert conv.output.shape[1:] == (side, side, filters)
+        assert model.get_layer(f"down{level}").output.shape[1:] == (side // 2, side // 2, filters)
+        assert model.get_layer(f"up{level}").output.shape[1:] == (side, side, filters)
+        # Skip connection: the encoder's features joined with the upsampled ones.
+        concat = model.get_layer(f"dec{level}_concat")
+        assert concat.output.shape[1:] == (side, side, 2 * filters)
+        assert {t.name for t in concat.input} >= {model.get_layer(f"enc{level}_conv2_relu")
+                                                  .output.name}
+    assert model.get_layer("bottleneck_conv1").filters == 32
+    head = model.get_layer("head_softmax")
+    assert head.kernel_size == (1, 1) and head.filters == 3 and head.dtype_policy.name == "float32"
+
+
+def test_transpose_and_bilinear_upsampling_use_different_layers():
+    transpose = create_model("unet", (32, 32, 3), 2, {"depth": 3, "upsampling": "transpose"})
+    ups = _layers(transpose, keras.layers.Conv2DTranspose)
+    assert [u.name for u in ups] == ["up3", "up2", "up1"]
+    assert all(u.kernel_size == (2, 2) and u.strides == (2, 2) for u in ups)
+    assert not _layers(transpose, keras.layers.UpSampling2D)
+
+    bilinear = create_model("unet", (32, 32, 3), 2, {"depth": 3, "upsampling": "bilinear"})
+    ups = _layers(bilinear, keras.layers.UpSampling2D)
+    assert [u.name for u in ups] == ["up3", "up2", "up1"]
+    assert all(u.interpolation == "bilinear" for u in ups)
+    assert not _layers(bilinear, keras.layers.Conv2DTranspose)
+    assert [bilinear.get_layer(f"up{i}_conv").kernel_size for i in (3, 2, 1)] == [(3, 3)] * 3
+
+
+def test_batch_norm_can_be_turned_off():
+    with_bn = create_model("unet", (16, 16, 3), 2, {"depth": 2, "base_filters": 4})
+    # two per block: 2 encoder levels, the bottleneck, 2 decoder levels.
+    assert len(_layers(with_bn, keras.layers.BatchNormalization)) == 2 * 5
+    without = create_model("unet", (16, 16, 3), 2, {"depth": 2, "base_filters": 4,
+                                                    "batch_norm": False})
+    assert not _layers(without, keras.layers.BatchNormalization)
+    assert all(conv.use_bias for conv in _layers(without, keras.layers.Conv2D))
+
+
+def test_dropout_sits_at_the_deepest_encoder_level_and_the_bottleneck():
+    none = create_model("unet", (16, 16, 3), 2, {"depth": 3, "base_filters": 4})
+    assert not _layers(none, keras.layers.Dropout)
+    model = create_model("unet", (16, 16, 3), 2, {"depth": 3, "base_filters": 4, "dropout": 0.3})
+    drops = _layers(model, keras.layers.Dropout)
+    assert [(d.name, d.rate) for d in drops] == [("enc3_dropout", 0.3), ("bottleneck_dropout", 0.3)]
+
+
+def test_parameter_count_grows_about_4x_when_filters_double():
+    small = create_model("unet", (32, 32, 3), 3, {"depth": 4, "base_filters": 8})
+    large = create_model("unet", (32, 32, 3), 3, {"depth": 4, "base_filters": 16})
+    ratio = large.count_params() / small.count_params()
+    assert 3.5 <= ratio <= 4.5, ratio
+
+
+def test_input_size_not_a_multiple_names_size_depth_and_valid_sizes():
+    with pytest.raises(ModelError) as err:
+        create_model("unet", (100, 96, 3), 2, {"depth": 4})
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == ("unet: input size 100x96 is not a multiple of 2**depth = 16 (depth 4); "
+                       "use e.g. 96x96 or 112x96 (prepare.segmentation.image_size / "
+                       "crop_size), or lower architecture.depth")
+
+
+@pytest.mark.parametrize(("shape", "depth", "sizes"), [
+    ((33, 32, 3), 1, "32x32 or 34x32"),
+    ((8, 8, 3), 4, "16x16"),  # nothing smaller than 16x16 is valid
+    ((None, 100, 3), 3, "anyx96 or anyx104"),  # a None side is not checked
+])
+def test_input_size_suggestions(shape, depth, sizes):
+    with pytest.raises(ModelError, match=f"use e.g. {re.escape(sizes)} "):
+        create_model("unet", shape, 2, {"depth": depth})
+
+
+@pytest.mark.parametrize(("arch", "message"), [
+    ({"depth": 7}, r"params.yaml: models.unet.architecture.depth = 7: expected a value <= 6"),
+    ({"depth": 0}, r"models.unet.architecture.depth = 0: expected a value >= 1"),
+    ({"base_filters": 0}, r"models.unet.architecture.base_filters = 0: expected a value >= 1"),
+    ({"dropout": 1.0}, r"models.unet.architecture.dropout = 1.0: expected a value < 1"),
+    ({"upsampling": "nearest"}, (r"models.unet.architecture.upsampling = 'nearest': expected "
+                                 r"one of 'transpose', 'bilinear'")),
+])
+def test_bad_params_name_the_key(arch, message):
+    with pytest.raises(ParamsError, match=message):
+        create_model("unet", (64, 64, 3), 3, arch)
+
+
+def test_model_without_a_fixed_size_takes_any_multiple():
+    model = create_model("unet", (None, None, 3), 3, {"depth": 3, "base_filters": 4})
+    probs = model.predict(_images(1, 48, 80), verbose=0)
+    assert probs.shape == (1, 48, 80, 3)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def test_tiny_unet_learns_a_brightness_threshold():
+    keras.utils.set_random_seed(0)
+    gray = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1))
+    x = np.repeat(gray, 3, axis=-1).astype(np.float32)
+    mask = (gray[..., 0] > 128).astype(np.int64)
+    y = keras.utils.to_categorical(mask, 2)
+    model = create_model("unet", (32, 32, 3), 2, {"depth": 2, "base_filters": 8})
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    model.fit(x, y, epochs=40, batch_size=8, verbose=0)  # 40 steps
+    accuracy = (model.predict(x, verbose=0).argmax(axis=-1) == mask).mean()
+    assert accuracy >= 0.95, accuracy
+
+
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
+def test_save_and_safe_load_predict_identically(upsampling, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = create_model("unet", (16, 16, 3), 3, {"depth": 2, "base_filters": 4, "dropout": 0.2,
+                                                  "upsampling": upsampling})
+    x = _images(4, 16, 16)
+    y = keras.utils.to_categorical(np.random.default_rng(1).integers(0, 3, (4, 16, 16)), 3)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)  # moves BN statistics off their init
+    probs = model.predict(x, verbose=0)
+    path = tmp_path / "unet.keras"
+    model.save(path)
+    loaded = load_model(path)
+    assert loaded.name == "unet"
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), probs)
