@@ -7,6 +7,8 @@ import json
 import re
 
 import pytest
+import yaml
+from PIL import Image
 
 from .conftest import copy_repo, run
 
@@ -58,3 +60,10 @@ def _check_segmentation(repo):
     assert [r["class"] for r in rows] == ["background", "circle", "square", "triangle", "star"]
     assert min(r["iou"] for r in rows) >= 0.5, rows
     assert abs(sum(r["iou"] for r in rows) / 5 - test["mean_iou"]) < 1e-9
+    # The gallery: 16 worst test images, each image | truth | prediction (wider than tall).
+    with Image.open(repo / "reports/plots/unet/misclassified.png") as png:
+        assert png.width > 400 and png.height > 800
+    history = (repo / "reports/train/unet/history.csv").read_text().splitlines()
+    epochs = yaml.safe_load((repo / "params.yaml").read_text())["models"]["unet"]["train"][
+        "epochs"]
+    assert "val_mean_iou" in history[0] and len(history) == 1 + epochs

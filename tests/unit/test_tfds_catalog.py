@@ -33,29 +33,83 @@ def _digits(split: str, n: int) -> list[dict]:
             for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory):
-    """A local TFDS data_dir holding a prepared `mnist` (50 examples, 5 per class)."""
-    data_dir = tmp_path_factory.mktemp("tfds")
-    builder = tfds.builder("mnist", data_dir=str(data_dir))
+def _local_copy(data_dir, name: str, splits: dict[str, list[dict]]):
+    """Write ``splits`` as catalog dataset ``name`` in ``data_dir``, as `tfds build` would."""
+    builder = tfds.builder(name, data_dir=str(data_dir))
     out = builder.data_path
     out.mkdir(parents=True)
     features = builder.info.features
     infos = []
-    for split, n in COUNTS.items():
-        path = out / f"mnist-{split}.tfrecord-00000-of-00001"
+    for split, examples in splits.items():
+        path = out / f"{name}-{split}.tfrecord-00000-of-00001"
         with tf.io.TFRecordWriter(str(path)) as writer:
-            for ex in _digits(split, n):
+            for ex in examples:
                 writer.write(features.serialize_example(ex))
         template = tfds.core.ShardedFileTemplate(data_dir=out, template=TEMPLATE,
-                                                 dataset_name="mnist", split=split,
+                                                 dataset_name=name, split=split,
                                                  filetype_suffix="tfrecord")
-        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n],
+        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)],
                                          num_bytes=os.path.getsize(path),
                                          filename_template=template))
     tfds.folder_dataset.write_metadata(data_dir=out, features=features, split_infos=infos,
                                        filename_template=TEMPLATE, check_data=True)
     return data_dir
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    """A local TFDS data_dir holding a prepared `mnist` (50 examples, 5 per class)."""
+    return _local_copy(tmp_path_factory.mktemp("tfds"), "mnist",
+                       {split: _digits(split, n) for split, n in COUNTS.items()})
+
+
+def _pets(n: int, values=(1, 2, 3)) -> list[dict]:
+    """Oxford-IIIT Pet examples: photos of varied sizes with trimaps (1 pet, 2 background,
+    3 border), as the catalog stores them."""
+    rng = np.random.default_rng(n)
+    out = []
+    for i in range(n):
+        h, w = 40 + 4 * i, 48 - 2 * i
+        trimap = np.full((h, w, 1), 2, np.uint8)
+        trimap[h // 4:3 * h // 4, w // 4:3 * w // 4] = 3
+        trimap[h // 4 + 2:3 * h // 4 - 2, w // 4 + 2:3 * w // 4 - 2] = 1
+        trimap[0, 0] = values[-1]
+        out.append({"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "label": i % 37,
+                    "species": i % 2, "file_name": f"pet_{i}.jpg",
+                    "head_bbox": np.array([0.1, 0.1, 0.5, 0.5], np.float32),
+                    "segmentation_mask": trimap})
+    return out
+
+
+def test_oxford_pet_trimaps_become_three_classes(tmp_path):
+    data_dir = _local_copy(tmp_path / "tfds", "oxford_iiit_pet",
+                           {"train": _pets(8), "test": _pets(4)})
+    params = parse_params({"prepare": {"segmentation": {
+        "source": "tfds", "tfds_name": "oxford_iiit_pet", "tfds_data_dir": str(data_dir),
+        "image_size": [32, 32], "splits": {"train": 0.5, "val": 0.25, "test": 0.25}}}})
+    manifest = prepare.run(params, "segmentation", Layout(tmp_path))
+    assert manifest["class_names"] == ["pet", "background", "border"]
+    assert manifest["counts"] == {"train": 6, "val": 3, "test": 3}
+    originals = {f"{s}-{i:06d}": ex for s, n in (("train", 8), ("test", 4))
+                 for i, ex in enumerate(_pets(n))}
+    for split in ("train", "val", "test"):
+        for ex in records.read_split(tmp_path / "data/prepared/segmentation", split):
+            trimap = originals[ex.id]["segmentation_mask"][..., 0]
+            expected = np.asarray(Image.fromarray(trimap).resize((32, 32), Image.NEAREST)) - 1
+            np.testing.assert_array_equal(ex.mask, expected)
+            assert ex.image.shape == (32, 32, 3)
+
+
+def test_a_trimap_value_outside_the_mapping_is_named(tmp_path):
+    from visionpipe.errors import DataError
+
+    data_dir = _local_copy(tmp_path / "tfds", "oxford_iiit_pet",
+                           {"train": _pets(3, values=(1, 2, 3, 7))})
+    params = parse_params({"prepare": {"segmentation": {
+        "source": "tfds", "tfds_name": "oxford_iiit_pet", "tfds_data_dir": str(data_dir),
+        "image_size": [32, 32], "splits": {"train": 0.5, "val": 0.25, "test": 0.25}}}})
+    with pytest.raises(DataError, match=r"oxford_iiit_pet train-000000: mask values \{7: 1\}"):
+        prepare.run(params, "segmentation", Layout(tmp_path))
 
 
 def _params(data_dir, seed=7, resize="stretch"):
@@ -98,20 +152,22 @@ def test_same_seed_same_bytes_other_seed_other_split(mnist_dir, tmp_path):
     assert other["class_counts"] == first["class_counts"]
 
 
-def test_catalog_offline_gives_one_line_with_the_fix(tmp_path):
-    params = {"seed": 1, "prepare": {"classification": {
-        "source": "tfds", "tfds_name": "mnist", "tfds_data_dir": str(tmp_path / "empty"),
+@pytest.mark.parametrize("task, name", [("classification", "mnist"),
+                                        ("segmentation", "oxford_iiit_pet")])
+def test_catalog_offline_gives_one_line_with_the_fix(tmp_path, task, name):
+    params = {"seed": 1, "prepare": {task: {
+        "source": "tfds", "tfds_name": name, "tfds_data_dir": str(tmp_path / "empty"),
         "image_size": [16, 16], "splits": {"train": 0.8, "val": 0.1, "test": 0.1}}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, "-m", "visionpipe.cli", "prepare", "--task",
-                             "classification"], cwd=tmp_path, capture_output=True, text=True,
+                             task], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 2
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("visionpipe: error")]
     assert len(errors) == 1, result.stderr
-    assert "TFDS dataset 'mnist' is not in" in errors[0]
-    assert "`tfds build mnist --data_dir DIR`" in errors[0]
-    assert "set prepare.classification.tfds_data_dir" in errors[0]
+    assert f"TFDS dataset '{name}' is not in" in errors[0]
+    assert f"`tfds build {name} --data_dir DIR`" in errors[0]
+    assert f"set prepare.{task}.tfds_data_dir" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data/prepared/classification").exists()
 

@@ -13,7 +13,9 @@ class Example:
 
     - ``image``: uint8 array, shape (H, W, 3), RGB.
     - ``label``: class index for classification, or None.
-    - ``mask``: uint8 array, shape (H, W); 0 = background, k = class k-1 of ``class_names``.
+    - ``mask``: uint8 array, shape (H, W), a class id per pixel. Sources of segmentation data
+      give ids into the task's class names (pairs, tfds: by ``mask_values``); ``shapes`` gives
+      0 = background and k = shape class k-1, and prepare names id 0 "background".
     - ``boxes``: float32 array (N, 4) in absolute pixels, ``[x_min, y_min, x_max, y_max]``,
       with max edges exclusive (a box over columns 3..5 is x_min=3, x_max=6).
     - ``box_labels``: int32 array (N,), class index of each box.

@@ -46,8 +46,10 @@ def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Decode ``path`` as upright uint8 RGB; raises DataError saying what is wrong."""
+def decode(path: Path, convert) -> np.ndarray:
+    """Open ``path`` with PIL and return ``convert(image)``; a file that cannot be decoded
+    (empty, not an image, corrupt, truncated, a decompression bomb) is a DataError saying so.
+    DataErrors raised by ``convert`` pass through."""
     if path.stat().st_size == 0:
         raise DataError("empty file (0 bytes)")
     try:
@@ -55,8 +57,9 @@ def load_image(path: Path) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # truncated or corrupt data fails here, not at open
-                img = ImageOps.exif_transpose(img)
-                return _to_uint8_rgb(img)
+                return convert(img)
+    except DataError:
+        raise
     except Image.UnidentifiedImageError:
         raise DataError("not an image PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -64,6 +67,11 @@ def load_image(path: Path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         detail = " ".join(str(exc).split())[:120] or type(exc).__name__
         raise DataError(f"corrupt or truncated image: {detail}") from None
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode ``path`` as upright uint8 RGB; raises DataError saying what is wrong."""
+    return decode(path, lambda img: _to_uint8_rgb(ImageOps.exif_transpose(img)))
 
 
 def fit_to_size(image: np.ndarray, size: tuple[int, int], policy: str) -> np.ndarray:

@@ -34,7 +34,6 @@ pairs at all) are collected over all files and raised together as one DataError,
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from visionpipe.data.example import Example
-from visionpipe.data.sources.image_folder import Skipped, _display, load_image
+from visionpipe.data.sources.image_folder import Skipped, _display, decode, load_image
 from visionpipe.errors import DataError
 
 MAX_LISTED = 20  # problems listed in one error; the rest are counted
@@ -107,16 +106,6 @@ def _list_folder(folder: Path, kind: str, root: Path, shown: str, extensions: fr
     return {stem: paths[0] for stem, paths in by_stem.items()}
 
 
-def _open_error(exc: Exception) -> DataError:
-    """The reason a file could not be decoded, worded like image_folder.load_image's."""
-    if isinstance(exc, Image.UnidentifiedImageError):
-        return DataError("not an image PIL can read")
-    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return DataError("image too large (PIL decompression-bomb limit)")
-    detail = " ".join(str(exc).split())[:120] or type(exc).__name__
-    return DataError(f"corrupt or truncated image: {detail}")
-
-
 def _uniform_alpha(arr: np.ndarray, mode: str) -> np.ndarray:
     """The colour channels of ``arr`` if its last channel (alpha) is one value everywhere."""
     alpha = arr[..., -1]
@@ -165,19 +154,7 @@ def load_mask(path: Path) -> np.ndarray:
     Raises DataError when the file cannot be read, and its subclass MaskFormatError when it
     is readable but its pixel format cannot hold class values.
     """
-    if path.stat().st_size == 0:
-        raise DataError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()  # truncated or corrupt data fails here, not at open
-                return _values(img)
-    except DataError:
-        raise
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise _open_error(exc) from None
+    return decode(path, _values)
 
 
 def _size_hint(image_path: Path, mask_shape: tuple[int, ...]) -> str:
