@@ -1,5 +1,9 @@
 """With the committed params, `dvc repro` learns: on shapes the MLP beats 0.80 test accuracy,
-VGG and ResNet 0.95, and the U-Net 0.80 mean IoU."""
+VGG and ResNet 0.95.
+
+The U-Net's default quality (mean IoU 0.993, README "Measured results") is not rerun here: it
+would add about 3.5 minutes to a suite that must stay under 20. Its stages are tested on
+membrane in tests/unit/test_segmentation_membrane.py."""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import json
 import re
 
 import pytest
-import yaml
-from PIL import Image
 
 from .conftest import copy_repo, run
 
@@ -28,15 +30,12 @@ def test_default_params_reach_the_quality_targets(tmp_path, repo_root):
     repo = copy_repo(repo_root, tmp_path, _no_tracking)
     # Up to evaluate: export's formats and parity are tested in test_dvc_pipeline.py and
     # test_export_formats.py; here they would add minutes.
-    models = [*MINIMUM, "unet"]
-    result = run(["dvc", "repro", *(f"evaluate@{m}" for m in models)], repo, timeout=1800)
+    result = run(["dvc", "repro", *(f"evaluate@{m}" for m in MINIMUM)], repo, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:]
     ran = re.findall(r"Running stage '([^']+)'", result.stdout)
-    assert sorted(ran) == sorted([*(f"{s}@{t}" for s in ("prepare", "augment")
-                                    for t in ("classification", "segmentation")),
-                                  *(f"{s}@{m}" for m in models
+    assert sorted(ran) == sorted(["prepare@classification", "augment@classification",
+                                  *(f"{s}@{m}" for m in MINIMUM
                                     for s in ("train", "evaluate"))])
-    _check_segmentation(repo)
     chance = 1 / 4
     for model, minimum in MINIMUM.items():
         metrics = json.loads((repo / f"reports/metrics/{model}.json").read_text())
@@ -47,23 +46,3 @@ def test_default_params_reach_the_quality_targets(tmp_path, repo_root):
         assert test["macro_f1"] >= minimum - 0.05
         assert test["top_2_accuracy"] >= test["accuracy"]
         assert test["baseline"]["accuracy"] < chance + 0.1
-
-
-def _check_segmentation(repo):
-    metrics = json.loads((repo / "reports/metrics/unet.json").read_text())
-    test = metrics["test"]
-    assert test["num_test_images"] == 500 and test["num_test_pixels"] == 500 * 64 * 64
-    assert test["mean_iou"] >= 0.80, test
-    assert test["pixel_accuracy"] >= 0.95
-    assert test["mean_iou"] > test["baseline"]["mean_iou"] + 0.5
-    rows = json.loads((repo / "reports/plots/unet/per_class.json").read_text())
-    assert [r["class"] for r in rows] == ["background", "circle", "square", "triangle", "star"]
-    assert min(r["iou"] for r in rows) >= 0.5, rows
-    assert abs(sum(r["iou"] for r in rows) / 5 - test["mean_iou"]) < 1e-9
-    # The gallery: 16 worst test images, each image | truth | prediction (wider than tall).
-    with Image.open(repo / "reports/plots/unet/misclassified.png") as png:
-        assert png.width > 400 and png.height > 800
-    history = (repo / "reports/train/unet/history.csv").read_text().splitlines()
-    epochs = yaml.safe_load((repo / "params.yaml").read_text())["models"]["unet"]["train"][
-        "epochs"]
-    assert "val_mean_iou" in history[0] and len(history) == 1 + epochs

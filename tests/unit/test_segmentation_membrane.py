@@ -10,12 +10,12 @@ import keras
 import numpy as np
 import pytest
 
-from visionpipe.config import parse_params
+from visionpipe.config import TrainConfig, parse_params
 from visionpipe.data import records
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model
 from visionpipe.serving import FILES
-from visionpipe.stages import export, prepare
+from visionpipe.stages import augment, evaluate, export, prepare, train
 from visionpipe.tasks.segmentation import (SegmentationTask, mean_iou, sliding_window,
                                            tile_starts)
 
@@ -43,13 +43,13 @@ def membrane(tmp_path_factory, default_params_dict, datasets_dir):
     manifest = prepare.run(params, "segmentation", layout)
 
     keras.utils.set_random_seed(0)
-    train = list(records.read_split(layout.prepared("segmentation"), "train"))
-    x = np.stack([ex.image for ex in train]).astype(np.float32)
-    y = np.stack([ex.mask for ex in train]).astype(np.int32)
+    train_set = list(records.read_split(layout.prepared("segmentation"), "train"))
+    x = np.stack([ex.image for ex in train_set]).astype(np.float32)
+    y = np.stack([ex.mask for ex in train_set]).astype(np.int32)
     task = SegmentationTask()
     model = create_model("unet", (128, 128, 3), 2, ARCH)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=task.loss(
-        params.model("unet").train, 2))
+        TrainConfig(loss="ce_dice"), 2))
     model.fit(x, y, epochs=4, batch_size=16, verbose=0)
     layout.model_dir("unet").mkdir(parents=True, exist_ok=True)
     model.save(layout.model_file("unet"))
@@ -57,7 +57,7 @@ def membrane(tmp_path_factory, default_params_dict, datasets_dir):
 
 
 def test_prepare_cuts_train_crops_and_keeps_test_slices_whole(membrane):
-    _, layout, manifest, _ = membrane
+    _, layout, manifest, *_ = membrane
     assert manifest["class_names"] == ["cell", "membrane"]
     assert manifest["source"]["kind"] == "pairs" and manifest["source"]["pairs"] == 30
     assert manifest["skipped"]["count"] == 0
@@ -75,7 +75,7 @@ def test_prepare_cuts_train_crops_and_keeps_test_slices_whole(membrane):
 
 
 def test_tiled_prediction_of_a_whole_slice_matches_one_piece(membrane):
-    _, layout, _, model = membrane
+    _, layout, _, model, *_ = membrane
     slice_ = next(records.read_split(layout.prepared("segmentation"), "test"))
     image = slice_.image.astype(np.float32)
     tiled = sliding_window(lambda b: model.predict(b, verbose=0), image, (128, 128), 0.25)
@@ -102,22 +102,57 @@ def test_tiled_prediction_of_a_whole_slice_matches_one_piece(membrane):
         wrong[near].mean(), wrong[~near].mean())
 
 
-def test_evaluate_predicts_whole_test_slices_through_tiles(membrane):
-    params, layout, _, model = membrane
+def test_segmentation_stages_train_on_crops_and_evaluate_whole_images(tmp_path,
+                                                                     default_params_dict):
+    """The real augment, train and evaluate stages on tiny shapes: 16x16 crops of 32x32
+    images, so evaluate predicts the whole test images through tiles."""
+    data = json.loads(json.dumps(default_params_dict))
+    data["prepare"] = {"segmentation": {"image_size": [32, 32], "crop_size": [16, 16],
+                                        "splits": {"train": 48, "val": 8, "test": 6}}}
+    data["augment"] = {"segmentation": {"copies": 1, "preview": 2}}
+    data["models"] = {"unet": {"family": "unet", "task": "segmentation",
+                               "architecture": {"depth": 2, "base_filters": 4},
+                               "train": {"epochs": 3, "batch_size": 32, "loss": "ce_dice",
+                                         "monitor": "val_mean_iou"}}}
+    data["evaluate"].update(latency_samples=2, latency_warmup=1, gallery=2)
+    data["tracking"].update(mlflow=False, codecarbon=False)
+    params = parse_params(data)
+    layout = Layout(tmp_path)
+    prepare.run(params, "segmentation", layout)
+    augment.run(params, "segmentation", layout)
+    meta = train.run(params, "unet", layout)
+    metrics = evaluate.run(params, "unet", layout)
+
+    assert meta["image_size"] == [16, 16] and meta["monitor"] == "val_mean_iou"
+    assert meta["train_dataset"]["count"] == 2 * 48 * 4  # originals + 1 copy, 4 crops each
+    history = layout.history("unet").read_text().splitlines()
+    column = history[0].split(",").index("val_mean_iou")
+    ious = [float(line.split(",")[column]) for line in history[1:]]
+    assert len(ious) == 3 and meta["kept_epoch"] == 1 + ious.index(max(ious))
+    test = metrics["test"]
+    assert test["num_test_images"] == 6 and test["num_test_pixels"] == 6 * 32 * 32
+    assert metrics["cost"]["input_size"] == [16, 16]
+    # The same figures from the saved model, tiled here.
+    from visionpipe.models.saving import load_model
+
     task = SegmentationTask()
-    test = list(records.read_split(layout.prepared("segmentation"), "test"))
-    images = np.stack([ex.image for ex in test]).astype(np.float32)
-    scores = task.predict(model, images, 16, params.evaluate.tile_overlap)
-    assert scores.shape == (6, 512, 512, 2)
-    np.testing.assert_allclose(scores.sum(-1), 1.0, atol=1e-4)
-    metrics = task.evaluate(np.stack([ex.mask for ex in test]), scores, ["cell", "membrane"],
-                            params.evaluate)
-    assert metrics["num_test_pixels"] == 6 * 512 * 512
-    assert metrics["pixel_accuracy"] > metrics["baseline"]["accuracy"]
+    truth = [ex.mask for ex in records.read_split(layout.prepared("segmentation"), "test")]
+    images = np.stack([ex.image for ex in records.read_split(layout.prepared("segmentation"),
+                                                              "test")]).astype(np.float32)
+    again = task.evaluate(np.stack(truth), task.predict(load_model(layout.model_file("unet")),
+                                                        images, 8, 0.25),
+                          ["background", "circle", "square", "triangle", "star"],
+                          params.evaluate)
+    for key in ("pixel_accuracy", "mean_iou", "loss"):
+        assert test[key] == pytest.approx(again[key], abs=1e-6)
+    rows = json.loads((layout.plots("unet") / "per_class.json").read_text())
+    assert [r["class"] for r in rows] == ["background", "circle", "square", "triangle", "star"]
+    for name in ("misclassified.png", "confusion.png", "confusion.json", "learning_curves.png"):
+        assert (layout.plots("unet") / name).stat().st_size > 0
 
 
 def test_exported_formats_keep_parity_and_serve_masks(membrane, tmp_path):
-    params, layout, _, model = membrane
+    params, layout, *_ = membrane
     out = tmp_path / "export"
     out.mkdir()
     report = export._export(params, "unet", layout, out)
