@@ -72,7 +72,6 @@ class ClassificationTask:
     """Softmax over classes; labels are one-hot so label smoothing works."""
 
     name = "classification"
-    monitors = ("val_loss", "val_accuracy")
 
     def to_model_io(self, num_classes: int):
         """Map a parsed record to (float image in 0..255, one-hot label)."""

@@ -174,7 +174,6 @@ class SegmentationTask:
     """Per-pixel softmax over classes; masks stay class ids (sparse) through the pipeline."""
 
     name = "segmentation"
-    monitors = ("val_loss", "val_accuracy", "val_mean_iou")
 
     def to_model_io(self, num_classes: int):
         """Map a parsed record to (float image in 0..255, int32 class-id mask)."""
