@@ -56,8 +56,8 @@ class PrepareConfig:
     path: str = "data/raw"
     images_dir: str = "images"
     masks_dir: str = "masks"
-    # Segmentation from pairs or tfds: mask pixel value -> class name, e.g. {0: cell,
-    # 255: membrane}; class ids follow this order. Other values in a mask are an error.
+    # Segmentation from pairs or tfds: mask pixel value -> class name, e.g. {255: cell,
+    # 0: membrane}; class ids follow this order. Other values in a mask are an error.
     mask_values: dict[int, str] | None = None
     image_size: tuple[int, int] = spec((64, 64), ge=8, le=4096)
     # How an image of another shape reaches image_size: stretch (ignore aspect ratio), pad
@@ -429,8 +429,8 @@ def _check_consistency(params: Params) -> None:
             if cfg.source in ("pairs", "tfds") and not cfg.mask_values and not (
                     cfg.source == "tfds" and cfg.tfds_name in KNOWN_MASK_VALUES):
                 raise ParamsError(f"params.yaml: {key}.mask_values = None: expected a mapping "
-                                  "of mask pixel value to class name, e.g. {0: cell, "
-                                  "255: membrane}")
+                                  "of mask pixel value to class name, e.g. {255: cell, "
+                                  "0: membrane}")
             if cfg.mask_values is not None:
                 bad = [v for v in cfg.mask_values if not 0 <= v <= 255]
                 if bad:
