@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from visionpipe import atomic
 from visionpipe.config import Params
 from visionpipe.data import records
 from visionpipe.layout import Layout
@@ -157,7 +158,4 @@ def render(params: Params, model_name: str, layout: Layout) -> str:
 
 
 def write_model_card(params: Params, model_name: str, layout: Layout) -> Path:
-    path = layout.model_card(model_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(params, model_name, layout), encoding="utf-8")
-    return path
+    return atomic.write_text(layout.model_card(model_name), render(params, model_name, layout))

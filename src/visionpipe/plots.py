@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import matplotlib
@@ -13,13 +12,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image, ImageDraw
 
+from visionpipe.atomic import atomic_path
+
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -98,10 +99,8 @@ def image_grid(tiles: list[np.ndarray], columns: int, path: Path, *, scale: int 
         r, c = divmod(i, columns)
         img = Image.fromarray(tile).resize((w * scale, h * scale), Image.NEAREST)
         grid.paste(img, (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp)
     return path
 
 

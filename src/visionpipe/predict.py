@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from visionpipe.atomic import atomic_path
 from visionpipe.data import records
 from visionpipe.data.sources.image_folder import Skipped, load_image
 from visionpipe.errors import DataError, ModelError
@@ -83,9 +84,8 @@ def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str
     output_dir.mkdir(parents=True, exist_ok=True)
     if render:
         for rec, image in zip(predictions, images, strict=True):
-            out = output_dir / "rendered" / f"{rec['file']}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            render_label(image, f"{rec['class_name']} {rec['score']:.2f}").save(out)
+            with atomic_path(output_dir / "rendered" / f"{rec['file']}.png") as tmp:
+                render_label(image, f"{rec['class_name']} {rec['score']:.2f}").save(tmp)
     result = {
         "model": meta.get("model"), "task": meta["task"], "format": fmt,
         "model_file": str(Path(export_dir) / FILES[fmt]), "input": str(input_dir),

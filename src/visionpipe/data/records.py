@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from visionpipe import atomic
 from visionpipe.data.example import Example
 from visionpipe.errors import DataError
 
@@ -135,10 +135,7 @@ def checksum(data_dir: Path, names: Iterable[str]) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary name and rename, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, data)
 
 
 def write_manifest(data_dir: Path, manifest: dict) -> dict:

@@ -22,12 +22,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from visionpipe.data.records import write_json
+from visionpipe.atomic import temporary_name, write_json, write_text
 from visionpipe.errors import DataError
 
 MEASURED, DISABLED, FAILED, PARTIAL = "measured", "disabled", "failed", "partial"
@@ -218,8 +219,10 @@ class track_emissions:
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> track_emissions:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # codecarbon appends to an existing CSV: start clean so it holds this run only
+        # codecarbon appends to an existing CSV: start clean so it holds this run only. It
+        # writes under a temporary name, renamed when it has finished (atomic.py).
         self.csv_path.unlink(missing_ok=True)
+        temporary_name(self.csv_path).unlink(missing_ok=True)
         if self.enabled:
             self._start()
         return self
@@ -233,11 +236,12 @@ class track_emissions:
         else:
             self.report = self._stop()
         write_json(self.json_path, self.report.to_dict())
+        temporary_name(self.csv_path).unlink(missing_ok=True)  # a failed run's partial rows
         if not self.csv_path.is_file():
             # dvc.yaml caches <stage>.csv: without codecarbon's rows, one saying why not.
-            self.csv_path.write_text("stage,status,reason\n" + ",".join(
+            write_text(self.csv_path, "stage,status,reason\n" + ",".join(
                 _csv_cell(v) for v in (self.stage, self.report.status, self.report.reason))
-                + "\n", encoding="utf-8")
+                + "\n")
         return False  # never swallow the block's exception
 
     # -- codecarbon ------------------------------------------------------------------------
@@ -271,7 +275,7 @@ class track_emissions:
                 experiment_name=self.stage,
                 measure_power_secs=self.measure_power_secs,
                 output_dir=str(self.out_dir),
-                output_file=self.csv_path.name,
+                output_file=temporary_name(self.csv_path).name,
                 output_methods=[OutputMethod.CSV],  # save_to_file=True, minus its deprecation
                 on_csv_write="append",
                 emissions_endpoint=False,            # no HTTP output even if configured
@@ -303,6 +307,8 @@ class track_emissions:
     def _stop(self) -> CarbonReport:
         try:
             self._tracker.stop()
+            if temporary_name(self.csv_path).is_file():
+                os.replace(temporary_name(self.csv_path), self.csv_path)
             data = getattr(self._tracker, "final_emissions_data", None)
             if data is None:  # stop() swallowed an exception before computing totals
                 self._fail(self._capture.reason() or "codecarbon produced no emissions data")
