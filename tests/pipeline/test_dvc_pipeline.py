@@ -5,9 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import hashlib
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +22,7 @@ from PIL import Image
 from visionpipe.data import records
 from visionpipe.models.saving import load_model
 
-from .conftest import EPOCHS, SPLITS, copy_repo, mlflow_server, rest, run, shrink
+from .conftest import EPOCHS, SPLITS, child_env, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +79,15 @@ def test_train_writes_model_history_and_checkpoints(repo):
     assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(rows[0])
     assert float(rows[0]["learning_rate"]) == pytest.approx(1e-3)
-    assert sorted(p.name for p in (repo / "models/mlp/checkpoints").iterdir()) == [
-        "best.keras", "last.keras"]
-    assert load_model(repo / "models/mlp/checkpoints/last.keras").count_params() == meta["params"]
+    state = json.loads((repo / "models/mlp/checkpoints/state.json").read_text())
+    assert state["finished"] and state["epochs_done"] == EPOCHS
+    assert state["last"] == f"epoch-{EPOCHS:04d}.keras"
+    assert meta["kept_epoch"] == state["best_epoch"]
+    assert sorted(p.name for p in (repo / "models/mlp/checkpoints").iterdir()) == sorted(
+        {"state.json", state["last"], state["best"]})
+    assert [float(r["val_loss"]) for r in rows] == state["history"]["val_loss"]
+    last = load_model(repo / "models/mlp/checkpoints" / state["last"])
+    assert last.count_params() == meta["params"]
 
 
 def test_metrics_match_a_recomputation(repo):
@@ -166,6 +176,67 @@ def test_training_again_with_the_same_params_gives_identical_weights(repo, tmp_p
     first = json.loads((repo / "models/mlp/model.json").read_text())
     again = json.loads((root / "models/mlp/model.json").read_text())
     assert first["deterministic"] is True and again == first
+
+
+def test_sigkill_mid_epoch_then_repro_resumes_from_the_last_checkpoint(repo, tmp_path):
+    """`dvc repro` killed (SIGKILL, the whole process group) half an epoch after epoch 2's
+    checkpoint: rerunning it trains epochs 3-6 only, from the persisted checkpoint, and ends
+    with a complete model and a 6-row history whose first rows are the killed run's."""
+    work = tmp_path / "work"
+    shutil.copytree(repo, work, symlinks=True)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    # Batches of one: epochs long enough (a few hundred steps) to be killed in the middle of.
+    params["models"]["mlp"]["train"].update(epochs=6, batch_size=1)
+    params["tracking"].update(mlflow=False, codecarbon=False)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state_file = work / "models/mlp/checkpoints/state.json"
+
+    def epochs_done() -> int:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):  # none yet, or the previous run's finished one
+            return 0
+        return 0 if state["finished"] else state["epochs_done"]
+
+    proc = subprocess.Popen(["dvc", "repro", "train@mlp"], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+    seen: dict[int, float] = {}
+    deadline = time.time() + 300
+    while epochs_done() < 2 and proc.poll() is None and time.time() < deadline:
+        seen.setdefault(epochs_done(), time.time())
+        time.sleep(0.01)
+    assert epochs_done() == 2, proc.communicate()[0].decode()[-3000:]
+    epoch_s = time.time() - seen.get(1, seen[0])
+    time.sleep(epoch_s / 2)  # into the middle of epoch 3
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed_output = proc.communicate()[0].decode()
+    assert proc.returncode == -signal.SIGKILL
+    killed = json.loads(state_file.read_text())
+    assert 2 <= killed["epochs_done"] < 6 and not killed["finished"], killed_output[-2000:]
+    assert "Epoch 6/6" not in killed_output
+    # Nothing half-written: the checkpoint folder holds the state and the files it names.
+    named = {"state.json", killed["last"], killed["best"]}
+    assert {p.name for p in state_file.parent.iterdir() if not p.name.startswith(".")} == named
+
+    result = run(["dvc", "repro", "train@mlp"], work)
+    assert result.returncode == 0, result.stdout[-3000:]
+    done = killed["epochs_done"]
+    assert (f"train@mlp: resuming from {state_file.parent}/epoch-{done:04d}.keras: {done} "
+            f"epoch(s) already done") in result.stdout
+    assert re.findall(r"Epoch (\d+)/6", result.stdout) == [str(e) for e in range(done + 1, 7)]
+    with open(work / "reports/train/mlp/history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    for key, values in killed["history"].items():
+        assert [float(r[key]) for r in rows[:done]] == values, key
+    meta = json.loads((work / "models/mlp/model.json").read_text())
+    assert meta["epochs"] == 6
+    model = load_model(work / "models/mlp/model.keras")
+    assert model.count_params() == meta["params"]
+    final = json.loads(state_file.read_text())
+    assert final["finished"] and final["epochs_done"] == 6
+    assert meta["kept_epoch"] == final["best_epoch"]
+    assert "up to date" in run(["dvc", "status", "train@mlp"], work).stdout
 
 
 def test_export_parity_report_and_files(repo):

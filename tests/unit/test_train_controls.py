@@ -6,7 +6,7 @@ import keras
 import pytest
 
 from visionpipe.config import TrainConfig
-from visionpipe.stages.train import best_epoch, learning_rate, make_optimizer
+from visionpipe.stages.train import learning_rate, make_optimizer
 
 STEPS = 10  # steps per epoch
 
@@ -59,9 +59,3 @@ def test_optimizer_with_weight_decay(name, cls, extra):
     assert isinstance(opt._learning_rate, keras.optimizers.schedules.CosineDecay)
     if name == "sgd":
         assert opt.momentum == pytest.approx(0.8)
-
-
-def test_best_epoch_is_the_first_best_like_keras_checkpoints():
-    assert best_epoch([0.9, 0.5, 0.5, 0.7], higher_is_better=False) == 1
-    assert best_epoch([0.6, 0.8, 0.8, 0.7], higher_is_better=True) == 1
-    assert best_epoch([0.3], higher_is_better=True) == 0

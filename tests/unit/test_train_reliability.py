@@ -1,6 +1,7 @@
-"""Training that diverges stops at once, says where and what to do, and keeps the last good
-checkpoint. (Run-to-run determinism is tested on the pipeline's own model, in
-tests/pipeline/test_dvc_pipeline.py.)"""
+"""Checkpoints that survive a kill, training that resumes from them, and training that
+diverges: it stops at once, says where and what to do, and keeps the last good checkpoint.
+(Run-to-run determinism and a SIGKILL under `dvc repro` are tested on the pipeline's own model,
+in tests/pipeline/test_dvc_pipeline.py.)"""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import keras
 import numpy as np
 import pytest
 
-from visionpipe.models.saving import load_model
 from visionpipe.config import TrainConfig
-from visionpipe.layout import Layout
+from visionpipe.models.saving import load_model
+from visionpipe.stages.checkpoints import (STATE_FILE, Checkpoints, EpochCheckpoint,
+                                           ResumableEarlyStopping, restore_weights)
 from visionpipe.stages.train import Diverged, DivergenceGuard, divergence_message
 
 
@@ -28,35 +30,179 @@ class _PoisonAtEpoch(keras.callbacks.Callback):
             self.model.set_weights([np.full_like(w, np.nan) for w in self.model.get_weights()])
 
 
+X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+Y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5)
+FIT = dict(batch_size=10, shuffle=False, verbose=0, validation_data=(X, Y))
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAt(keras.callbacks.Callback):
+    """Dies in the middle of epoch ``epoch`` (0-based), after batch ``batch``: what a SIGKILL
+    does to the Python side of training (nothing after it runs)."""
+
+    def __init__(self, epoch: int, batch: int = 1):
+        super().__init__()
+        self.epoch, self.batch = epoch, batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._now = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self._now, batch) == (self.epoch, self.batch):
+            raise _Killed
+
+
+def _model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax")])
+    # A schedule and Adam's moments: both must come back from the checkpoint.
+    model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+        0.05, 16)), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _train(folder, epochs=4, extra=(), model=None, initial_epoch=0, state=None):
+    ckpt = Checkpoints(folder, "fp-1", "val_loss")
+    state = state or ckpt.reset()
+    model = model or _model()
+    model.fit(X, Y, epochs=epochs, initial_epoch=initial_epoch,
+              callbacks=[EpochCheckpoint(ckpt, state, "min"), *extra], **FIT)
+    return model, ckpt
+
+
+def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    reference, ref_ckpt = _train(tmp_path / "reference")
+    with pytest.raises(_Killed):
+        _train(tmp_path / "run", extra=[_KillAt(epoch=2)])
+    ckpt = Checkpoints(tmp_path / "run", "fp-1", "val_loss")
+    state, why = ckpt.resumable()
+    assert state.epochs_done == 2 and state.last == "epoch-0002.keras"
+    assert why == f"resuming from {tmp_path}/run/epoch-0002.keras: 2 epoch(s) already done"
+    model = _model(seed=1)  # other initial weights: the checkpoint's must replace them
+    restore_weights(model, ckpt.folder / state.last)
+    assert int(model.optimizer.iterations) == 2 * 4  # 2 epochs of 4 batches: the schedule's step
+    _train(tmp_path / "run", model=model, initial_epoch=2, state=state)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    resumed, uninterrupted = ckpt.read_state(), ref_ckpt.read_state()
+    assert resumed.epochs_done == 4 and len(resumed.history["loss"]) == 4
+    for key, values in uninterrupted.history.items():
+        assert resumed.history[key] == pytest.approx(values, abs=1e-6), key
+
+
+def test_state_names_the_last_and_first_best_epoch_and_nothing_else_is_kept(tmp_path):
+    _, ckpt = _train(tmp_path, epochs=5)
+    state = ckpt.read_state()
+    val = state.history["val_loss"]
+    best = min(range(5), key=val.__getitem__) + 1
+    assert (state.last, state.best_epoch, state.best) == (
+        "epoch-0005.keras", best, f"epoch-{best:04d}.keras")
+    assert state.best_value == pytest.approx(val[best - 1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {STATE_FILE, state.last, state.best})
+    # The files are the epochs they claim: the best one scores its recorded val_loss.
+    kept = load_model(tmp_path / state.best)
+    kept.compile(loss="sparse_categorical_crossentropy")
+    assert kept.evaluate(X, Y, verbose=0, batch_size=10) == pytest.approx(val[best - 1],
+                                                                           rel=1e-5)
+
+
+def test_a_half_written_epoch_file_is_never_named_and_is_removed(tmp_path):
+    _, ckpt = _train(tmp_path, epochs=2)
+    # What a kill between the model file and state.json leaves: a complete file no state names,
+    # and a temporary one.
+    (tmp_path / "epoch-0003.keras").write_bytes(b"PK\x03\x04 cut short")
+    (tmp_path / ".epoch-0004.tmp.keras").write_bytes(b"PK")
+    state, _ = ckpt.resumable()
+    assert state.last == "epoch-0002.keras"
+    load_model(tmp_path / state.last)  # complete and loadable
+    ckpt.write(state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({STATE_FILE, state.best,
+                                                                 "epoch-0002.keras"})
+
+
+def test_other_params_a_finished_run_or_a_broken_state_start_at_epoch_1(tmp_path):
+    _, ckpt = _train(tmp_path, epochs=2)
+    other = Checkpoints(tmp_path, "fp-2", "val_loss").resumable()
+    assert other == (None, f"the checkpoints in {tmp_path} were made with other params or "
+                           "data; training starts at epoch 1")
+    assert Checkpoints(tmp_path, "fp-1", "val_accuracy").resumable()[0] is None
+    state = ckpt.read_state()
+    state.finished = True
+    ckpt.write(state)
+    assert ckpt.resumable() == (None, f"the checkpoints in {tmp_path} are from a finished run; "
+                                      "training again from epoch 1")
+    (tmp_path / STATE_FILE).write_text('{"fingerprint": ')
+    assert ckpt.resumable() == (None, f"{tmp_path / STATE_FILE} cannot be read; training "
+                                      "starts at epoch 1")
+    ckpt.reset()
+    assert list(tmp_path.iterdir()) == []
+    assert ckpt.resumable() == (None, "no checkpoint; training starts at epoch 1")
+
+
+def test_early_stopping_counts_across_a_resume(tmp_path):
+    """min_delta 100: no epoch after the first improves, so patience 2 stops after epoch 3,
+    interrupted or not."""
+    def stopper(restored=None):
+        return ResumableEarlyStopping(monitor="val_loss", patience=2, min_delta=100.0,
+                                      restored=restored)
+
+    early = stopper()
+    ckpt = Checkpoints(tmp_path / "a", "fp-1", "val_loss")
+    _model().fit(X, Y, epochs=8, callbacks=[early, EpochCheckpoint(ckpt, ckpt.reset(), "min",
+                                                                   early)], **FIT)
+    assert ckpt.read_state().epochs_done == 3
+
+    ckpt = Checkpoints(tmp_path / "b", "fp-1", "val_loss")
+    early = stopper()
+    with pytest.raises(_Killed):
+        _model().fit(X, Y, epochs=8, callbacks=[early, EpochCheckpoint(ckpt, ckpt.reset(),
+                                                                       "min", early),
+                                                _KillAt(epoch=2)], **FIT)
+    state, _ = ckpt.resumable()
+    assert state.epochs_done == 2 and state.early_stopping["wait"] == 1
+    model = _model()
+    restore_weights(model, ckpt.folder / state.last)
+    early = stopper(state.early_stopping)
+    model.fit(X, Y, epochs=8, initial_epoch=2,
+              callbacks=[early, EpochCheckpoint(ckpt, state, "min", early)], **FIT)
+    assert ckpt.read_state().epochs_done == 3
+
+
 def test_nan_loss_stops_at_its_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
-    y = np.arange(40) % 3
-    last = tmp_path / "last.keras"
+    model = _model()
     after_epoch_2 = []
     record = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: epoch == 1 and after_epoch_2.append(
             [w.copy() for w in model.get_weights()]))
+    ckpt = Checkpoints(tmp_path, "fp-1", "val_loss")
     with pytest.raises(Diverged) as info:
         # The guard comes first, as in train.run; the poison strikes as epoch 3 begins.
-        model.fit(x, y, batch_size=10, epochs=5, verbose=0, shuffle=False,
-                  callbacks=[DivergenceGuard(), record, keras.callbacks.ModelCheckpoint(
-                      str(last)), _PoisonAtEpoch(3)])
+        model.fit(X, Y, epochs=5, callbacks=[DivergenceGuard(), record, EpochCheckpoint(
+            ckpt, ckpt.reset(), "min"), _PoisonAtEpoch(3)], **FIT)
     assert (info.value.epoch, info.value.step) == (3, 1) and math.isnan(info.value.loss)
-    kept = load_model(last).get_weights()
+    state = ckpt.read_state()
+    assert state.epochs_done == 2 and not state.finished
+    kept = load_model(tmp_path / state.last).get_weights()
     assert all(np.isfinite(w).all() for w in kept)
     for a, b in zip(kept, after_epoch_2[0], strict=True):
         np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({STATE_FILE, state.last,
+                                                                 state.best})
 
 
 def test_divergence_message_names_epoch_step_key_and_checkpoint(tmp_path):
     cfg = TrainConfig(learning_rate=0.5)
-    late = divergence_message("mlp", cfg, Diverged(4, 17, float("inf")), Layout(tmp_path))
+    _, ckpt = _train(tmp_path, epochs=3)
+    late = divergence_message("mlp", cfg, Diverged(4, 17, float("inf")), tmp_path,
+                              ckpt.read_state())
     assert late == (f"train@mlp diverged: the loss became inf at epoch 4, step 17; lower "
                     f"models.mlp.train.learning_rate (now 0.5, e.g. to 0.05) or warm it up "
                     f"(lr_schedule: warmup_cosine); the last complete epoch (3) is kept in "
-                    f"{tmp_path}/models/mlp/checkpoints/last.keras")
-    early = divergence_message("mlp", cfg, Diverged(1, 2, float("nan")), Layout(tmp_path))
+                    f"{tmp_path}/epoch-0003.keras")
+    early = divergence_message("mlp", cfg, Diverged(1, 2, float("nan")), tmp_path, None)
     assert early.endswith("no epoch completed, so there is no checkpoint")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import math
-import os
-import shutil
+from pathlib import Path
 
 import keras
 
+from visionpipe import atomic
+from visionpipe.atomic import atomic_path
 from visionpipe.config import Params, TrainConfig
 from visionpipe.data import records
 from visionpipe.data.pipeline import model_dataset
@@ -15,6 +19,9 @@ from visionpipe.errors import ParamsError, TrainingDivergedError
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.models.saving import load_model
+from visionpipe.stages.checkpoints import (Checkpoints, EpochCheckpoint,
+                                           ResumableEarlyStopping, State, fingerprint,
+                                           restore_weights)
 from visionpipe.stages.common import measure_co2, set_seed
 from visionpipe.tasks import get_task
 from visionpipe.tracking.mlflow_runs import RunLogger
@@ -85,10 +92,11 @@ class DivergenceGuard(keras.callbacks.Callback):
             raise Diverged(self._epoch, batch + 1, loss)
 
 
-def divergence_message(model_name: str, cfg: TrainConfig, exc: Diverged, layout: Layout) -> str:
+def divergence_message(model_name: str, cfg: TrainConfig, exc: Diverged, folder: Path,
+                       state: State | None) -> str:
     """What happened, where, and what to do, on one line."""
-    last = layout.checkpoints(model_name) / "last.keras"
-    kept = (f"the last complete epoch ({exc.epoch - 1}) is kept in {last}" if exc.epoch > 1
+    kept = (f"the last complete epoch ({state.epochs_done}) is kept in {folder / state.last}"
+            if state is not None and state.last
             else "no epoch completed, so there is no checkpoint")
     return (f"train@{model_name} diverged: the loss became {exc.loss} at epoch {exc.epoch}, "
             f"step {exc.step}; lower models.{model_name}.train.learning_rate (now "
@@ -96,10 +104,15 @@ def divergence_message(model_name: str, cfg: TrainConfig, exc: Diverged, layout:
             f"(lr_schedule: warmup_cosine); {kept}")
 
 
-def best_epoch(values: list[float], *, higher_is_better: bool) -> int:
-    """Index of the first best value: the epoch Keras' save_best_only checkpoint holds."""
-    pick = max if higher_is_better else min
-    return pick(range(len(values)), key=values.__getitem__)
+def write_history(path: Path, history: dict[str, list[float]]) -> None:
+    """history.csv as Keras' CSVLogger writes it: epoch, then the logged keys sorted."""
+    keys = sorted(history)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["epoch", *keys])
+    for epoch in range(len(history[keys[0]]) if keys else 0):
+        writer.writerow([epoch, *(history[k][epoch] for k in keys)])
+    atomic.write_text(path, buf.getvalue())
 
 
 def run(params: Params, model_name: str, layout: Layout) -> dict:
@@ -135,46 +148,51 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     model.summary(print_fn=lambda line, **_: print(line))
 
     mode = "min" if t.monitor == "val_loss" else "max"
-    ckpt_dir = layout.checkpoints(model_name)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt_dir.mkdir(parents=True)
-    history_path = layout.history(model_name)
-    history_path.parent.mkdir(parents=True, exist_ok=True)
-    callbacks = [
-        DivergenceGuard(),
-        LearningRateLogger(),
-        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.keras")),
-        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "best.keras"), monitor=t.monitor,
-                                        mode=mode, save_best_only=True),
-        keras.callbacks.CSVLogger(str(history_path)),
-    ]
+    ckpt = Checkpoints(layout.checkpoints(model_name), fingerprint(
+        seed=params.seed, family=cfg.family, task=cfg.task, architecture=cfg.architecture,
+        train=dataclasses.asdict(t), train_data=manifest["checksum"],
+        val_data=val_manifest["checksum"]), t.monitor)
+    state, why = ckpt.resumable()
+    print(f"train@{model_name}: {why}", flush=True)
+    if state is None:
+        state = ckpt.reset()
+    else:
+        restore_weights(model, ckpt.folder / state.last)
+    early = None
     if t.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor,
-                                                       patience=t.early_stopping_patience,
-                                                       min_delta=t.early_stopping_min_delta,
-                                                       mode=mode, verbose=1))
+        early = ResumableEarlyStopping(monitor=t.monitor, patience=t.early_stopping_patience,
+                                       min_delta=t.early_stopping_min_delta, mode=mode,
+                                       verbose=1, restored=state.early_stopping)
+    callbacks = [DivergenceGuard(), LearningRateLogger(), *([early] if early else []),
+                 EpochCheckpoint(ckpt, state, mode, early)]
     run = RunLogger(params, model_name, layout).start()
     if run.client is not None:
         callbacks.append(run.keras_callback())
+        for epoch in range(state.epochs_done):  # the epochs a killed run completed
+            run.log_metrics({k: v[epoch] for k, v in state.history.items()}, step=epoch,
+                            what="epoch metrics")
     try:
         with measure_co2(params, layout, model_name, "train"), run.system_metrics():
-            history = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
-                                callbacks=callbacks, verbose=2)
+            stopped = early is not None and state.early_stopping is not None and (
+                state.early_stopping["wait"] >= t.early_stopping_patience)
+            if state.epochs_done < t.epochs and not stopped:
+                model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
+                          initial_epoch=state.epochs_done, callbacks=callbacks, verbose=2)
     except Diverged as exc:
         if run.client is not None and run.run_id is not None:
             run.call("run status", "set_terminated", run.run_id, "FAILED")
-        raise TrainingDivergedError(divergence_message(model_name, t, exc, layout)) from None
+        raise TrainingDivergedError(
+            divergence_message(model_name, t, exc, ckpt.folder, ckpt.read_state())) from None
 
-    final = history.history
+    final = state.history
+    write_history(layout.history(model_name), final)
     if t.restore_best:
-        model = load_model(ckpt_dir / "best.keras")
-        best = best_epoch(final[t.monitor], higher_is_better=t.monitor != "val_loss")
+        model = load_model(ckpt.folder / state.best)
+        best = state.best_epoch - 1
     else:
-        best = len(final["loss"]) - 1
-    model_path = layout.model_file(model_name)
-    tmp = model_path.with_name("model.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, model_path)
+        best = state.epochs_done - 1
+    with atomic_path(layout.model_file(model_name)) as tmp:
+        model.save(tmp)
     meta = {
         "name": model_name,
         "family": cfg.family,
@@ -195,6 +213,10 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         "kept_epoch_metrics": {k: float(v[best]) for k, v in final.items()},
     }
     records.write_json(layout.model_meta(model_name), meta)
+    # Last: a kill before this line leaves an unfinished state, and the rerun only rewrites
+    # the outputs above (no epoch left to train); after it, a rerun trains from epoch 1.
+    state.finished = True
+    ckpt.write(state)
     log_train(run, model, live_epochs=run.client is not None)
     run.finish("train")
     return meta
