@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from visionpipe.config import Params, PrepareConfig
-from visionpipe.data import records
+from visionpipe.data import archive, records
 from visionpipe.data.example import Example
 from visionpipe.data.sources import image_folder, tfds_source
 from visionpipe.errors import DataError
@@ -152,8 +152,7 @@ def _catalog_splits(cfg: PrepareConfig, seed: int, task: str):
 def _pairs_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
     from visionpipe.data.sources import mask_folder
 
-    folder = Path(cfg.path)
-    folder = folder if folder.is_absolute() else root / folder
+    folder = archive.source_folder(cfg.path, root)
     names, examples, skipped = mask_folder.load_pairs(
         folder, cfg.mask_values, images=cfg.images_dir, masks=cfg.masks_dir,
         shown_root=cfg.path,
@@ -177,8 +176,7 @@ def crops(example: Example, size: tuple[int, int]) -> Iterator[Example]:
 
 
 def _folder_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
-    folder = Path(cfg.path)
-    folder = folder if folder.is_absolute() else root / folder
+    folder = archive.source_folder(cfg.path, root)
     names, examples, skipped = image_folder.load_folder(
         folder, tuple(cfg.image_size), cfg.resize, shown_root=cfg.path,
         progress=lambda files: tqdm(files, desc=f"prepare {task}/read", unit="file"))
@@ -246,6 +244,7 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                     class_counts[split] = {n: counter.get(n, 0) for n in names}
                 if pixels.any():
                     class_pixels[split] = dict(zip(names, pixels.tolist(), strict=True))
+            warnings = absent_classes(task, names, class_counts, class_pixels)
             manifest = {
                 "task": task,
                 "source": source,
@@ -261,6 +260,7 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                             "by_reason": dict(Counter(_reason_kind(x["reason"])
                                                       for x in skipped)),
                             "items": skipped},
+                "warnings": warnings,
                 "resize": cfg.resize,
                 "shard_size": cfg.shard_size,
                 "splits": manifest_splits,
@@ -270,10 +270,35 @@ def run(params: Params, task: str, layout: Layout) -> dict:
     records.write_json(report, {
         "task": task, "source": source, "counts": manifest["counts"],
         "class_counts": class_counts, **({"class_pixels": class_pixels} if class_pixels else {}),
-        "skipped": manifest["skipped"],
+        "skipped": manifest["skipped"], "warnings": warnings,
         "checksum": manifest["checksum"]})
     _report_skipped(task, skipped, report.relative_to(layout.root))
+    for line in warnings:
+        print(f"prepare {task}: warning: {line}", file=sys.stderr)
     return manifest
+
+
+def absent_classes(task: str, names: list[str], class_counts: dict, class_pixels: dict
+                   ) -> list[str]:
+    """One line per split missing some class. A classification class with no training image
+    is an error: the model could never predict it. Elsewhere it is a warning: that class's
+    validation or test figures are not measured."""
+    found = class_counts if task == "classification" else class_pixels
+    unit = "image" if task == "classification" else "pixel"
+    lines = []
+    for split, counts in found.items():
+        missing = [n for n in names if not counts.get(n)]
+        if not missing:
+            continue
+        if split == "train" and task == "classification":
+            raise DataError(f"prepare.{task}: no training image of class(es) "
+                            f"{', '.join(missing)}: the model could never predict them; add "
+                            f"images of them, or give train a larger share in "
+                            f"prepare.{task}.splits")
+        lines.append(f"split '{split}' has no {unit} of class(es) {', '.join(missing)}; "
+                     f"their {split} figures will not be measured (more images, or a larger "
+                     f"{split} share in prepare.{task}.splits)")
+    return lines
 
 
 def _reason_kind(reason: str) -> str:
