@@ -399,6 +399,13 @@ def parse_dataclass(cls: type, data: Any, path: str = "") -> Any:
 
 
 def _check_consistency(params: Params) -> None:
+    uri = params.tracking.uri or ""
+    if "@" in uri.partition("://")[2].partition("/")[0]:
+        raise ParamsError("params.yaml: tracking.uri: holds credentials (user@ or "
+                          "user:password@); params are committed and logged, so put them in "
+                          "the environment instead: MLFLOW_TRACKING_USERNAME and "
+                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), and give the "
+                          "URI without them")
     for task in params.prepare:
         if task not in TASKS:
             raise ParamsError(f"params.yaml: prepare.{task}: unknown task; allowed: "

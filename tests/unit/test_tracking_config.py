@@ -61,3 +61,41 @@ def test_every_model_is_a_dvc_artifact(repo_root):
         assert artifacts[name]["type"] == "model"
         assert artifacts[name]["path"] == f"models/{name}/export"
         assert artifacts[name]["labels"]
+
+
+def test_credentials_in_params_are_refused_without_echoing_them(default_params_dict):
+    import pytest
+
+    from visionpipe.errors import ParamsError
+
+    for uri in ("https://alice:s3cret@mlflow.example.com", "http://alice@127.0.0.1:5000/x"):
+        with pytest.raises(ParamsError) as err:
+            _params(default_params_dict, uri=uri)
+        message = str(err.value)
+        assert message.startswith("params.yaml: tracking.uri: holds credentials")
+        assert "MLFLOW_TRACKING_USERNAME" in message and "MLFLOW_TRACKING_PASSWORD" in message
+        assert "s3cret" not in message and "alice" not in message
+    # An @ in the path or query is not a credential.
+    assert _params(default_params_dict, uri="http://127.0.0.1:5000/a@b").tracking.uri
+
+
+def test_credentials_from_the_environment_never_reach_the_logs_or_run_file(
+        default_params_dict, tmp_path, monkeypatch, capsys):
+    """A real RunLogger against an unreachable server whose URI carries a password."""
+    import json
+
+    from visionpipe.tracking.mlflow_runs import RunLogger, redact
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert redact("at http://alice:s3cret@127.0.0.1:1/api", "http://alice:s3cret@127.0.0.1:1") \
+        == "at http://***@127.0.0.1:1/api"
+    params = _params(default_params_dict)
+    run = RunLogger(params, "mlp", Layout(tmp_path)).start()
+    assert run.client is None and run.uri == "http://alice:s3cret@127.0.0.1:1"
+    run.finish("train")
+    err = capsys.readouterr().err
+    assert "visionpipe: warning: MLflow at http://***@127.0.0.1:1 not reachable" in err
+    state_text = (tmp_path / "models/mlp/mlflow_run.json").read_text()
+    assert json.loads(state_text)["tracking_uri"] == "http://***@127.0.0.1:1"
+    assert "s3cret" not in err + state_text and "alice" not in err + state_text

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -32,6 +33,13 @@ RUN_FILE = "mlflow_run.json"
 def project_root(layout: Layout) -> Path:
     """The repository that owns mlflow.db: DVC_ROOT inside `dvc exp run --temp`/queues."""
     return Path(os.environ.get("DVC_ROOT") or layout.root).resolve()
+
+
+def redact(text: str, uri: str) -> str:
+    """``text`` with the ``user:password`` part of ``uri`` (from MLFLOW_TRACKING_URI) shown as
+    ``***``: credentials never reach logs, run files or MLflow."""
+    userinfo = urlsplit(uri).netloc.rpartition("@")[0]
+    return text.replace(f"{userinfo}@", "***@") if userinfo else text
 
 
 def tracking_uri(params: Params, layout: Layout) -> str:
@@ -123,6 +131,7 @@ class RunLogger:
         self.cfg = params.model(model_name)
         self.enabled = params.tracking.mlflow
         self.uri = tracking_uri(params, layout)
+        self.shown_uri = redact(self.uri, self.uri)  # what is printed and written
         self.experiment = f"{params.tracking.experiment_prefix}-{self.cfg.task}"
         self.run_file = layout.model_dir(model_name) / RUN_FILE
         self.client = None
@@ -169,7 +178,7 @@ class RunLogger:
             run = self.client.create_run(exp_id, run_name=run_name, tags=self._tags())
             self.run_id = run.info.run_id
             self.state = {"run_id": self.run_id, "experiment": self.experiment,
-                          "experiment_id": exp_id, "tracking_uri": self.uri}
+                          "experiment_id": exp_id, "tracking_uri": self.shown_uri}
         except Exception as exc:  # noqa: BLE001
             self._fail("the run itself", exc)
         return self
@@ -196,10 +205,11 @@ class RunLogger:
             self.state = json.loads(self.run_file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             self.state = {}
-        if self.state.get("status") != "logged" or self.state.get("tracking_uri") != self.uri:
+        if (self.state.get("status") != "logged"
+                or self.state.get("tracking_uri") != self.shown_uri):
             self.not_logged.append("this stage (the run is not in MLflow)")
             self.error = (f"train's run is {self.state.get('status', 'missing')} at "
-                          f"{self.state.get('tracking_uri', self.uri)}")
+                          f"{self.state.get('tracking_uri', self.shown_uri)}")
             return self
         try:
             self._connect()
@@ -226,7 +236,7 @@ class RunLogger:
 
     def _fail(self, what: str, exc: BaseException) -> None:
         self.not_logged.append(what)
-        self.error = self.error or _short(exc)
+        self.error = self.error or redact(_short(exc), self.uri)
         self.client = None
 
     def finish(self, stage: str) -> dict:
@@ -239,13 +249,13 @@ class RunLogger:
         stages = dict(self.state.get("stages", {}))
         stages[stage] = "logged" if ok else "pending"
         status = "logged" if ok and self.state.get("status", "logged") == "logged" else "pending"
-        self.state.update({"tracking_uri": self.uri, "experiment": self.experiment,
+        self.state.update({"tracking_uri": self.shown_uri, "experiment": self.experiment,
                            "status": status, "stages": stages})
         if not ok:
             missing = list(dict.fromkeys(self.not_logged))
             self.state["not_logged"] = sorted(set(self.state.get("not_logged", []))
                                               | {f"{stage}: {w}" for w in missing})
-            print(f"visionpipe: warning: MLflow at {self.uri} not reachable ({self.error}); "
+            print(f"visionpipe: warning: MLflow at {self.shown_uri} not reachable ({self.error}); "
                   f"not logged for {self.model_name} {stage}: {', '.join(missing)}. "
                   f"Local files are complete; replay with "
                   f"`visionpipe log --model {self.model_name}`.", file=sys.stderr)
