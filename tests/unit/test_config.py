@@ -98,7 +98,8 @@ def test_model_task_needs_a_prepare_section(default_params_dict):
 @pytest.mark.parametrize("edits, expected", [
     ({"models.mlp.train.min_learning_rate": 0.01},
      "models.mlp.train.min_learning_rate = 0.01: expected at most learning_rate (0.001)"),
-    ({"models.mlp.train.lr_schedule": "warmup_cosine", "models.mlp.train.warmup_epochs": 12},
+    ({"models.mlp.train.lr_schedule": "warmup_cosine", "models.mlp.train.epochs": 12,
+      "models.mlp.train.warmup_epochs": 12},
      "models.mlp.train.warmup_epochs = 12.0: expected fewer than epochs (12)"),
     ({"models.mlp.train.lr_schedule": "exponential"},
      "lr_schedule = 'exponential': expected one of 'constant', 'step', 'cosine', "

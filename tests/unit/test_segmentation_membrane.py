@@ -50,7 +50,7 @@ def membrane(tmp_path_factory, default_params_dict, datasets_dir):
     model = create_model("unet", (128, 128, 3), 2, ARCH)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=task.loss(
         TrainConfig(loss="ce_dice"), 2))
-    model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)
     layout.model_dir("unet").mkdir(parents=True, exist_ok=True)
     model.save(layout.model_file("unet"))
     return params, layout, manifest, model

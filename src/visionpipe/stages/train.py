@@ -176,7 +176,8 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
             stopped = early is not None and state.early_stopping is not None and (
                 state.early_stopping["wait"] >= t.early_stopping_patience)
             if state.epochs_done < t.epochs and not stopped:
-                model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
+                # shuffle=False: the dataset shuffles itself (Keras would warn it ignores it).
+                model.fit(train_ds, validation_data=val_ds, epochs=t.epochs, shuffle=False,
                           initial_epoch=state.epochs_done, callbacks=callbacks, verbose=2)
     except Diverged as exc:
         if run.client is not None and run.run_id is not None:

@@ -295,6 +295,8 @@ class RunLogger:
         return out
 
     def log_params(self, values: dict[str, Any]) -> None:
+        if not self.enabled:  # tracking off: not even MLflow's import (seconds)
+            return
         from mlflow.entities import Param
 
         items = [Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v))
@@ -303,6 +305,8 @@ class RunLogger:
             self.call("params", "log_batch", self.run_id, params=items[start:start + 100])
 
     def log_metrics(self, values: dict[str, float], step: int = 0, what: str = "metrics") -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
