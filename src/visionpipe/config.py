@@ -47,15 +47,21 @@ class SplitSizes:
 class PrepareConfig:
     """prepare.<task>: where a task's data comes from and how it is split and stored."""
 
-    source: Literal["shapes", "tfds", "folder", "pairs"] = "shapes"
+    source: Literal["shapes", "tfds", "folder", "pairs", "voc"] = "shapes"
     tfds_name: str | None = None
     tfds_data_dir: str | None = None
     # folder: one sub-folder per class; pairs: path/<images_dir>/<name>.png with
-    # path/<masks_dir>/<name>.png. Relative paths start at the project root. dvc.yaml lists
-    # it as prepare's dependency, so it must exist even for the other sources.
+    # path/<masks_dir>/<name>.png; voc: path/<images_dir>/<name>.jpg with PASCAL VOC XML
+    # path/<annotations_dir>/<name>.xml. Relative paths start at the project root; a .zip or
+    # .tar(.gz) is extracted first. dvc.yaml lists it as prepare's dependency, so it must exist
+    # even for the other sources.
     path: str = "data/raw"
     images_dir: str = "images"
     masks_dir: str = "masks"
+    annotations_dir: str = "annotations"
+    # Detection from voc: the classes, in id order (an object of another class is an error);
+    # null: the sorted names found in the annotation files.
+    class_names: tuple[str, ...] | None = spec(None, min_len=1)
     # Segmentation from pairs or tfds: mask pixel value -> class name, e.g. {255: cell,
     # 0: membrane}; class ids follow this order. Other values in a mask are an error.
     mask_values: dict[int, str] | None = None
@@ -432,6 +438,15 @@ def _check_consistency(params: Params) -> None:
         if cfg.source == "pairs" and task != "segmentation":
             raise ParamsError(f"params.yaml: {key}.source = 'pairs': image/mask pairs are "
                               f"segmentation data, not {task}")
+        if cfg.source == "voc" and task != "detection":
+            raise ParamsError(f"params.yaml: {key}.source = 'voc': PASCAL VOC boxes are "
+                              f"detection data, not {task}")
+        if cfg.class_names is not None and cfg.source != "voc":
+            _fail(f"{key}.class_names", list(cfg.class_names), "null: a class list is read "
+                  "from the data for sources other than voc")
+        if task == "detection" and cfg.resize == "crop":
+            _fail(f"{key}.resize", cfg.resize, "'pad' (letterbox, keeps the aspect ratio) or "
+                  "'stretch' for detection: a crop would cut boxes")
         if task == "segmentation":
             if cfg.source in ("pairs", "tfds") and not cfg.mask_values and not (
                     cfg.source == "tfds" and cfg.tfds_name in KNOWN_MASK_VALUES):

@@ -185,6 +185,36 @@ def _folder_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
     return source, names, _resplit(examples, cfg, seed, task), [s.to_dict() for s in skipped]
 
 
+def _voc_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
+    """PASCAL VOC folders: images at their stored orientation (the boxes' frame), fitted to
+    image_size by ``resize`` (pad: letterbox) with the boxes moved to match."""
+    from visionpipe.data.sources import voc
+
+    folder = archive.source_folder(cfg.path, root)
+    data = voc.load_voc(folder / cfg.images_dir, folder / cfg.annotations_dir, cfg.class_names,
+                        shown_root=cfg.path)
+    size = tuple(cfg.image_size)
+    skipped, examples = list(data.skipped), []
+    for sample in tqdm(data.samples, desc=f"prepare {task}/read", unit="image"):
+        try:
+            image = image_folder.decode(sample.image, image_folder.to_uint8_rgb)
+        except DataError as exc:  # the header read, the pixels did not
+            skipped.append(image_folder.Skipped(f"{cfg.path}/{cfg.images_dir}/"
+                                                f"{sample.image.name}", str(exc)))
+            continue
+        hw = image.shape[:2]
+        examples.append(Example(
+            id=sample.id, image=image_folder.fit_to_size(image, size, cfg.resize),
+            boxes=np.clip(image_folder.fit_boxes(sample.boxes, hw, size, cfg.resize), 0,
+                          np.array([size[1], size[0]] * 2, np.float32)),
+            box_labels=sample.class_ids.astype(np.int32)))
+    source = {"kind": "voc", "name": folder.name, "path": cfg.path, "seed": seed,
+              "annotations": data.counts, "dropped_boxes": data.dropped,
+              "difficult_boxes_kept": int(sum(s.difficult.sum() for s in data.samples))}
+    return (source, data.class_names, _resplit(examples, cfg, seed, task),
+            [s.to_dict() for s in skipped])
+
+
 def _report_skipped(task: str, skipped: list[dict], report: Path) -> None:
     if not skipped:
         return
@@ -210,6 +240,8 @@ def run(params: Params, task: str, layout: Layout) -> dict:
         elif cfg.source == "pairs":
             source, names, splits, skipped = _pairs_splits(cfg, params.seed, task,
                                                            layout.root)
+        elif cfg.source == "voc":
+            source, names, splits, skipped = _voc_splits(cfg, params.seed, task, layout.root)
         else:
             source, names, splits = _catalog_splits(cfg, params.seed, task)
         crop = tuple(cfg.crop_size) if cfg.crop_size else None
@@ -227,6 +259,8 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                         ex = keep_targets(ex, task)
                         if ex.label is not None:
                             counter[names[ex.label]] += 1
+                        if ex.box_labels is not None:  # detection: boxes per class
+                            counter.update(names[i] for i in ex.box_labels)
                         for part in (crops(ex, crop) if cut else [ex]):
                             if part.mask is not None:
                                 pixels += np.bincount(part.mask.ravel(),
@@ -280,18 +314,18 @@ def run(params: Params, task: str, layout: Layout) -> dict:
 
 def absent_classes(task: str, names: list[str], class_counts: dict, class_pixels: dict
                    ) -> list[str]:
-    """One line per split missing some class. A classification class with no training image
-    is an error: the model could never predict it. Elsewhere it is a warning: that class's
-    validation or test figures are not measured."""
-    found = class_counts if task == "classification" else class_pixels
-    unit = "image" if task == "classification" else "pixel"
+    """One line per split missing some class. A class with no training image (classification)
+    or box (detection) is an error: the model could never predict it. Elsewhere it is a
+    warning: that class's validation or test figures are not measured."""
+    found = class_pixels if task == "segmentation" else class_counts
+    unit = {"classification": "image", "detection": "box"}.get(task, "pixel")
     lines = []
     for split, counts in found.items():
         missing = [n for n in names if not counts.get(n)]
         if not missing:
             continue
-        if split == "train" and task == "classification":
-            raise DataError(f"prepare.{task}: no training image of class(es) "
+        if split == "train" and task != "segmentation":
+            raise DataError(f"prepare.{task}: no training {unit} of class(es) "
                             f"{', '.join(missing)}: the model could never predict them; add "
                             f"images of them, or give train a larger share in "
                             f"prepare.{task}.splits")

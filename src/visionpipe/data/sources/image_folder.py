@@ -34,7 +34,7 @@ class Skipped:
         return {"path": self.path, "reason": self.reason}
 
 
-def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
+def to_uint8_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode as uint8 (H, W, 3): 16-bit and 32-bit grey are scaled, alpha dropped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
@@ -71,7 +71,26 @@ def decode(path: Path, convert) -> np.ndarray:
 
 def load_image(path: Path) -> np.ndarray:
     """Decode ``path`` as upright uint8 RGB; raises DataError saying what is wrong."""
-    return decode(path, lambda img: _to_uint8_rgb(ImageOps.exif_transpose(img)))
+    return decode(path, lambda img: to_uint8_rgb(ImageOps.exif_transpose(img)))
+
+
+def resize_geometry(hw: tuple[int, int], size: tuple[int, int], policy: str
+                    ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where ``fit_to_size`` puts an image of (height, width) ``hw``: the size it is resized
+    to, and the (top, left) of that resized image in the output (negative when cropped)."""
+    th, tw = size
+    h, w = hw
+    if policy == "stretch":
+        return (th, tw), (0, 0)
+    if policy == "pad":
+        scale = min(th / h, tw / w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        return (nh, nw), ((th - nh) // 2, (tw - nw) // 2)
+    if policy == "crop":
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        return (nh, nw), (-((nh - th) // 2), -((nw - tw) // 2))
+    raise ValueError(f"unknown resize policy {policy!r}; known: {', '.join(RESIZE_POLICIES)}")
 
 
 def fit_to_size(image: np.ndarray, size: tuple[int, int], policy: str) -> np.ndarray:
@@ -80,23 +99,24 @@ def fit_to_size(image: np.ndarray, size: tuple[int, int], policy: str) -> np.nda
     h, w = image.shape[:2]
     if (h, w) == (th, tw):
         return image
-    pil = Image.fromarray(image)
-    if policy == "stretch":
-        return np.asarray(pil.resize((tw, th), Image.BILINEAR))
+    (nh, nw), (top, left) = resize_geometry((h, w), size, policy)
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
     if policy == "pad":
-        scale = min(th / h, tw / w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         out = np.zeros((th, tw, 3), np.uint8)
-        top, left = (th - nh) // 2, (tw - nw) // 2
-        out[top:top + nh, left:left + nw] = np.asarray(pil.resize((nw, nh), Image.BILINEAR))
+        out[top:top + nh, left:left + nw] = resized
         return out
-    if policy == "crop":
-        scale = max(th / h, tw / w)
-        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-        resized = np.asarray(pil.resize((nw, nh), Image.BILINEAR))
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        return resized[top:top + th, left:left + tw]
-    raise ValueError(f"unknown resize policy {policy!r}; known: {', '.join(RESIZE_POLICIES)}")
+    return resized[-top:-top + th, -left:-left + tw]
+
+
+def fit_boxes(boxes: np.ndarray, hw: tuple[int, int], size: tuple[int, int], policy: str
+              ) -> np.ndarray:
+    """Boxes ``[x_min, y_min, x_max, y_max]`` in pixels of an (height, width) ``hw`` image,
+    moved to where ``fit_to_size(image, size, policy)`` puts those pixels (not clipped)."""
+    h, w = hw
+    (nh, nw), (top, left) = resize_geometry(hw, size, policy)
+    scale = np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+    offset = np.array([left, top, left, top], np.float32)
+    return np.asarray(boxes, np.float32).reshape(-1, 4) * scale + offset
 
 
 def _display(root: Path, shown_root: str, path: Path) -> str:
