@@ -46,17 +46,19 @@ def to_uint8_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def decode(path: Path, convert) -> np.ndarray:
+def decode(path: Path, convert, *, load: bool = True):
     """Open ``path`` with PIL and return ``convert(image)``; a file that cannot be decoded
     (empty, not an image, corrupt, truncated, a decompression bomb) is a DataError saying so.
-    DataErrors raised by ``convert`` pass through."""
+    DataErrors raised by ``convert`` pass through. ``load=False`` reads the header only
+    (size and mode): a truncated file passes then."""
     if path.stat().st_size == 0:
         raise DataError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.load()  # truncated or corrupt data fails here, not at open
+                if load:
+                    img.load()  # truncated or corrupt data fails here, not at open
                 return convert(img)
     except DataError:
         raise

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,9 +44,8 @@ from defusedxml import (
     EntitiesForbidden,
     ExternalReferenceForbidden,
 )
-from PIL import Image
 
-from visionpipe.data.sources.image_folder import Skipped, _display
+from visionpipe.data.sources.image_folder import Skipped, _display, decode
 from visionpipe.data.sources.mask_folder import MAX_LISTED, _list_folder, image_extensions
 from visionpipe.errors import DataError
 
@@ -216,22 +214,7 @@ def parse_annotation(path: str | os.PathLike, *, shown: str | None = None) -> An
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) as stored, read from the header without decoding the pixels."""
-    try:
-        if path.stat().st_size == 0:
-            raise DataError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return img.size
-    except DataError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise DataError("not an image PIL can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError("image too large (PIL decompression-bomb limit)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        detail = " ".join(str(exc).split())[:120] or type(exc).__name__
-        raise DataError(f"corrupt image: {detail}") from None
+    return decode(path, lambda img: img.size, load=False)
 
 
 def _list_annotations(folder: Path, root: Path, shown: str, same_folder: bool,
