@@ -51,47 +51,9 @@ def test_unreachable_backend_finishes_with_one_warning_per_stage(offline_repo):
     assert not (repo / "mlflow.db").exists()
 
 
-def test_replay_logs_everything_from_local_files(offline_repo):
-    repo, _ = offline_repo
-    result = run(["visionpipe", "log", "--model", "mlp"], repo)
-    assert result.returncode == 0, result.stdout[-3000:]
-    match = re.search(r"logged mlp to sqlite:///\S+: experiment visionpipe-classification, "
-                      r"run ([0-9a-f]{32})", result.stdout)
-    assert match, result.stdout[-2000:]
-    run_id = match.group(1)
-    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
-    assert state["status"] == "logged" and state["run_id"] == run_id
-    metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
-    with mlflow_server(repo) as base:
-        got = rest(base, "runs/get", run_id=run_id)["run"]
-        values = {m["key"]: m["value"] for m in got["data"]["metrics"]}
-        assert values["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
-        assert values["co2.train.emissions_kg"] > 0
-        params = {p["key"]: p["value"] for p in got["data"]["params"]}
-        assert params["model.train.epochs"] == str(EPOCHS)
-        history = rest(base, "metrics/get-history", run_id=run_id, metric_key="val_loss")
-        assert sorted(m["step"] for m in history["metrics"]) == list(range(EPOCHS))
-        top = {f["path"] for f in rest(base, "artifacts/list", run_id=run_id)["files"]}
-        assert {"model", "train", "evaluate", "export", "emissions"} <= top
-        versions = rest(base, "model-versions/search", filter="name='visionpipe-mlp'")
-        assert [v["run_id"] for v in versions["model_versions"]] == [run_id]
-
-
-def test_unreachable_replay_says_so_and_keeps_the_run_pending(offline_repo, tmp_path):
-    repo, _ = offline_repo
-    before = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
-    assert before["status"] == "logged"  # from the replay above
-    result = run(["visionpipe", "log", "--model", "mlp"], repo, MLFLOW_TRACKING_URI=UNREACHABLE)
-    assert result.returncode == 2
-    assert "visionpipe: error: MLflow at http://127.0.0.1:1 still not reachable" in result.stdout
-    assert "Traceback" not in result.stdout
-    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
-    assert state["status"] == "pending" and state["tracking_uri"] == UNREACHABLE
-    assert "replay: the run itself" in state["not_logged"]
-
-
-def test_concurrent_runs_share_one_sqlite_database(offline_repo, tmp_path):
-    """Two loggers start together on a fresh database, as two queued experiments would."""
+def test_two_replays_at_once_log_everything_from_local_files(offline_repo, tmp_path):
+    """`visionpipe log` replays the offline run from the local files. Two start together on a
+    fresh database, as two queued experiments would: both runs are complete."""
     repo, _ = offline_repo
     db = tmp_path / "shared.db"
     env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}")
@@ -100,8 +62,15 @@ def test_concurrent_runs_share_one_sqlite_database(offline_repo, tmp_path):
              for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
-    run_ids = {re.search(r"run ([0-9a-f]{32})", o).group(1) for o in outputs}
+    pattern = (rf"logged mlp to sqlite:///{re.escape(str(db))}: experiment "
+               r"visionpipe-classification, run ([0-9a-f]{32})")
+    matches = [re.search(pattern, o) for o in outputs]
+    assert all(matches), [o[-2000:] for o in outputs]
+    run_ids = {m.group(1) for m in matches}
     assert len(run_ids) == 2
+    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert state["status"] == "logged" and state["run_id"] in run_ids
+    metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
     with mlflow_server(repo, db) as base:
         exp = rest(base, "experiments/get-by-name",
                    experiment_name="visionpipe-classification")["experiment"]
@@ -109,8 +78,33 @@ def test_concurrent_runs_share_one_sqlite_database(offline_repo, tmp_path):
         assert {r["info"]["run_id"] for r in found} == run_ids
         counts = {len(r["data"]["metrics"]) for r in found}
         assert len(counts) == 1 and counts.pop() > 20  # both runs complete, none cut short
+        for run_id in run_ids:
+            got = rest(base, "runs/get", run_id=run_id)["run"]
+            values = {m["key"]: m["value"] for m in got["data"]["metrics"]}
+            assert values["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+            assert values["co2.train.emissions_kg"] > 0
+            params = {p["key"]: p["value"] for p in got["data"]["params"]}
+            assert params["model.train.epochs"] == str(EPOCHS)
+            history = rest(base, "metrics/get-history", run_id=run_id, metric_key="val_loss")
+            assert sorted(m["step"] for m in history["metrics"]) == list(range(EPOCHS))
+            top = {f["path"] for f in rest(base, "artifacts/list", run_id=run_id)["files"]}
+            assert {"model", "train", "evaluate", "export", "emissions"} <= top
         versions = rest(base, "model-versions/search", filter="name='visionpipe-mlp'")
         assert sorted(v["version"] for v in versions["model_versions"]) == ["1", "2"]
+        assert {v["run_id"] for v in versions["model_versions"]} == run_ids
+
+
+def test_unreachable_replay_says_so_and_keeps_the_run_pending(offline_repo, tmp_path):
+    repo, _ = offline_repo
+    before = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert before["status"] == "logged"  # from the replays above
+    result = run(["visionpipe", "log", "--model", "mlp"], repo, MLFLOW_TRACKING_URI=UNREACHABLE)
+    assert result.returncode == 2
+    assert "visionpipe: error: MLflow at http://127.0.0.1:1 still not reachable" in result.stdout
+    assert "Traceback" not in result.stdout
+    state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
+    assert state["status"] == "pending" and state["tracking_uri"] == UNREACHABLE
+    assert "replay: the run itself" in state["not_logged"]
 
 
 def test_two_queued_experiments_at_once_log_to_the_parent_database(offline_repo):
