@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from .conftest import EPOCHS, child_env, copy_repo, mlflow_server, rest, run, shrink
+from .conftest import EPOCHS, child_env, copy_repo, run, shrink
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,8 @@ def test_unreachable_backend_finishes_with_one_warning_per_stage(offline_repo):
 def test_two_replays_at_once_log_everything_from_local_files(offline_repo, tmp_path):
     """`visionpipe log` replays the offline run from the local files. Two start together on a
     fresh database, as two queued experiments would: both runs are complete."""
+    from mlflow import MlflowClient
+
     repo, _ = offline_repo
     db = tmp_path / "shared.db"
     env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}")
@@ -71,27 +73,25 @@ def test_two_replays_at_once_log_everything_from_local_files(offline_repo, tmp_p
     state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
     assert state["status"] == "logged" and state["run_id"] in run_ids
     metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
-    with mlflow_server(repo, db) as base:
-        exp = rest(base, "experiments/get-by-name",
-                   experiment_name="visionpipe-classification")["experiment"]
-        found = rest(base, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-        assert {r["info"]["run_id"] for r in found} == run_ids
-        counts = {len(r["data"]["metrics"]) for r in found}
-        assert len(counts) == 1 and counts.pop() > 20  # both runs complete, none cut short
-        for run_id in run_ids:
-            got = rest(base, "runs/get", run_id=run_id)["run"]
-            values = {m["key"]: m["value"] for m in got["data"]["metrics"]}
-            assert values["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
-            assert values["co2.train.emissions_kg"] > 0
-            params = {p["key"]: p["value"] for p in got["data"]["params"]}
-            assert params["model.train.epochs"] == str(EPOCHS)
-            history = rest(base, "metrics/get-history", run_id=run_id, metric_key="val_loss")
-            assert sorted(m["step"] for m in history["metrics"]) == list(range(EPOCHS))
-            top = {f["path"] for f in rest(base, "artifacts/list", run_id=run_id)["files"]}
-            assert {"model", "train", "evaluate", "export", "emissions"} <= top
-        versions = rest(base, "model-versions/search", filter="name='visionpipe-mlp'")
-        assert sorted(v["version"] for v in versions["model_versions"]) == ["1", "2"]
-        assert {v["run_id"] for v in versions["model_versions"]} == run_ids
+    # The database read directly (the REST API is test_dvc_pipeline's business).
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("visionpipe-classification")
+    found = client.search_runs([exp.experiment_id])
+    assert {r.info.run_id for r in found} == run_ids
+    counts = {len(r.data.metrics) for r in found}
+    assert len(counts) == 1 and counts.pop() > 20  # both runs complete, none cut short
+    for got in found:
+        values = got.data.metrics
+        assert values["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+        assert values["co2.train.emissions_kg"] > 0
+        assert got.data.params["model.train.epochs"] == str(EPOCHS)
+        history = client.get_metric_history(got.info.run_id, "val_loss")
+        assert sorted(m.step for m in history) == list(range(EPOCHS))
+        top = {f.path for f in client.list_artifacts(got.info.run_id)}
+        assert {"model", "train", "evaluate", "export", "emissions"} <= top
+    versions = client.search_model_versions("name='visionpipe-mlp'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert {v.run_id for v in versions} == run_ids
 
 
 def test_unreachable_replay_says_so_and_keeps_the_run_pending(offline_repo, tmp_path):

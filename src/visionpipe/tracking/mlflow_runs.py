@@ -158,9 +158,9 @@ class RunLogger:
                 return
             except Exception as exc:  # noqa: BLE001 - any backend failure means "offline"
                 last = exc
-                # A fresh sqlite file being created by a parallel run is worth a retry;
-                # an HTTP server that refuses twice is not.
-                if not self.uri.startswith("sqlite") and attempt >= 1:
+                # A fresh sqlite file being created by a parallel run is worth a retry; an
+                # HTTP server has had MLflow's own retries already.
+                if not self.uri.startswith("sqlite"):
                     break
                 time.sleep(1.0 + attempt)
         raise last  # type: ignore[misc]
