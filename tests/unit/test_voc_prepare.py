@@ -56,7 +56,7 @@ def test_prepared_boxes_tightly_enclose_their_objects(tmp_path, policy):
     for split in ("train", "val", "test"):
         for ex in records.read_split(tmp_path / "data/prepared/detection", split):
             assert ex.image.shape == (64, 64, 3)
-            (h, w), rects = PHOTOS[ex.id]
+            _, rects = PHOTOS[ex.id]
             assert [manifest["class_names"][i] for i in ex.box_labels] == [r[4] for r in rects]
             for box, rect in zip(ex.boxes, rects, strict=True):
                 x0, y0, x1, y1 = (int(round(v)) for v in box)

@@ -9,7 +9,6 @@ archive's checksum changes; an archive holding a single top folder is read from 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from visionpipe.atomic import write_json
+from visionpipe.data import records
 from visionpipe.errors import DataError
 
 SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -27,14 +27,6 @@ STAMP = ".visionpipe-archive.json"
 
 def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(SUFFIXES)
-
-
-def _checksum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 def _unsafe_name(name: str) -> str | None:
@@ -116,7 +108,7 @@ def source_folder(path: str, root: Path) -> Path:
         raise DataError(f"{path}: archive not found (from prepare.<task>.path); give the path "
                         "of a .zip or .tar(.gz) file, or of a folder")
     target = root / "data" / "extracted" / folder.name
-    checksum = _checksum(folder)
+    checksum = records.checksum(folder.parent, [folder.name])
     stamp = target / STAMP
     try:
         fresh = json.loads(stamp.read_text(encoding="utf-8")).get("checksum") == checksum

@@ -11,7 +11,6 @@ from pathlib import Path
 import keras
 
 from visionpipe import atomic
-from visionpipe.atomic import atomic_path
 from visionpipe.config import Params, TrainConfig
 from visionpipe.data import records
 from visionpipe.data.pipeline import model_dataset
@@ -192,7 +191,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         best = state.best_epoch - 1
     else:
         best = state.epochs_done - 1
-    with atomic_path(layout.model_file(model_name)) as tmp:
+    with atomic.atomic_path(layout.model_file(model_name)) as tmp:
         model.save(tmp)
     meta = {
         "name": model_name,
