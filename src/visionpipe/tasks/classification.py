@@ -120,10 +120,13 @@ class ClassificationTask:
     def plots(self, images: np.ndarray, ids: list[str], y_true: np.ndarray,
               outputs: np.ndarray, class_names: list[str], out_dir: Path,
               cfg: EvaluateConfig) -> list[Path]:
-        """Confusion matrix as rows for `dvc plots` (confusion template) and as a PNG, and a
-        gallery of the misclassified test images, most confidently wrong first."""
+        """Confusion matrix as rows for `dvc plots` (confusion template) and as a PNG, a
+        gallery of the misclassified test images, most confidently wrong first, and the
+        one-vs-rest precision-recall (``pr_curve.png``) and F1-confidence (``f1_curve.png``)
+        curves per class (:func:`visionpipe.tasks.curves.one_vs_rest_curves`)."""
         from visionpipe.data.records import write_json
         from visionpipe.plots import confusion_png, labelled_gallery_png
+        from visionpipe.tasks.curves import one_vs_rest_pngs
 
         y_pred = outputs.argmax(1)
         rows = [{"actual": class_names[t], "predicted": class_names[p]}
@@ -138,4 +141,6 @@ class ClassificationTask:
         gallery = labelled_gallery_png([images[i] for i in wrong], captions,
                                        out_dir / "misclassified.png",
                                        empty="no misclassified test images")
-        return [out_dir / "confusion.json", png, gallery]
+        curves = one_vs_rest_pngs(y_true, outputs, class_names, out_dir,
+                                  f"one-vs-rest, {len(y_true)} test images")
+        return [out_dir / "confusion.json", png, gallery, *curves]

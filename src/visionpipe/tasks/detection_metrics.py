@@ -314,6 +314,8 @@ def coco_metrics(truths: Sequence[Mapping], predictions: Sequence[Mapping],
 class PRCurves:
     """Precision, recall and F1 per confidence threshold at one IoU threshold.
 
+    ``iou_threshold`` is None for one-vs-rest curves of classification and segmentation
+    (:func:`visionpipe.tasks.curves.one_vs_rest_curves`), where nothing is matched by overlap.
     ``confidence`` holds the distinct scores of the counted (not ignored) predictions, highest
     first; entry t describes keeping the predictions with score >= ``confidence[t]``. Pooled
     arrays (T,) sum TP/FP/truth over classes; ``class_*`` arrays are (K, T). Precision is NaN
@@ -323,7 +325,7 @@ class PRCurves:
     """
 
     class_names: tuple[str, ...]
-    iou_threshold: float
+    iou_threshold: float | None
     confidence: np.ndarray
     precision: np.ndarray
     recall: np.ndarray
@@ -476,9 +478,11 @@ def _legend(ax, count: int) -> None:
         ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left", fontsize=8)
 
 
-def pr_curve_png(curves: PRCurves, path: Path) -> Path:
+def pr_curve_png(curves: PRCurves, path: Path, *, title: str = "Precision-Recall curve"
+                 ) -> Path:
     """Interpolated precision vs recall per class (AP in the legend) and the class mean
-    ("all classes", labelled with mAP at the curves' IoU threshold), written atomically."""
+    ("all classes", labelled with mAP at the curves' IoU threshold, if they have one), written
+    atomically."""
     fig, ax = plt.subplots(figsize=(9, 6))
     has_truth = curves.instances > 0
     many = len(curves.class_names) > 20
@@ -488,13 +492,14 @@ def pr_curve_png(curves: PRCurves, path: Path) -> Path:
                     color="grey" if many else None,
                     label=None if many else f"{name} {curves.class_ap[k]:.3f}")
     mean = curves.class_interpolated_precision[has_truth].mean(axis=0)
+    at = "" if curves.iou_threshold is None else f"@{curves.iou_threshold:g}"
     ax.plot(RECALL_POINTS, mean, linewidth=3, color="blue",
-            label=f"all classes {mean.mean():.3f} mAP@{curves.iou_threshold:g}")
+            label=f"all classes {mean.mean():.3f} mAP{at}")
     ax.set_xlabel("Recall")
     ax.set_ylabel("Precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_title("Precision-Recall curve")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend(ax, 1 if many else int(has_truth.sum()) + 1)
     return _save(fig, path)
@@ -510,9 +515,10 @@ def _step(confidence: np.ndarray, values: np.ndarray, grid: np.ndarray, empty: f
     return out
 
 
-def f1_confidence_png(curves: PRCurves, path: Path) -> Path:
+def f1_confidence_png(curves: PRCurves, path: Path, *, title: str | None = None) -> Path:
     """F1 vs confidence threshold per class and for all classes pooled, with the threshold
-    of the best pooled F1 marked, written atomically."""
+    of the best pooled F1 marked, written atomically. The default title names the curves' IoU
+    threshold, if they have one."""
     fig, ax = plt.subplots(figsize=(9, 6))
     top = max(1.0, float(curves.confidence.max())) if len(curves.confidence) else 1.0
     low = min(0.0, float(curves.confidence.min())) if len(curves.confidence) else 0.0
@@ -537,7 +543,10 @@ def f1_confidence_png(curves: PRCurves, path: Path) -> Path:
     ax.set_ylabel("F1")
     ax.set_xlim(low, top)
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"F1-confidence curve (IoU {curves.iou_threshold:g})")
+    if title is None:
+        title = ("F1-confidence curve" if curves.iou_threshold is None
+                 else f"F1-confidence curve (IoU {curves.iou_threshold:g})")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend(ax, 2 if many else int((curves.instances > 0).sum()) + 2)
     return _save(fig, path)

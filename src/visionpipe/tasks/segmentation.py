@@ -18,6 +18,8 @@ from visionpipe.config import EvaluateConfig, TrainConfig
 
 EPS = 1e-7
 CONFUSION_ROWS = 5000  # pixels sampled for the `dvc plots` confusion rows
+CURVE_PIXELS = 20000  # pixels sampled (seed CURVE_SEED) for the PR and F1 curves
+CURVE_SEED = 0
 
 
 class SegmentationLoss(keras.losses.Loss):
@@ -160,6 +162,20 @@ def sliding_window(predict, image: np.ndarray, tile: tuple[int, int], overlap: f
     return (acc / norm)[:h, :w].astype(np.float32)
 
 
+def pixel_sample(y_true: np.ndarray, scores: np.ndarray, limit: int = CURVE_PIXELS,
+                 seed: int = CURVE_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids (n,) and scores (n, K) of at most ``limit`` pixels of masks (N, H, W) and
+    scores (N, H, W, K): every pixel when there are no more than ``limit``, otherwise a
+    uniform sample without replacement drawn with ``seed`` (the same pixels on every run
+    over the same test split), in raster order."""
+    labels = np.asarray(y_true).reshape(-1)
+    scores = np.asarray(scores).reshape(-1, np.shape(scores)[-1])
+    if labels.size > limit:
+        idx = np.sort(np.random.default_rng(seed).choice(labels.size, limit, replace=False))
+        labels, scores = labels[idx], scores[idx]
+    return labels, scores
+
+
 def gallery_tile(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """image | ground truth | prediction, side by side, masks drawn over the image."""
     from visionpipe.plots import overlay
@@ -233,10 +249,13 @@ class SegmentationTask:
     def plots(self, images: np.ndarray, ids: list[str], y_true: np.ndarray,
               outputs: np.ndarray, class_names: list[str], out_dir: Path,
               cfg: EvaluateConfig) -> list[Path]:
-        """Pixel confusion matrix (PNG, and sampled rows for `dvc plots`) and a gallery of the
-        test images with the lowest mean IoU: image | ground truth | prediction."""
+        """Pixel confusion matrix (PNG, and sampled rows for `dvc plots`), a gallery of the
+        test images with the lowest mean IoU: image | ground truth | prediction, and the
+        one-vs-rest precision-recall (``pr_curve.png``) and F1-confidence (``f1_curve.png``)
+        curves per class over at most CURVE_PIXELS pixels (:func:`pixel_sample`)."""
         from visionpipe.data.records import write_json
         from visionpipe.plots import confusion_png, labelled_gallery_png
+        from visionpipe.tasks.curves import one_vs_rest_pngs
 
         n = len(class_names)
         y_pred = outputs.argmax(-1)
@@ -257,4 +276,8 @@ class SegmentationTask:
                     "image | truth | prediction" for i in worst]
         gallery = labelled_gallery_png(tiles, captions, out_dir / "misclassified.png",
                                        columns=2, empty="no test images")
-        return [png, out_dir / "confusion.json", gallery]
+        labels, scores = pixel_sample(y_true, outputs)
+        curves = one_vs_rest_pngs(labels, scores, class_names, out_dir,
+                                  f"one-vs-rest, {len(labels):,} of {np.size(y_true):,} "
+                                  "test pixels")
+        return [png, out_dir / "confusion.json", gallery, *curves]
