@@ -40,13 +40,14 @@ def _local_copy(data_dir, name: str, splits: dict[str, list[dict]]):
     out.mkdir(parents=True)
     features = builder.info.features
     infos = []
+    dataset = name.split("/")[0]  # voc/2007: the config is a folder, not part of file names
     for split, examples in splits.items():
-        path = out / f"{name}-{split}.tfrecord-00000-of-00001"
+        path = out / f"{dataset}-{split}.tfrecord-00000-of-00001"
         with tf.io.TFRecordWriter(str(path)) as writer:
             for ex in examples:
                 writer.write(features.serialize_example(ex))
         template = tfds.core.ShardedFileTemplate(data_dir=out, template=TEMPLATE,
-                                                 dataset_name=name, split=split,
+                                                 dataset_name=dataset, split=split,
                                                  filetype_suffix="tfrecord")
         infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)],
                                          num_bytes=os.path.getsize(path),

@@ -127,25 +127,72 @@ def mask_classes(cfg: PrepareConfig) -> dict[int, str]:
     return dict(cfg.mask_values or KNOWN_MASK_VALUES[cfg.tfds_name])
 
 
+# What a detection user without a local TFDS copy can do instead.
+_VOC_ALTERNATIVE = ("or set prepare.detection.source: voc and put the images and their VOC "
+                    "XML annotations under prepare.detection.path")
+
+
+def fit_detection(example: Example, size: tuple[int, int], policy: str,
+                  tally: tfds_source.BoxTally) -> Example:
+    """``example`` at ``size`` as ``_voc_splits`` fits it: the image by ``policy`` (pad:
+    letterbox), the boxes moved with it by ``fit_boxes`` and clipped to the image. A box left
+    without area (only a sub-pixel box can be, at float32) is dropped and listed in
+    ``tally``."""
+    hw = example.image.shape[:2]
+    boxes = np.clip(image_folder.fit_boxes(example.boxes, hw, size, policy), 0,
+                    np.array([size[1], size[0]] * 2, np.float32))
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if not keep.all():
+        for i in np.flatnonzero(~keep):
+            tally.dropped.append(f"{example.id}: object {int(i) + 1} (box "
+                                 f"{', '.join(f'{v:g}' for v in example.boxes[i])} px in a "
+                                 f"{hw[1]}x{hw[0]} image): no area left at {size[1]}x"
+                                 f"{size[0]}")
+        tally.boxes -= int((~keep).sum())
+        tally.images_without_objects += bool(len(keep)) and not keep.any()
+    return Example(id=example.id, image=image_folder.fit_to_size(example.image, size, policy),
+                   boxes=boxes[keep], box_labels=np.asarray(example.box_labels,
+                                                            np.int32)[keep])
+
+
 def _catalog_splits(cfg: PrepareConfig, seed: int, task: str):
+    """A TFDS catalog dataset (a local copy in tfds_data_dir, or downloaded), all its splits
+    pooled and split again by params' shares."""
+    key = f"prepare.{task}"
+    alternative = _VOC_ALTERNATIVE if task == "detection" else ""
     builder = tfds_source.catalog_builder(cfg.tfds_name, cfg.tfds_data_dir)
-    tfds_source.require_network(builder, name=cfg.tfds_name, task_key=f"prepare.{task}")
-    tfds_source.prepare_builder(builder, name=cfg.tfds_name, task_key=f"prepare.{task}")
+    if task == "detection":  # before any download: a dataset without boxes is no use
+        tfds_source.class_names(builder, boxes=True)
+    tfds_source.require_network(builder, name=cfg.tfds_name, task_key=key,
+                                alternative=alternative)
+    tfds_source.prepare_builder(builder, name=cfg.tfds_name, task_key=key, catalog=True,
+                                alternative=alternative)
     values = mask_classes(cfg) if task == "segmentation" else None
+    tally = tfds_source.BoxTally() if task == "detection" else None
+    size = tuple(cfg.image_size)
     examples = []
-    for split in tfds_source.split_sizes(builder):
-        for ex in tfds_source.iter_split(builder, split):
+    for split, count in tfds_source.split_sizes(builder).items():
+        for ex in tqdm(tfds_source.iter_split(builder, split, tally), total=count,
+                       desc=f"prepare {task}/read {split}", unit="img"):
             if task == "classification":
-                ex.image = image_folder.fit_to_size(ex.image, cfg.image_size, cfg.resize)
+                ex.image = image_folder.fit_to_size(ex.image, size, cfg.resize)
+            elif task == "detection":
+                ex = fit_detection(ex, size, cfg.resize, tally)
             else:
                 if values is not None:
                     ex.mask = remap_mask(ex.mask, values, f"{cfg.tfds_name} {ex.id}")
-                ex = resize(ex, cfg.image_size)
+                ex = resize(ex, size)
             examples.append(ex)
     source = {"kind": "tfds", "name": cfg.tfds_name, "version": str(builder.version),
               "data_dir": str(builder.data_dir), "seed": seed}
+    if tally is not None:  # as the voc source records them
+        source.update({"annotations": tally.counts(), "dropped_boxes": tally.dropped,
+                       "difficult_boxes_kept": tally.difficult})
     splits = _resplit(examples, cfg, seed, task)
-    names = list(values.values()) if values is not None else tfds_source.class_names(builder)
+    if values is not None:
+        names = list(values.values())
+    else:
+        names = tfds_source.class_names(builder, boxes=task == "detection")
     return source, names, splits
 
 

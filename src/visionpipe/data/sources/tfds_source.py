@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +33,25 @@ def catalog_builder(name: str, data_dir: str | None):
 PROBE_URL = "https://storage.googleapis.com/"
 
 
-def _fetch_hint(name: str, task_key: str) -> str:
-    return (f"On a machine with network run `tfds build {name} --data_dir DIR`, copy DIR here "
-            f"and set {task_key}.tfds_data_dir to it.")
+def _fetch_hint(name: str, task_key: str, alternative: str = "") -> str:
+    hint = (f"On a machine with network run `tfds build {name} --data_dir DIR`, copy DIR here "
+            f"and set {task_key}.tfds_data_dir to it")
+    return f"{hint}; {alternative}." if alternative else f"{hint}."
 
 
-def require_network(builder, *, name: str, task_key: str, timeout: float = 5.0) -> None:
+def _setting(task_key: str, name: str, catalog: bool) -> str:
+    """``prepare.<task>.tfds_name = 'name': `` for a catalog dataset (params name it)."""
+    return f"{task_key}.tfds_name = {name!r}: " if catalog else ""
+
+
+def require_network(builder, *, name: str, task_key: str, timeout: float = 5.0,
+                    alternative: str = "") -> None:
     """Fail in seconds, not minutes, when a dataset must be downloaded and there is no network.
 
     TFDS retries each file ten times with backoff (about 3.5 minutes offline); one quick
     request first (honouring HTTPS_PROXY) turns "no network" into an immediate clear error.
+    The message names ``<task_key>.tfds_name`` and how to get a local copy; ``alternative``
+    (e.g. another source for the task) is offered after that.
     """
     if builder.is_prepared():
         return
@@ -52,21 +62,27 @@ def require_network(builder, *, name: str, task_key: str, timeout: float = 5.0) 
     except requests.RequestException as exc:
         reason = type(exc).__name__
         raise SourceUnavailableError(
-            f"TFDS dataset '{name}' is not in {builder.data_dir} and there is no network to "
-            f"download it ({reason} reaching {PROBE_URL}). {_fetch_hint(name, task_key)}"
+            f"{_setting(task_key, name, True)}TFDS dataset '{name}' is not in "
+            f"{builder.data_dir} and there is no network to download it ({reason} reaching "
+            f"{PROBE_URL}). {_fetch_hint(name, task_key, alternative)}"
         ) from None
 
 
-def prepare_builder(builder, *, name: str, task_key: str) -> None:
-    """``download_and_prepare``; without network or a local copy, say how to get one."""
+def prepare_builder(builder, *, name: str, task_key: str, catalog: bool = False,
+                    alternative: str = "") -> None:
+    """``download_and_prepare``; without network or a local copy, say how to get one.
+
+    ``catalog``: ``name`` comes from ``<task_key>.tfds_name``, which the message then names.
+    """
     _tfds().disable_progress_bar()  # prepare draws its own bar per split
     try:
         builder.download_and_prepare()
     except Exception as exc:  # TFDS raises many kinds of error for "no network"
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise SourceUnavailableError(
-            f"TFDS dataset '{name}' is not available in {builder.data_dir} and could not be "
-            f"downloaded ({type(exc).__name__}: {reason}). {_fetch_hint(name, task_key)}"
+            f"{_setting(task_key, name, catalog)}TFDS dataset '{name}' is not available in "
+            f"{builder.data_dir} and could not be downloaded ({type(exc).__name__}: {reason}). "
+            f"{_fetch_hint(name, task_key, alternative)}"
         ) from None
 
 
@@ -78,8 +94,71 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
 
 
-def to_example(features: dict, index: int, split: str) -> Example:
-    """Map TFDS feature names (image, label, segmentation_mask, objects) to an Example."""
+@dataclass
+class BoxTally:
+    """What converting a detection dataset's ``objects`` kept and left out, for the manifest."""
+
+    images: int = 0
+    boxes: int = 0  # kept
+    difficult: int = 0  # kept boxes flagged ``is_difficult`` (kept, as the VOC source does)
+    images_without_objects: int = 0
+    dropped: list[str] = field(default_factory=list)  # "<id>: object i 'name' (...): why"
+
+    def counts(self) -> dict[str, int]:
+        return {"images": self.images, "boxes": self.boxes, "boxes_dropped": len(self.dropped),
+                "difficult_boxes": self.difficult,
+                "images_without_objects": self.images_without_objects}
+
+
+def _no_area(lo: float, hi: float, axis: str, side: str) -> str:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{axis} not a number ({axis}min {lo:g}, {axis}max {hi:g})"
+    if hi < lo:
+        return f"inverted corners ({axis}max {hi:g} < {axis}min {lo:g} px)"
+    return f"zero {side} ({axis}min = {axis}max = {lo:g} px)"
+
+
+def _boxes(objects: dict, h: int, w: int, where: str, tally: BoxTally | None,
+           names: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """TFDS ``objects`` (bbox normalised ``[ymin, xmin, ymax, xmax]``, label, optionally
+    is_difficult) as absolute pixel ``[x_min, y_min, x_max, y_max]`` boxes and their labels.
+    With a ``tally``, boxes without area (at float32, as stored) are dropped and listed in it;
+    without one (the generated ``shapes``, whose boxes all have area) nothing is dropped."""
+    bbox = np.asarray(objects["bbox"], np.float64).reshape(-1, 4)
+    ymin, xmin, ymax, xmax = bbox.T
+    # Normalised float32 storage loses a little; round off that noise only.
+    boxes = np.round(np.stack([xmin * w, ymin * h, xmax * w, ymax * h], axis=1),
+                     3).astype(np.float32)
+    labels = np.asarray(objects["label"], np.int32).reshape(-1)
+    difficult = np.asarray(objects.get("is_difficult", np.zeros(len(labels), bool)),
+                           bool).reshape(-1)
+    keep = np.ones(len(boxes), bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes if tally is not None else ()):
+        why = [_no_area(lo, hi, axis, side)
+               for lo, hi, axis, side in ((x0, x1, "x", "width"), (y0, y1, "y", "height"))
+               if not hi > lo]
+        if why:
+            keep[i] = False
+            name = names[labels[i]] if names and 0 <= labels[i] < len(names) else labels[i]
+            tally.dropped.append(
+                f"{where}: object {i + 1} {str(name)!r} (bbox [ymin, xmin, ymax, xmax] "
+                f"{', '.join(f'{v:.6g}' for v in bbox[i])} of a {w}x{h} image): "
+                f"{', '.join(why)}")
+    if tally is not None:
+        tally.images += 1
+        tally.boxes += int(keep.sum())
+        tally.difficult += int((difficult & keep).sum())
+        tally.images_without_objects += not keep.any()
+    return boxes[keep], labels[keep]
+
+
+def to_example(features: dict, index: int, split: str, tally: BoxTally | None = None,
+               box_names: list[str] | None = None) -> Example:
+    """Map TFDS feature names (image, label, segmentation_mask, objects) to an Example.
+
+    ``objects`` become boxes in absolute pixels of the image; ``tally`` (if given) counts them
+    and lists the boxes dropped for having no area, named by ``box_names``.
+    """
     image = _rgb(features["image"])
     h, w = image.shape[:2]
     ex = Example(id=f"{split}-{index:06d}", image=image)
@@ -90,27 +169,38 @@ def to_example(features: dict, index: int, split: str) -> Example:
         ex.mask = (mask[..., 0] if mask.ndim == 3 else mask).astype(np.uint8)
     objects = features.get("objects")
     if isinstance(objects, dict) and "bbox" in objects:
-        ymin, xmin, ymax, xmax = np.asarray(objects["bbox"], np.float64).reshape(-1, 4).T
-        boxes = np.stack([xmin * w, ymin * h, xmax * w, ymax * h], axis=1)
-        # Normalised float32 storage loses a little; round off that noise only.
-        ex.boxes = np.round(boxes, 3).astype(np.float32)
-        ex.box_labels = np.asarray(objects["label"], np.int32)
+        ex.boxes, ex.box_labels = _boxes(objects, h, w, ex.id, tally, box_names)
     return ex
 
 
-def iter_split(builder, split: str) -> Iterator[Example]:
-    """The Examples of one split of a prepared builder, in stored order."""
+def iter_split(builder, split: str, tally: BoxTally | None = None) -> Iterator[Example]:
+    """The Examples of one split of a prepared builder, in stored order; ``tally`` counts
+    their boxes (detection datasets)."""
+    names = class_names(builder, boxes=True) if tally is not None else None
     ds = builder.as_dataset(split=split, shuffle_files=False)
     for i, features in enumerate(_tfds().as_numpy(ds)):
-        yield to_example(features, i, split)
+        yield to_example(features, i, split, tally, names)
 
 
-def class_names(builder) -> list[str]:
-    """Class names from the builder's ``label`` or ``objects/label`` ClassLabel feature."""
+def _has_boxes(feats) -> bool:
+    objects = feats["objects"] if "objects" in feats else None
+    return (objects is not None and "bbox" in objects and "label" in objects
+            and hasattr(objects["label"], "names"))
+
+
+def class_names(builder, *, boxes: bool = False) -> list[str]:
+    """Class names from the builder's ``label`` or ``objects/label`` ClassLabel feature;
+    ``boxes``: from ``objects/label`` only (detection), which must come with ``objects/bbox``."""
     feats = builder.info.features
+    if boxes:
+        if not _has_boxes(feats):
+            raise DataError(f"TFDS dataset '{builder.name}' has no boxes: detection needs the "
+                            "features objects/bbox (BBoxFeature) and objects/label (ClassLabel), "
+                            "as voc/2007 and coco/2017 have")
+        return list(feats["objects"]["label"].names)
     if "label" in feats and hasattr(feats["label"], "names"):
         return list(feats["label"].names)
-    if "objects" in feats and "label" in feats["objects"]:
+    if _has_boxes(feats):
         return list(feats["objects"]["label"].names)
     raise DataError(f"TFDS dataset '{builder.name}' has no ClassLabel feature to take class "
                     "names from")
