@@ -91,6 +91,9 @@ class AugmentConfig:
     brightness: float = spec(0.0, ge=0, le=1)
     contrast: float = spec(0.0, ge=0, le=1)
     noise: float = spec(0.0, ge=0, le=100)
+    # Detection: a box moved partly out of the image is clipped to it, or dropped when less
+    # than this share of its area stays inside (drops are counted in the manifest).
+    box_min_visible: float = spec(0.25, ge=0, le=1)
     preview: int = spec(16, ge=1, le=256)
 
 
@@ -146,6 +149,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class NMSConfig:
+    """Non-maximum suppression of a detector's boxes (evaluate.nms, export.nms)."""
+
+    iou_threshold: float = spec(0.7, gt=0, le=1)  # a box overlapping a kept one more is removed
+    confidence_threshold: float = spec(0.25, ge=0, le=1)  # boxes scoring lower are not kept
+    max_detections: int = spec(100, ge=1, le=10000)  # per image, best first
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """evaluate: test-split evaluation and cost measurement."""
 
@@ -157,6 +169,9 @@ class EvaluateConfig:
     # Segmentation: test images larger than the model's input are predicted in tiles that
     # overlap by this fraction, blended so seams do not show.
     tile_overlap: float = spec(0.25, ge=0, le=0.9)
+    # Detection: mAP integrates precision down to low confidences, so nearly every box is kept
+    # (as ultralytics' val does with conf 0.001); export.nms is what deployment keeps.
+    nms: NMSConfig = spec(factory=lambda: NMSConfig(confidence_threshold=0.001))
 
 
 ExportFormat = Literal["keras", "saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx"]
@@ -196,6 +211,9 @@ class ExportConfig:
     # SavedModel on images of another size (resized inside the graph) against the Keras model
     # on the same images resized as prepare resizes them: the task's agreement at least this.
     resize_min_agreement: float = spec(0.95, ge=0, le=1)
+    # Detection: the suppression baked into exported detectors (what `visionpipe predict` and
+    # a deployment see).
+    nms: NMSConfig = spec(factory=NMSConfig)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,34 @@ def fit_images(images: tf.Tensor, size: tuple[int, int], policy: str) -> tf.Tens
     return tf.ensure_shape(out, [None, th, tw, 3])
 
 
+def boxes_to_input(boxes: tf.Tensor, input_hw: tf.Tensor, size: tuple[int, int],
+                   policy: str) -> tf.Tensor:
+    """xyxy boxes in the pixels of :func:`fit_images`' output -> the input image's pixels.
+
+    The inverse of ``fit_images``' stretch or pad (letterbox) for images of height and width
+    ``input_hw``, clipped to the image; padding rows (all -1) stay -1.
+    """
+    th, tw = int(size[0]), int(size[1])
+    hf, wf = tf.cast(input_hw[0], tf.float64), tf.cast(input_hw[1], tf.float64)
+    h, w = tf.cast(hf, tf.float32), tf.cast(wf, tf.float32)
+    if policy == "pad":  # the same arithmetic as fit_images, so the offsets match exactly
+        scale = tf.minimum(th / hf, tw / wf)
+        nh = tf.maximum(1, _round_half_even(hf * scale))
+        nw = tf.maximum(1, _round_half_even(wf * scale))
+        top = tf.cast((th - nh) // 2, tf.float32)
+        left = tf.cast((tw - nw) // 2, tf.float32)
+        nh, nw = tf.cast(nh, tf.float32), tf.cast(nw, tf.float32)
+    elif policy == "stretch":
+        nh, nw, top, left = tf.constant(float(th)), tf.constant(float(tw)), 0.0, 0.0
+    else:
+        raise ValueError(f"boxes cannot be mapped back through resize policy {policy!r}")
+    x = tf.clip_by_value((boxes[..., 0::2] - left) * w / nw, 0.0, w)
+    y = tf.clip_by_value((boxes[..., 1::2] - top) * h / nh, 0.0, h)
+    out = tf.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
+    padding = tf.reduce_all(boxes == -1.0, axis=-1, keepdims=True)
+    return tf.where(padding, -1.0, out)
+
+
 def read_meta(export_dir: Path) -> dict:
     """The export's ``export.json``: task, class names, input size, resize policy, formats."""
     path = Path(export_dir) / META_FILE
@@ -89,8 +117,8 @@ class SavedModelRunner:
 
     any_size = True
 
-    def __init__(self, path: Path):
-        self.fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+    def __init__(self, path: Path, signature: str = "serving_default"):
+        self.fn = tf.saved_model.load(str(path)).signatures[signature]
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.fn(images=tf.constant(images, tf.uint8))["scores"].numpy()

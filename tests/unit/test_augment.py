@@ -105,3 +105,23 @@ def test_boxes_pushed_out_are_clipped_or_dropped():
     out, kept, dropped = warp_boxes(boxes, labels, shift, 64, 64)
     np.testing.assert_array_equal(out, [[32, 40, 52, 60]])
     assert dropped == 1 and kept.tolist() == [2]
+
+
+def test_the_drop_rule_comes_from_params():
+    """augment.<task>.box_min_visible: the share of a box that must stay in the image."""
+    from dataclasses import replace
+
+    from visionpipe.config import parse_params
+    from visionpipe.errors import ParamsError
+
+    pushed = replace(GEOMETRIC, scale=(1.3, 1.6), translate=0.3)
+    dropped = {}
+    for share in (0.0, 0.25, 0.75, 1.0):
+        cfg = replace(pushed, box_min_visible=share)
+        total = 0
+        for i, ex in enumerate(_examples()):
+            total += augment_example(ex, cfg, seed=5, copy=0, index=i)[1]
+        dropped[share] = total
+    assert dropped[0.0] < dropped[0.25] < dropped[0.75] < dropped[1.0]
+    with pytest.raises(ParamsError, match=r"augment\.detection\.box_min_visible = 1\.5"):
+        parse_params({"augment": {"detection": {"box_min_visible": 1.5}}})

@@ -91,7 +91,9 @@ def test_family_and_task_must_agree(default_params_dict):
 
 
 def test_model_task_needs_a_prepare_section(default_params_dict):
-    msg = _error(_with(default_params_dict, "models.mlp.task", "detection"))
+    data = copy.deepcopy(default_params_dict)
+    del data["prepare"]["detection"]
+    msg = _error(data)
     assert "no prepare.detection section" in msg
 
 

@@ -134,5 +134,6 @@ def augment_example(example: Example, cfg: AugmentConfig, seed: int, copy: int,
         out.mask = warp_mask(example.mask, matrix)
     if example.boxes is not None:
         out.boxes, out.box_labels, dropped = warp_boxes(
-            np.asarray(example.boxes, np.float64), np.asarray(example.box_labels), matrix, h, w)
+            np.asarray(example.boxes, np.float64), np.asarray(example.box_labels), matrix, h, w,
+            cfg.box_min_visible)
     return out, dropped

@@ -44,11 +44,17 @@ def record_dataset(data_dir: Path, split: str) -> tf.data.Dataset:
 def model_dataset(data_dir: Path, split: str, to_model_io: Callable, batch_size: int, *,
                   shuffle: bool = False, shuffle_buffer: int = 10000, seed: int = 0,
                   cache: bool = True) -> tf.data.Dataset:
-    """Batches of (inputs, targets) for ``fit``/``evaluate``: decode once, cache, prefetch."""
+    """Batches of (inputs, targets) for ``fit``/``evaluate``: decode once, cache, prefetch.
+
+    Targets of varying length (detection's boxes) are padded per batch with the
+    ``padding_values`` attribute of ``to_model_io``, when it has one."""
     ds = record_dataset(data_dir, split).map(to_model_io, num_parallel_calls=AUTOTUNE,
                                              deterministic=True)
     if cache:
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+    padding = getattr(to_model_io, "padding_values", None)
+    ds = (ds.batch(batch_size) if padding is None
+          else ds.padded_batch(batch_size, padding_values=padding))
+    return ds.prefetch(AUTOTUNE)

@@ -38,7 +38,7 @@ def register(name: str, *, task: str, params: type) -> Callable:
 
 def _load_families() -> None:
     # Importing the family modules runs their @register decorators.
-    from visionpipe.models import mlp, resnet, unet, vgg  # noqa: F401
+    from visionpipe.models import mlp, resnet, unet, vgg, yolo  # noqa: F401
 
 
 def known_families() -> list[str]:

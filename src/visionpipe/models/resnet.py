@@ -1,4 +1,4 @@
-"""ResNet (He et al., 2016): residual blocks, in the CIFAR (6n+2) and ImageNet (18/34/50) layouts."""
+"""ResNet (He et al., 2016): residual blocks in the CIFAR (6n+2) and ImageNet (18/34/50) layouts."""
 
 from __future__ import annotations
 

@@ -44,15 +44,20 @@ def latency_ms(model: keras.Model, images: np.ndarray, samples: int, warmup: int
     fn = tf.function(lambda x: model(x, training=False))
     n = len(images)
     for i in range(warmup):
-        fn(images[i % n][None]).numpy()
+        _to_numpy(fn(images[i % n][None]))
     times = []
     for i in range(samples):
         x = images[i % n][None]
         start = time.perf_counter()
-        fn(x).numpy()
+        _to_numpy(fn(x))
         times.append((time.perf_counter() - start) * 1000.0)
     return {"mean": float(np.mean(times)), "median": float(np.median(times)),
             "samples": samples, "batch_size": 1}
+
+
+def _to_numpy(outputs):
+    """Wait for every output of a forward pass (one tensor, or a detector's dict of them)."""
+    return tf.nest.map_structure(lambda t: t.numpy(), outputs)
 
 
 def test_arrays(data_dir, task) -> tuple[np.ndarray, list, list[str]]:
@@ -90,6 +95,8 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
     task = get_task(cfg.task)
     model_path = layout.model_file(model_name)
     model = load_model(model_path)
+    if hasattr(task, "evaluation_model"):  # e.g. a detector's NMS from evaluate.nms
+        model = task.evaluation_model(model, params.evaluate)
     data_dir = layout.prepared(cfg.task)
     manifest = records.read_manifest(data_dir)
     names = manifest["class_names"]

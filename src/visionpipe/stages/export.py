@@ -9,6 +9,7 @@ beside the files says what predict needs (task, classes, size, resize policy, fo
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -45,6 +46,15 @@ OUTPUTS = {
                                "per pixel",
                      "mask": "int32 [batch, height, width], class id per pixel at the input "
                              "image's own size"},
+    "detection": {"boxes": "float32 [batch, max_detections, 4]: x_min, y_min, x_max, y_max in "
+                           "the input image's own pixels, best first; -1 after "
+                           "num_detections",
+                  "scores": "float32 [batch, max_detections], confidence of each box",
+                  "class_id": "int32 [batch, max_detections] (-1: no box)",
+                  "class_name": "string [batch, max_detections] ('' : no box)",
+                  "num_detections": "int32 [batch], boxes kept by export.nms",
+                  "serving_fixed_size": "scores: float32 [batch, anchors, 64 + classes], the "
+                                        "raw head outputs (box-distance logits, class scores)"},
 }
 
 
@@ -84,14 +94,18 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
 
 
 def _parity_message(report: dict, layout: Layout, model_name: str) -> str:
-    key = report["agreement_key"]
     checks = {**report["formats"]}
     if "resized_input" in report:
         checks["saved_model on resized images"] = report["resized_input"]
     failed = {n: f for n, f in checks.items() if not f["passed"]}
+
+    def agreement_key(check):  # the task's agreement, or the resized check's own
+        return next(k for k in check["thresholds"] if k != "max_abs_diff")
+
     details = "; ".join(
         f"{n}: max_abs_diff {f['max_abs_diff']:.3g} (limit {f['thresholds']['max_abs_diff']}), "
-        f"{key} {f[key]:.4f} (limit {f['thresholds'][key]})" for n, f in failed.items())
+        f"{agreement_key(f)} {f[agreement_key(f)]:.4f} "
+        f"(limit {f['thresholds'][agreement_key(f)]})" for n, f in failed.items())
     return (f"export of {model_name}: parity failed ({details}); see "
             f"{layout.export_report(model_name)}; loosen export.parity.<format> or "
             f"models.{model_name}.export_parity.<format> in params.yaml only if that drift is "
@@ -111,6 +125,10 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     formats = params.export_formats(model_name)
     task = get_task(cfg.task)
     model = load_model(layout.model_file(model_name))
+    if hasattr(task, "configure_export"):  # a detector keeps what export.nms says
+        task.configure_export(model, ex.nms)
+    forward = getattr(task, "forward", None) or (
+        lambda m, x: m.predict(x, batch_size=64, verbose=0))
     data_dir = layout.prepared(cfg.task)
     manifest = records.read_manifest(data_dir)
     policy = manifest.get("resize") or params.prepare_for(cfg.task).resize  # as prepared
@@ -119,7 +137,11 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     # Test images larger than the model's input (segmentation trained on crops): their
     # top-left crop at the model's size.
     pixels = images[:ex.parity_samples, :size[0], :size[1]].astype(np.uint8)
-    reference = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
+    reference = forward(model, pixels.astype(np.float32))
+    # Where serving_default returns more than scores (a detector's boxes), the SavedModel's
+    # parity is measured on the fixed-size signature; resized_input checks serving_default.
+    parity_signature = (FIXED_SIGNATURE if hasattr(task, "serving_function")
+                        else "serving_default")
 
     report_formats: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="visionpipe-export-") as tmp:
@@ -131,6 +153,7 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         for fmt in formats:
             path = out / FILES[fmt]
             runner = WRITERS[fmt](model=model, path=path, size=size, archive=archive,
+                                  forward=forward, signature=parity_signature,
                                   representative=lambda: _representative(
                                       data_dir, ex.representative_samples))
             outputs = runner(pixels)
@@ -146,8 +169,10 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         "formats": report_formats,
     }
     if "saved_model" in formats:
-        report["resized_input"] = _resized_input_check(task, model, out / FILES["saved_model"],
-                                                       pixels, size, policy, ex)
+        check = getattr(task, "resized_input_check", None) or partial(_resized_input_check,
+                                                                      task)
+        report["resized_input"] = check(model, out / FILES["saved_model"], pixels, size,
+                                        policy, ex)
     checks = [*report_formats.values(), report.get("resized_input", {"passed": True})]
     report["passed"] = all(c["passed"] for c in checks)
     records.write_json(out / META_FILE, {
@@ -199,8 +224,14 @@ def _archive(task, model, size, class_names, policy: str, path: Path) -> None:
         scores = model(fit_images(images, size, policy), training=False)
         return task.serving_outputs(scores, images, class_names)
 
+    if hasattr(task, "serving_function"):  # outputs that need more than the scores
+        serve = task.serving_function(model, size, policy, class_names)
+
     def serve_fixed(images):
-        return {"scores": model(tf.cast(images, tf.float32), training=False)}
+        out = model(tf.cast(images, tf.float32), training=False)
+        if isinstance(out, dict):  # a detector's raw head: box logits, then class scores
+            out = tf.concat([out["boxes"], out["classes"]], axis=-1)
+        return {"scores": out}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -211,14 +242,14 @@ def _archive(task, model, size, class_names, policy: str, path: Path) -> None:
     archive.write_out(str(path), verbose=False)
 
 
-def _write_keras(*, model, path: Path, **_):
+def _write_keras(*, model, path: Path, forward, **_):
     model.save(path)
     reloaded = load_model(path)
-    return lambda x: reloaded.predict(x.astype(np.float32), batch_size=64, verbose=0)
+    return lambda x: forward(reloaded, x.astype(np.float32))
 
 
-def _write_saved_model(*, path: Path, **_):
-    return SavedModelRunner(path).predict  # written by _archive
+def _write_saved_model(*, path: Path, signature: str, **_):
+    return SavedModelRunner(path, signature).predict  # written by _archive
 
 
 def _tflite_writer(quantize: str):

@@ -114,6 +114,19 @@ def write_history(path: Path, history: dict[str, list[float]]) -> None:
     atomic.write_text(path, buf.getvalue())
 
 
+def with_image_shape(to_model_io, size: tuple[int, int]):
+    """``to_model_io`` with the images' static shape set (train and val images are all
+    ``size``): a detector lays out its anchors from it."""
+    import tensorflow as tf
+
+    def fn(rec):
+        return to_model_io({**rec, "image": tf.ensure_shape(rec["image"], (*size, 3))})
+
+    if hasattr(to_model_io, "padding_values"):
+        fn.padding_values = to_model_io.padding_values
+    return fn
+
+
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Train ``model_name``; write model.keras, model.json, checkpoints/ and history.csv."""
     cfg = params.model(model_name)
@@ -131,7 +144,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     val_manifest = records.read_manifest(val_dir)
     names = manifest["class_names"]
     h, w = manifest["image_size"]
-    io = task.to_model_io(len(names))
+    io = with_image_shape(task.to_model_io(len(names)), (h, w))
     train_ds = model_dataset(train_dir, "train", io, t.batch_size, shuffle=True,
                              shuffle_buffer=t.shuffle_buffer, seed=params.seed)
     val_ds = model_dataset(val_dir, "val", io, t.batch_size)
@@ -142,8 +155,12 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         raise ParamsError(f"params.yaml: models.{model_name}.train.class_weights = "
                           f"{list(t.class_weights)}: expected one weight per class, "
                           f"{len(names)} in class order ({', '.join(names)})")
-    model.compile(optimizer=make_optimizer(t, steps_per_epoch),
-                  loss=task.loss(t, len(names)), metrics=task.metrics(len(names)))
+    optimizer = make_optimizer(t, steps_per_epoch)
+    if hasattr(task, "compile"):  # a model with its own losses (a detector)
+        task.compile(model, optimizer, architecture)
+    else:
+        model.compile(optimizer=optimizer, loss=task.loss(t, len(names)),
+                      metrics=task.metrics(len(names)))
     model.summary(print_fn=lambda line, **_: print(line))
 
     mode = "min" if t.monitor == "val_loss" else "max"

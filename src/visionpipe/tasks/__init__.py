@@ -15,5 +15,8 @@ def get_task(name: str):
         from visionpipe.tasks.segmentation import SegmentationTask
 
         return SegmentationTask()
-    raise ModelError(f"task '{name}' is not implemented yet; implemented: classification, "
-                     "segmentation")
+    if name == "detection":
+        from visionpipe.tasks.detection import DetectionTask
+
+        return DetectionTask()
+    raise ModelError(f"unknown task '{name}'; known: classification, segmentation, detection")

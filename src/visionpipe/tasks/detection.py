@@ -1,0 +1,303 @@
+"""Object detection: boxes and their classes per image; training targets, evaluation, plots.
+
+Records hold boxes as ``[x_min, y_min, x_max, y_max]`` in pixels with class ids (prepare).
+The model sees them as keras-cv's dense format: per image ``boxes`` (n, 4) and ``classes``
+(n,), padded with -1 to the most boxes of any image in the batch. Evaluation decodes the
+detector's outputs with ``evaluate.nms`` and scores them with COCO mAP and precision/recall at
+the F1-best confidence (:mod:`visionpipe.tasks.detection_metrics`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from visionpipe.config import EvaluateConfig
+from visionpipe.tasks import detection_metrics as dm
+
+CONFUSION_IOU = 0.5  # a detection and a truth box of any class pair up at this IoU or more
+PAD = -1.0  # keras-cv's marker of "no box"
+
+
+def confusion(truths: list[dict], predictions: list[dict], num_classes: int,
+              confidence: float | None, iou: float = CONFUSION_IOU) -> np.ndarray:
+    """Counts[true, predicted] over classes plus a last row/column for background.
+
+    Per image, detections scoring at least ``confidence`` (none if it is None) pair up
+    greedily with truth boxes of any class, highest IoU first, if their IoU is at least
+    ``iou``: a pair counts at [true class, predicted class]. A truth box left over was missed
+    (true class, background); a detection left over is a false alarm (background, predicted
+    class). This is the matrix ultralytics draws; difficult boxes count like any other.
+    """
+    bg = num_classes
+    cm = np.zeros((num_classes + 1, num_classes + 1), np.int64)
+    for truth, pred in zip(truths, predictions, strict=True):
+        t_cls = np.asarray(truth["class_ids"], np.int64)
+        keep = (np.zeros(0, bool) if confidence is None
+                else np.asarray(pred["scores"]) >= confidence)
+        p_cls = np.asarray(pred["class_ids"], np.int64)[keep]
+        p_box = np.asarray(pred["boxes"], np.float64).reshape(-1, 4)[keep]
+        t_box = np.asarray(truth["boxes"], np.float64).reshape(-1, 4)
+        t_used, p_used = np.zeros(len(t_cls), bool), np.zeros(len(p_cls), bool)
+        if len(t_cls) and len(p_cls):
+            ious = dm.box_iou(p_box, t_box)  # (predictions, truths)
+            for flat in np.argsort(-ious, axis=None, kind="stable"):
+                p, t = np.unravel_index(flat, ious.shape)
+                if ious[p, t] < iou:
+                    break
+                if not (p_used[p] or t_used[t]):
+                    p_used[p] = t_used[t] = True
+                    cm[t_cls[t], p_cls[p]] += 1
+        np.add.at(cm, (t_cls[~t_used], bg), 1)
+        np.add.at(cm, (bg, p_cls[~p_used]), 1)
+    return cm
+
+
+def errors_per_image(cm_rows: list[np.ndarray]) -> np.ndarray:
+    """Misses + false alarms + wrong classes of each image's confusion matrix."""
+    return np.array([int(m.sum() - np.trace(m[:-1, :-1])) for m in cm_rows], np.int64)
+
+
+def detections_png(images: list[np.ndarray], truths: list[dict], predictions: list[dict],
+                   captions: list[str], class_names: list[str], confidence: float | None,
+                   path: Path, columns: int = 4) -> Path:
+    """A gallery: ground-truth boxes dashed white, detections (score >= ``confidence``)
+    solid in their class colour with class name and score."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from visionpipe.plots import PALETTE, _save, labelled_gallery_png
+
+    if not images:
+        return labelled_gallery_png([], [], path, empty="no test image has a detection error")
+    columns = min(columns, len(images))
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, truth, pred, caption in zip(axes.ravel(), images, truths, predictions,
+                                               captions, strict=False):
+        ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
+        for x0, y0, x1, y1 in np.asarray(truth["boxes"]).reshape(-1, 4):
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                   edgecolor="white", linestyle="--", linewidth=1.2))
+        keep = (np.zeros(len(pred["scores"]), bool) if confidence is None
+                else np.asarray(pred["scores"]) >= confidence)
+        for (x0, y0, x1, y1), k, s in zip(np.asarray(pred["boxes"])[keep],
+                                          np.asarray(pred["class_ids"])[keep],
+                                          np.asarray(pred["scores"])[keep], strict=True):
+            colour = PALETTE[(int(k) + 1) % len(PALETTE)] / 255.0
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                   edgecolor=colour, linewidth=1.5))
+            ax.text(x0, y0 - 1, f"{class_names[int(k)]} {s:.2f}", color="white", fontsize=6,
+                    va="bottom", bbox={"facecolor": colour, "alpha": 0.8, "pad": 0.5,
+                                       "linewidth": 0})
+        ax.set_title(caption, fontsize=8)
+    return _save(fig, path)
+
+
+class DetectionTask:
+    """Boxes with classes; the model is a detector of :mod:`visionpipe.models.yolo`."""
+
+    name = "detection"
+
+    def to_model_io(self, num_classes: int):
+        """Map a parsed record to (float image in 0..255, {boxes, classes}); batches pad the
+        box lists with -1 (``padding_values``, read by the input pipeline)."""
+
+        def fn(rec):
+            return (tf.cast(rec["image"], tf.float32),
+                    {"boxes": tf.cast(rec["boxes"], tf.float32),
+                     "classes": tf.cast(rec["box_labels"], tf.float32)})
+
+        fn.padding_values = (0.0, {"boxes": PAD, "classes": PAD})
+        return fn
+
+    def compile(self, model, optimizer, architecture) -> None:
+        """The detector's own losses (box and class), weighted as the architecture says."""
+        from visionpipe.models.yolo import compile_detector
+
+        compile_detector(model, optimizer, architecture)
+
+    def evaluation_model(self, model, cfg: EvaluateConfig):
+        """The model decoding with ``evaluate.nms`` (mAP wants nearly every box)."""
+        from visionpipe.models.yolo import set_nms
+
+        set_nms(model, cfg.nms)
+        return model
+
+    def predict(self, model, images: np.ndarray, batch_size: int,
+                overlap: float = 0.0) -> list[dict]:
+        """Detections per test image: boxes (xyxy pixels), class ids and scores."""
+        from visionpipe.models.yolo import detect
+
+        return detect(model, images, batch_size)
+
+    def targets(self, rec: dict) -> dict:
+        """The ground truth of one parsed numpy record: boxes and class ids."""
+        return {"boxes": np.asarray(rec["boxes"], np.float32).reshape(-1, 4),
+                "class_ids": np.asarray(rec["box_labels"], np.int64)}
+
+    def evaluate(self, truths, outputs: list[dict], class_names: list[str],
+                 cfg: EvaluateConfig) -> dict:
+        """COCO mAP@[.5:.95], mAP@.5, mAP@.75, per-class AP, and precision, recall and F1 at
+        the confidence that maximises F1 (IoU 0.5)."""
+        result = dm.detection_metrics(list(truths), outputs, class_names,
+                                      max_detections=cfg.nms.max_detections)
+        for row in result["per_class"].values():  # F1 beside precision and recall
+            p, r = row.get("precision"), row.get("recall")
+            row["f1"] = (None if p is None or r is None
+                         else (0.0 if p + r == 0 else 2 * p * r / (p + r)))
+        result["nms"] = {"iou_threshold": cfg.nms.iou_threshold,
+                         "confidence_threshold": cfg.nms.confidence_threshold,
+                         "max_detections": cfg.nms.max_detections}
+        result["num_test_images"] = len(outputs)
+        return result
+
+    def plots(self, images: np.ndarray, ids: list[str], truths, outputs: list[dict],
+              class_names: list[str], out_dir: Path, cfg: EvaluateConfig) -> list[Path]:
+        """PR and F1-confidence curves, the confusion matrix (with background) at the
+        F1-best confidence as `dvc plots` rows and a PNG, and a gallery of the test images
+        with the most errors there (ground truth dashed, detections solid)."""
+        from visionpipe.data.records import write_json
+        from visionpipe.plots import confusion_png
+
+        truths = list(truths)
+        curves = dm.pr_curves(truths, outputs, class_names,
+                              max_detections=cfg.nms.max_detections)
+        pr = dm.pr_curve_png(curves, out_dir / "pr_curve.png")
+        f1 = dm.f1_confidence_png(curves, out_dir / "f1_curve.png")
+        confidence = curves.best().get("confidence")
+        names = [*class_names, "background"]
+        per_image = [confusion([t], [p], len(class_names), confidence)
+                     for t, p in zip(truths, outputs, strict=True)]
+        cm = (np.sum(per_image, axis=0) if per_image
+              else np.zeros((len(names), len(names)), np.int64))
+        rows = [{"actual": names[t], "predicted": names[p]}
+                for t in range(len(names)) for p in range(len(names))
+                for _ in range(int(cm[t, p]))]
+        write_json(out_dir / "confusion.json", rows)
+        png = confusion_png(cm, names, out_dir / "confusion.png")
+        errors = errors_per_image(per_image)
+        worst = [i for i in np.argsort(-errors, kind="stable")[:cfg.gallery] if errors[i] > 0]
+        conf_text = "none" if confidence is None else f"{confidence:.2f}"
+        captions = [f"{ids[i]}: {errors[i]} error(s) at conf {conf_text}" for i in worst]
+        gallery = detections_png([images[i] for i in worst], [truths[i] for i in worst],
+                                 [outputs[i] for i in worst], captions, class_names,
+                                 confidence, out_dir / "misclassified.png")
+        return [pr, f1, out_dir / "confusion.json", png, gallery]
+
+    # ------------------------------------------------------------------ export
+
+    confidence = 0.25  # export.nms.confidence_threshold, set by configure_export
+
+    def configure_export(self, model, nms) -> None:
+        """Decode with ``export.nms`` (what the exported files keep) from now on."""
+        from visionpipe.models.yolo import set_nms
+
+        set_nms(model, nms)
+        self.confidence = nms.confidence_threshold
+
+    def forward(self, model, images: np.ndarray) -> np.ndarray:
+        """The raw head outputs per anchor (N, anchors, 64 + classes) that formats share."""
+        from visionpipe.models.yolo import raw_outputs
+
+        return raw_outputs(model, images)
+
+    def agreement(self, reference: np.ndarray, other: np.ndarray) -> dict:
+        """Of the anchors either runtime scores at least the export confidence for some
+        class, the share where both do and pick the same class (1.0 when there are none)."""
+        ref, oth = reference[..., 64:], other[..., 64:]
+        ref_on, oth_on = ref.max(-1) >= self.confidence, oth.max(-1) >= self.confidence
+        either = ref_on | oth_on
+        same = ref_on & oth_on & (ref.argmax(-1) == oth.argmax(-1))
+        share = float(same.sum() / either.sum()) if either.any() else 1.0
+        return {"anchor_agreement": share, "anchors_compared": int(either.sum())}
+
+    def primary_agreement(self) -> str:
+        """The agreement key that export parity thresholds apply to."""
+        return "anchor_agreement"
+
+    def serving_function(self, model, size, policy: str, class_names):
+        """``serving_default`` of the SavedModel: uint8 images of any size -> detections in
+        that image's own pixels (letterboxed or stretched inside, as prepare did)."""
+        from visionpipe.models.yolo import decode
+        from visionpipe.serving import boxes_to_input, fit_images
+
+        names = tf.constant([*class_names, ""])  # -1 (padding) reads the empty name
+
+        def serve(images):
+            x = fit_images(images, size, policy)
+            out = decode(model, model(x, training=False), x)
+            class_id = tf.cast(out["classes"], tf.int32)
+            return {"boxes": boxes_to_input(tf.cast(out["boxes"], tf.float32),
+                                            tf.shape(images)[1:3], size, policy),
+                    "scores": tf.cast(out["confidence"], tf.float32), "class_id": class_id,
+                    "class_name": tf.gather(names, tf.where(class_id < 0, len(class_names),
+                                                            class_id)),
+                    "num_detections": tf.cast(out["num_detections"], tf.int32)}
+
+        return serve
+
+    def resized_input_check(self, model, saved: Path, pixels: np.ndarray, size, policy: str,
+                            ex) -> dict:
+        """SavedModel's ``serving_default`` on images of another size (letterboxed inside, boxes
+        mapped back) against the Keras model on the same images resized as prepare resizes
+        them (PIL), its boxes mapped back the same way: the share of detections that pair up
+        (same class, IoU >= MATCH_IOU)."""
+        from visionpipe.data.sources.image_folder import fit_to_size
+        from visionpipe.models.yolo import detect
+        from visionpipe.serving import boxes_to_input
+
+        h, w = size
+        big = (h * 2 + 6, w * 3 // 2 + 5)  # another size and another aspect ratio
+        enlarged = np.stack([fit_to_size(p, big, "stretch") for p in pixels])
+        fn = tf.saved_model.load(str(saved)).signatures["serving_default"]
+        out = fn(images=tf.constant(enlarged, tf.uint8))
+        served = [{"boxes": out["boxes"][i, :n].numpy(),
+                   "class_ids": out["class_id"][i, :n].numpy().astype(np.int64),
+                   "scores": out["scores"][i, :n].numpy()}
+                  for i, n in enumerate(out["num_detections"].numpy())]
+        as_prepared = np.stack([fit_to_size(p, size, policy) for p in enlarged])
+        keras_dets = detect(model, as_prepared.astype(np.float32), 64)
+        for det in keras_dets:
+            det["boxes"] = boxes_to_input(tf.constant(det["boxes"].reshape(-1, 4)),
+                                          tf.constant(big), size, policy).numpy()
+        agreement, worst = match_share(keras_dets, served)
+        return {"input_size": list(big), "resize": policy, "max_abs_diff": worst,
+                "detection_agreement": agreement,
+                "detections": {"keras": int(sum(len(d["scores"]) for d in keras_dets)),
+                               "saved_model": int(sum(len(d["scores"]) for d in served))},
+                "thresholds": {"max_abs_diff": None,
+                               "detection_agreement": ex.resize_min_agreement},
+                "passed": bool(agreement >= ex.resize_min_agreement)}
+
+
+MATCH_IOU = 0.8  # two runtimes' detections of one object, after different resizing
+
+
+def match_share(a: list[dict], b: list[dict], iou: float = MATCH_IOU) -> tuple[float, float]:
+    """Pairs of same-class detections with IoU >= ``iou`` (greedy, highest first) over the
+    larger of the two detection counts, pooled over images (1.0 when neither has any); and
+    the largest corner difference in pixels among the pairs (0.0 without pairs)."""
+    pairs, total, worst = 0, 0, 0.0
+    for x, y in zip(a, b, strict=True):
+        total += max(len(x["scores"]), len(y["scores"]))
+        if not (len(x["scores"]) and len(y["scores"])):
+            continue
+        ious = dm.box_iou(np.asarray(x["boxes"], np.float64), np.asarray(y["boxes"], np.float64))
+        ious[np.asarray(x["class_ids"])[:, None] != np.asarray(y["class_ids"])[None, :]] = 0.0
+        used_x, used_y = set(), set()
+        for flat in np.argsort(-ious, axis=None, kind="stable"):
+            i, j = np.unravel_index(flat, ious.shape)
+            if ious[i, j] < iou:
+                break
+            if i not in used_x and j not in used_y:
+                used_x.add(i)
+                used_y.add(j)
+                pairs += 1
+                worst = max(worst, float(np.abs(np.asarray(x["boxes"][i], np.float64)
+                                                - np.asarray(y["boxes"][j])).max()))
+    return (pairs / total if total else 1.0), worst
