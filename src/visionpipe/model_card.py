@@ -137,9 +137,11 @@ def render(params: Params, model_name: str, layout: Layout) -> str:
     lines += _table(["format", "file", "bytes", "input", "max abs diff", key, "passed"], rows)
     resized = export.get("resized_input")
     if resized:
+        # the task's agreement, or the check's own (a detector's compares boxes)
+        rkey = next((k for k in resized.get("thresholds", {}) if k != "max_abs_diff"), key)
         lines += ["", f"SavedModel on {resized['input_size'][0]}x{resized['input_size'][1]} "
                       f"inputs (resized inside the graph) against the Keras model on the same "
-                      f"images resized as prepare does: {key} {_num(resized.get(key))}, "
+                      f"images resized as prepare does: {rkey} {_num(resized.get(rkey))}, "
                       f"max abs diff {_num(resized['max_abs_diff'], 3)}."]
     lines += ["", f"Compared on {export.get('samples')} test images; thresholds per format are "
                   "`export.parity` in params.yaml.", "",
@@ -148,7 +150,10 @@ def render(params: Params, model_name: str, layout: Layout) -> str:
               "", "```bash",
               f"dvc pull models/{model_name}/export   # the exported files, from the DVC remote",
               f"dvc repro export@{model_name}         # or rebuild them (and anything stale)",
-              f"visionpipe predict --model {model_name} --input my_images/ --output predictions/",
+              (f"visionpipe predict --model {model_name} --input my_images/ --output "
+               "predictions/" if export.get("task") == "classification" else
+               "# visionpipe predict runs classification exports so far; load "
+               f"models/{model_name}/export/saved_model with tf.saved_model.load"),
               "```", "",
               "## Limits", "",
               f"Measured on the {manifest['counts'].get('test')} test images of the data above "
