@@ -125,3 +125,18 @@ def test_the_drop_rule_comes_from_params():
     assert dropped[0.0] < dropped[0.25] < dropped[0.75] < dropped[1.0]
     with pytest.raises(ParamsError, match=r"augment\.detection\.box_min_visible = 1\.5"):
         parse_params({"augment": {"detection": {"box_min_visible": 1.5}}})
+
+
+def test_difficult_flags_follow_their_boxes_when_others_are_dropped():
+    from dataclasses import replace
+
+    pushed = replace(GEOMETRIC, scale=(1.3, 1.6), translate=0.3)
+    followed = 0
+    for i, ex in enumerate(_examples()):
+        # flag every box whose label is odd, so each flag can be checked against its label
+        ex.difficult = ex.box_labels % 2 == 1
+        aug, dropped = augment_example(ex, pushed, seed=5, copy=0, index=i)
+        assert len(aug.difficult) == len(aug.boxes) == len(aug.box_labels)
+        np.testing.assert_array_equal(aug.difficult, aug.box_labels % 2 == 1)
+        followed += dropped > 0 and aug.difficult.any()
+    assert followed > 0  # some image lost boxes and still carried flags

@@ -46,6 +46,20 @@ def test_confusion_counts_matches_wrong_classes_misses_and_false_alarms():
     np.testing.assert_array_equal(errors_per_image(per_image), [2, 1])
 
 
+def test_evaluate_ignores_difficult_boxes():
+    from visionpipe.config import EvaluateConfig
+
+    found_one = [_pred([[0, 0, 10, 10]], [0], [0.9])]
+    truth = _truth([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0])
+    task, cfg = DetectionTask(), EvaluateConfig()
+    regular = task.evaluate([truth], found_one, ["a"], cfg)
+    flagged = task.evaluate([{**truth, "difficult": np.array([False, True])}], found_one,
+                            ["a"], cfg)
+    assert regular["instances"] == 2 and regular["recall"] == pytest.approx(0.5)
+    assert flagged["instances"] == 1 and flagged["recall"] == pytest.approx(1.0)
+    assert flagged["map_50"] == pytest.approx(1.0) and regular["map_50"] < 0.6
+
+
 def test_match_share_pairs_same_class_boxes_only():
     a = [_pred([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1], [0.9, 0.8]), _pred([], [], [])]
     b = [_pred([[0, 0, 10, 11], [20, 20, 30, 30]], [0, 0], [0.9, 0.8]), _pred([], [], [])]

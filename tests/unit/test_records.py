@@ -106,3 +106,26 @@ def test_serialized_bytes_do_not_depend_on_the_process():
     assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     digests = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert len(digests) == 1, digests
+
+
+def test_difficult_flags_round_trip_and_are_stored_only_when_set(tmp_path):
+    from visionpipe.data.pipeline import record_dataset
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    boxes = np.array([[0, 0, 4, 4], [2, 2, 8, 8]], np.float32)
+    plain = Example(id="a", image=image, boxes=boxes, box_labels=np.array([0, 1], np.int32))
+    none_set = Example(id="a", image=image, boxes=boxes, box_labels=np.array([0, 1], np.int32),
+                       difficult=np.array([False, False]))
+    one_set = Example(id="b", image=image, boxes=boxes, box_labels=np.array([0, 1], np.int32),
+                      difficult=np.array([False, True]))
+    assert records.serialize(none_set) == records.serialize(plain)  # old records unchanged
+    assert records.deserialize(records.serialize(plain)).difficult is None
+    np.testing.assert_array_equal(records.deserialize(records.serialize(one_set)).difficult,
+                                  [False, True])
+    count, shards = records.write_split([plain, one_set], tmp_path, "test", 10)
+    records.write_manifest(tmp_path, {"task": "detection", "class_names": ["x", "y"],
+                                      "image_size": [8, 8],
+                                      "splits": {"test": {"count": count, "shards": shards}}})
+    parsed = list(record_dataset(tmp_path, "test").as_numpy_iterator())
+    assert parsed[0]["difficult"].tolist() == [False, False]  # absent: none is difficult
+    assert parsed[1]["difficult"].tolist() == [False, True]

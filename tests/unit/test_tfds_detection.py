@@ -139,6 +139,10 @@ def test_voc2007_boxes_are_letterboxed_with_their_images(voc_dir, tmp_path):
                 # image and boxes moved together: inside each box is its white rectangle
                 assert ex.image[y0 + 1:y1 - 1, x0 + 1:x1 - 1].min() > 200, (ex.id, x0, y0)
             difficult_seen |= ex.id == DIFFICULT[0]  # kept: all 20 boxes are there
+            # the flag is stored with its box, for evaluate to ignore it
+            flags = np.zeros(20, bool) if ex.difficult is None else ex.difficult
+            np.testing.assert_array_equal(flags, np.arange(20) == DIFFICULT[1]
+                                          if ex.id == DIFFICULT[0] else np.zeros(20, bool))
     assert set(seen) == set(sizes) and difficult_seen
     per_class = {n: sum(c[n] for c in manifest["class_counts"].values()) for n in voc_names}
     assert per_class == {n: 6 for n in voc_names}

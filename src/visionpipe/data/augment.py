@@ -133,7 +133,11 @@ def augment_example(example: Example, cfg: AugmentConfig, seed: int, copy: int,
     if example.mask is not None:
         out.mask = warp_mask(example.mask, matrix)
     if example.boxes is not None:
-        out.boxes, out.box_labels, dropped = warp_boxes(
-            np.asarray(example.boxes, np.float64), np.asarray(example.box_labels), matrix, h, w,
+        # Indices as labels: the kept ones pick each box's class and difficult flag.
+        out.boxes, kept, dropped = warp_boxes(
+            np.asarray(example.boxes, np.float64), np.arange(len(example.boxes)), matrix, h, w,
             cfg.box_min_visible)
+        out.box_labels = np.asarray(example.box_labels)[kept]
+        if example.difficult is not None:
+            out.difficult = np.asarray(example.difficult, bool)[kept]
     return out, dropped

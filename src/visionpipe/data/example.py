@@ -19,6 +19,8 @@ class Example:
     - ``boxes``: float32 array (N, 4) in absolute pixels, ``[x_min, y_min, x_max, y_max]``,
       with max edges exclusive (a box over columns 3..5 is x_min=3, x_max=6).
     - ``box_labels``: int32 array (N,), class index of each box.
+    - ``difficult``: bool array (N,), boxes PASCAL VOC marks difficult (evaluation ignores
+      them), or None when the source has no such flag.
     """
 
     id: str
@@ -27,3 +29,4 @@ class Example:
     mask: np.ndarray | None = None
     boxes: np.ndarray | None = None
     box_labels: np.ndarray | None = None
+    difficult: np.ndarray | None = None

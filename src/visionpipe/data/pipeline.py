@@ -21,6 +21,7 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         "mask": tf.io.FixedLenFeature([], tf.string, default_value=""),
         "boxes": tf.io.VarLenFeature(tf.float32),
         "box_labels": tf.io.VarLenFeature(tf.int64),
+        "difficult": tf.io.VarLenFeature(tf.int64),
     }
     rec = tf.io.parse_single_example(serialized, spec)
     image = tf.io.decode_png(rec["image"], channels=3)
@@ -31,6 +32,10 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         lambda: tf.zeros(tf.shape(image)[:2], tf.uint8))
     out["boxes"] = tf.reshape(tf.sparse.to_dense(rec["boxes"]), [-1, 4])
     out["box_labels"] = tf.cast(tf.sparse.to_dense(rec["box_labels"]), tf.int32)
+    # Stored only where some box is difficult; otherwise none is.
+    difficult = tf.cast(tf.sparse.to_dense(rec["difficult"]), tf.bool)
+    out["difficult"] = tf.cond(tf.size(difficult) > 0, lambda: difficult,
+                               lambda: tf.zeros(tf.shape(out["box_labels"]), tf.bool))
     return out
 
 

@@ -64,6 +64,10 @@ def serialize(example: Example) -> bytes:
         feats["boxes"] = f(float_list=tf.train.FloatList(value=boxes.ravel().tolist()))
         feats["box_labels"] = f(int64_list=tf.train.Int64List(
             value=np.asarray(example.box_labels, np.int64).tolist()))
+        if example.difficult is not None and np.any(example.difficult):
+            # Only when some box is difficult: other records stay byte for byte as they were.
+            feats["difficult"] = f(int64_list=tf.train.Int64List(
+                value=np.asarray(example.difficult, np.int64).tolist()))
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
         deterministic=True)  # protobuf map order is otherwise unspecified
 
@@ -81,6 +85,8 @@ def deserialize(data: bytes) -> Example:
     if "boxes" in msg:
         ex.boxes = np.asarray(msg["boxes"].float_list.value, np.float32).reshape(-1, 4)
         ex.box_labels = np.asarray(msg["box_labels"].int64_list.value, np.int32)
+        if "difficult" in msg:
+            ex.difficult = np.asarray(msg["difficult"].int64_list.value, bool)
     return ex
 
 

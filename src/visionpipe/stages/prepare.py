@@ -35,6 +35,8 @@ def keep_targets(example: Example, task: str) -> Example:
             raise DataError(f"example {example.id}: has no {name}, which task '{task}' "
                             "needs; choose a source that provides it")
         setattr(out, name, value)
+    if "boxes" in keep:
+        out.difficult = example.difficult
     return out
 
 
@@ -45,6 +47,7 @@ def resize(example: Example, size: tuple[int, int]) -> Example:
         return example
     th, tw = size
     out = Example(id=example.id, label=example.label, box_labels=example.box_labels,
+                  difficult=example.difficult,
                   image=image_folder.fit_to_size(example.image, (th, tw), "stretch"))
     if example.mask is not None:
         out.mask = np.asarray(Image.fromarray(example.mask).resize((tw, th), Image.NEAREST))
@@ -152,7 +155,8 @@ def fit_detection(example: Example, size: tuple[int, int], policy: str,
         tally.images_without_objects += bool(len(keep)) and not keep.any()
     return Example(id=example.id, image=image_folder.fit_to_size(example.image, size, policy),
                    boxes=boxes[keep], box_labels=np.asarray(example.box_labels,
-                                                            np.int32)[keep])
+                                                            np.int32)[keep],
+                   difficult=None if example.difficult is None else example.difficult[keep])
 
 
 def _catalog_splits(cfg: PrepareConfig, seed: int, task: str):
@@ -254,7 +258,7 @@ def _voc_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
             id=sample.id, image=image_folder.fit_to_size(image, size, cfg.resize),
             boxes=np.clip(image_folder.fit_boxes(sample.boxes, hw, size, cfg.resize), 0,
                           np.array([size[1], size[0]] * 2, np.float32)),
-            box_labels=sample.class_ids.astype(np.int32)))
+            box_labels=sample.class_ids.astype(np.int32), difficult=sample.difficult))
     source = {"kind": "voc", "name": folder.name, "path": cfg.path, "seed": seed,
               "annotations": data.counts, "dropped_boxes": data.dropped,
               "difficult_boxes_kept": int(sum(s.difficult.sum() for s in data.samples))}

@@ -136,9 +136,10 @@ class DetectionTask:
         return detect(model, images, batch_size)
 
     def targets(self, rec: dict) -> dict:
-        """The ground truth of one parsed numpy record: boxes and class ids."""
+        """The ground truth of one parsed numpy record: boxes, class ids, difficult flags."""
         return {"boxes": np.asarray(rec["boxes"], np.float32).reshape(-1, 4),
-                "class_ids": np.asarray(rec["box_labels"], np.int64)}
+                "class_ids": np.asarray(rec["box_labels"], np.int64),
+                "difficult": np.asarray(rec["difficult"], bool)}
 
     def evaluate(self, truths, outputs: list[dict], class_names: list[str],
                  cfg: EvaluateConfig) -> dict:

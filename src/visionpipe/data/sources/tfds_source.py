@@ -119,7 +119,7 @@ def _no_area(lo: float, hi: float, axis: str, side: str) -> str:
 
 
 def _boxes(objects: dict, h: int, w: int, where: str, tally: BoxTally | None,
-           names: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+           names: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """TFDS ``objects`` (bbox normalised ``[ymin, xmin, ymax, xmax]``, label, optionally
     is_difficult) as absolute pixel ``[x_min, y_min, x_max, y_max]`` boxes and their labels.
     With a ``tally``, boxes without area (at float32, as stored) are dropped and listed in it;
@@ -149,7 +149,8 @@ def _boxes(objects: dict, h: int, w: int, where: str, tally: BoxTally | None,
         tally.boxes += int(keep.sum())
         tally.difficult += int((difficult & keep).sum())
         tally.images_without_objects += not keep.any()
-    return boxes[keep], labels[keep]
+    flags = difficult[keep] if "is_difficult" in objects else None
+    return boxes[keep], labels[keep], flags
 
 
 def to_example(features: dict, index: int, split: str, tally: BoxTally | None = None,
@@ -169,7 +170,8 @@ def to_example(features: dict, index: int, split: str, tally: BoxTally | None = 
         ex.mask = (mask[..., 0] if mask.ndim == 3 else mask).astype(np.uint8)
     objects = features.get("objects")
     if isinstance(objects, dict) and "bbox" in objects:
-        ex.boxes, ex.box_labels = _boxes(objects, h, w, ex.id, tally, box_names)
+        ex.boxes, ex.box_labels, ex.difficult = _boxes(objects, h, w, ex.id, tally,
+                                                       box_names)
     return ex
 
 
