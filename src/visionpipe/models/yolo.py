@@ -108,11 +108,6 @@ def set_nms(model, nms: NMSConfig) -> None:
     model.prediction_decoder = nms_layer(nms)
 
 
-def is_detector(model) -> bool:
-    """Whether ``model`` is a keras-cv YOLOv8 detector."""
-    return type(model).__name__ == "YOLOV8Detector"
-
-
 def decode(model, raw: dict, images) -> dict:
     """Boxes, classes, confidences and counts (padded per image) from raw head outputs."""
     return model.decode_predictions(raw, images)

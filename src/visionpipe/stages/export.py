@@ -169,10 +169,15 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         "formats": report_formats,
     }
     if "saved_model" in formats:
+        h, w = size
+        big = (h * 2 + 6, w * 3 // 2 + 5)  # another size and another aspect ratio
+        enlarged = np.stack([fit_to_size(p, big, "stretch") for p in pixels])
+        as_prepared = np.stack([fit_to_size(p, size, policy)
+                                for p in enlarged]).astype(np.float32)
         check = getattr(task, "resized_input_check", None) or partial(_resized_input_check,
                                                                       task)
-        report["resized_input"] = check(model, out / FILES["saved_model"], pixels, size,
-                                        policy, ex)
+        report["resized_input"] = check(model, out / FILES["saved_model"], enlarged,
+                                        as_prepared, size, policy, ex)
     checks = [*report_formats.values(), report.get("resized_input", {"passed": True})]
     report["passed"] = all(c["passed"] for c in checks)
     records.write_json(out / META_FILE, {
@@ -187,19 +192,17 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     return report
 
 
-def _resized_input_check(task, model, saved: Path, pixels: np.ndarray, size, policy, ex) -> dict:
-    """SavedModel fed images at another size (resizing in the graph) against the Keras model
-    fed the same images resized the way prepare resizes them (PIL)."""
-    h, w = size
-    big = (h * 2 + 6, w * 3 // 2 + 5)  # another size and another aspect ratio
-    enlarged = np.stack([fit_to_size(p, big, "stretch") for p in pixels])
+def _resized_input_check(task, model, saved: Path, enlarged: np.ndarray,
+                         as_prepared: np.ndarray, size, policy, ex) -> dict:
+    """SavedModel fed ``enlarged`` images (resizing in the graph) against the Keras model fed
+    ``as_prepared``, the same images resized the way prepare resizes them (PIL)."""
     served = SavedModelRunner(saved).predict(enlarged)
-    as_prepared = np.stack([fit_to_size(p, size, policy) for p in enlarged]).astype(np.float32)
     keras_out = model.predict(as_prepared, batch_size=64, verbose=0)
     agreement = task.agreement(keras_out, served)
     key = task.primary_agreement()
     diff = float(np.max(np.abs(keras_out.astype(np.float64) - served)))
-    return {"input_size": list(big), "resize": policy, "max_abs_diff": diff, **agreement,
+    return {"input_size": list(enlarged.shape[1:3]), "resize": policy, "max_abs_diff": diff,
+            **agreement,
             "thresholds": {"max_abs_diff": None, key: ex.resize_min_agreement},
             "passed": bool(agreement[key] >= ex.resize_min_agreement)}
 

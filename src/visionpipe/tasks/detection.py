@@ -21,6 +21,21 @@ CONFUSION_IOU = 0.5  # a detection and a truth box of any class pair up at this 
 PAD = -1.0  # keras-cv's marker of "no box"
 
 
+def greedy_pairs(ious: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """(row, column) pairs of ``ious``, highest overlap first, each row and column used at
+    most once, down to ``threshold`` (ties in index order)."""
+    pairs, rows, cols = [], set(), set()
+    for flat in np.argsort(-ious, axis=None, kind="stable"):
+        r, c = (int(i) for i in np.unravel_index(flat, ious.shape))
+        if ious[r, c] < threshold:
+            break
+        if r not in rows and c not in cols:
+            rows.add(r)
+            cols.add(c)
+            pairs.append((r, c))
+    return pairs
+
+
 def confusion(truths: list[dict], predictions: list[dict], num_classes: int,
               confidence: float | None, iou: float = CONFUSION_IOU) -> np.ndarray:
     """Counts[true, predicted] over classes plus a last row/column for background.
@@ -42,14 +57,9 @@ def confusion(truths: list[dict], predictions: list[dict], num_classes: int,
         t_box = np.asarray(truth["boxes"], np.float64).reshape(-1, 4)
         t_used, p_used = np.zeros(len(t_cls), bool), np.zeros(len(p_cls), bool)
         if len(t_cls) and len(p_cls):
-            ious = dm.box_iou(p_box, t_box)  # (predictions, truths)
-            for flat in np.argsort(-ious, axis=None, kind="stable"):
-                p, t = np.unravel_index(flat, ious.shape)
-                if ious[p, t] < iou:
-                    break
-                if not (p_used[p] or t_used[t]):
-                    p_used[p] = t_used[t] = True
-                    cm[t_cls[t], p_cls[p]] += 1
+            for p, t in greedy_pairs(dm.box_iou(p_box, t_box), iou):
+                p_used[p] = t_used[t] = True
+                cm[t_cls[t], p_cls[p]] += 1
         np.add.at(cm, (t_cls[~t_used], bg), 1)
         np.add.at(cm, (bg, p_cls[~p_used]), 1)
     return cm
@@ -242,27 +252,23 @@ class DetectionTask:
 
         return serve
 
-    def resized_input_check(self, model, saved: Path, pixels: np.ndarray, size, policy: str,
-                            ex) -> dict:
-        """SavedModel's ``serving_default`` on images of another size (letterboxed inside, boxes
-        mapped back) against the Keras model on the same images resized as prepare resizes
-        them (PIL), its boxes mapped back the same way: the share of detections that pair up
-        (same class, IoU >= MATCH_IOU)."""
-        from visionpipe.data.sources.image_folder import fit_to_size
+    def resized_input_check(self, model, saved: Path, enlarged: np.ndarray,
+                            as_prepared: np.ndarray, size, policy: str, ex) -> dict:
+        """SavedModel's ``serving_default`` on ``enlarged`` images (letterboxed inside, boxes
+        mapped back) against the Keras model on ``as_prepared`` (the same images resized as
+        prepare resizes them), its boxes mapped back the same way: the share of detections
+        that pair up (same class, IoU >= MATCH_IOU)."""
         from visionpipe.models.yolo import detect
         from visionpipe.serving import boxes_to_input
 
-        h, w = size
-        big = (h * 2 + 6, w * 3 // 2 + 5)  # another size and another aspect ratio
-        enlarged = np.stack([fit_to_size(p, big, "stretch") for p in pixels])
+        big = enlarged.shape[1:3]
         fn = tf.saved_model.load(str(saved)).signatures["serving_default"]
         out = fn(images=tf.constant(enlarged, tf.uint8))
         served = [{"boxes": out["boxes"][i, :n].numpy(),
                    "class_ids": out["class_id"][i, :n].numpy().astype(np.int64),
                    "scores": out["scores"][i, :n].numpy()}
                   for i, n in enumerate(out["num_detections"].numpy())]
-        as_prepared = np.stack([fit_to_size(p, size, policy) for p in enlarged])
-        keras_dets = detect(model, as_prepared.astype(np.float32), 64)
+        keras_dets = detect(model, as_prepared, 64)
         for det in keras_dets:
             det["boxes"] = boxes_to_input(tf.constant(det["boxes"].reshape(-1, 4)),
                                           tf.constant(big), size, policy).numpy()
@@ -290,15 +296,8 @@ def match_share(a: list[dict], b: list[dict], iou: float = MATCH_IOU) -> tuple[f
             continue
         ious = dm.box_iou(np.asarray(x["boxes"], np.float64), np.asarray(y["boxes"], np.float64))
         ious[np.asarray(x["class_ids"])[:, None] != np.asarray(y["class_ids"])[None, :]] = 0.0
-        used_x, used_y = set(), set()
-        for flat in np.argsort(-ious, axis=None, kind="stable"):
-            i, j = np.unravel_index(flat, ious.shape)
-            if ious[i, j] < iou:
-                break
-            if i not in used_x and j not in used_y:
-                used_x.add(i)
-                used_y.add(j)
-                pairs += 1
-                worst = max(worst, float(np.abs(np.asarray(x["boxes"][i], np.float64)
-                                                - np.asarray(y["boxes"][j])).max()))
+        for i, j in greedy_pairs(ious, iou):
+            pairs += 1
+            worst = max(worst, float(np.abs(np.asarray(x["boxes"][i], np.float64)
+                                            - np.asarray(y["boxes"][j])).max()))
     return (pairs / total if total else 1.0), worst
