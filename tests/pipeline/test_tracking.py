@@ -120,14 +120,22 @@ def test_two_queued_experiments_at_once_log_to_the_parent_database(offline_repo)
         queued = run(["dvc", "exp", "run", "--queue", "-S",
                       f"models.mlp.train.learning_rate={lr}"], repo)
         assert queued.returncode == 0, queued.stdout
-    started = run(["dvc", "queue", "start", "-j", "2"], repo)
-    assert started.returncode == 0, started.stdout
+    # Output to a file, not a pipe: the queue's detached workers inherit it, and a pipe would
+    # stay open until they exit (DVC stops an idle worker only after a minute without tasks).
+    log = repo.parent / "queue-start.log"
+    with open(log, "w") as out:
+        started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, stdout=out,
+                                 stderr=subprocess.STDOUT, env=child_env(), timeout=300)
+    assert started.returncode == 0, log.read_text()
     deadline = time.time() + 900
-    while True:
-        status = run(["dvc", "queue", "status"], repo).stdout
-        if not re.search(r"\b(Running|Queued)\b", status) or time.time() > deadline:
-            break
-        time.sleep(5)
+    try:
+        while True:
+            status = run(["dvc", "queue", "status"], repo).stdout
+            if not re.search(r"\b(Running|Queued)\b", status) or time.time() > deadline:
+                break
+            time.sleep(5)
+    finally:
+        run(["dvc", "queue", "stop"], repo)  # the workers, now idle
     assert status.count("Success") == 2, status
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("visionpipe-classification")
