@@ -132,6 +132,24 @@ class TrainConfig:
     # on any device. Off by default: on this 2-core CPU it made training about 2x slower, and
     # CPU runs here already repeat bit for bit without it (README, "Training controls").
     deterministic: bool = False
+    # Speed switches (README, "Performance"); each is recorded in model.json and MLflow.
+    # precision: the Keras dtype policy. mixed_float16 (GPUs) trains with a LossScaleOptimizer;
+    # mixed_bfloat16 needs no loss scaling and also runs on CPUs. Softmax outputs stay float32.
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    # XLA compilation of the train step: auto is Keras' choice (on with a GPU, off on CPUs).
+    jit_compile: bool | Literal["auto"] = "auto"
+    # none: one device; mirrored: every GPU (or CPU device) of this machine, model.fit under
+    # tf.distribute.MirroredStrategy; multi_worker: several machines, MultiWorkerMirroredStrategy
+    # from TF_CONFIG (or SLURM), a custom training loop (README, "Training on a cluster").
+    # batch_size is the global batch, split over the replicas.
+    distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    # Decoded train/val images are cached after the first epoch: auto keeps them in memory
+    # when they fit in cache_limit_mb and on disk (a temporary file) otherwise.
+    cache: Literal["auto", "memory", "disk", "none"] = "auto"
+    cache_limit_mb: int = spec(4096, ge=0)
+    # tf.data parallel decoding keeps record order (with the seeded shuffle, the same batches
+    # every run); false lets finished records jump the queue: faster, batches differ per run.
+    deterministic_input: bool = True
 
 
 @dataclass(frozen=True)

@@ -46,17 +46,44 @@ def record_dataset(data_dir: Path, split: str) -> tf.data.Dataset:
                                               deterministic=True)
 
 
+def decoded_bytes(manifest: dict, split: str) -> int:
+    """What the decoded images (uint8) of one split take in memory, from its manifest."""
+    h, w = manifest["image_size"]
+    return int(manifest["counts"][split]) * h * w * 3
+
+
+def cache_mode(cache: str, nbytes: int, limit_mb: int) -> str:
+    """``memory``, ``disk`` or ``none``: ``auto`` keeps the decoded split in memory when it
+    fits in ``limit_mb`` and on disk otherwise."""
+    if cache != "auto":
+        return cache
+    return "memory" if nbytes <= limit_mb * 2**20 else "disk"
+
+
 def model_dataset(data_dir: Path, split: str, to_model_io: Callable, batch_size: int, *,
                   shuffle: bool = False, shuffle_buffer: int = 10000, seed: int = 0,
-                  cache: bool = True) -> tf.data.Dataset:
-    """Batches of (inputs, targets) for ``fit``/``evaluate``: decode once, cache, prefetch.
+                  cache: str = "memory", cache_file: str | Path | None = None,
+                  deterministic: bool = True) -> tf.data.Dataset:
+    """Batches of (inputs, targets) for ``fit``/``evaluate``: parallel decode, cache, shuffle,
+    batch, prefetch.
 
+    ``cache``: ``memory``, ``disk`` (``cache_file``, a path prefix TensorFlow writes its
+    cache files under) or ``none`` (decode every epoch). ``deterministic=False`` lets the
+    parallel decoding hand out records as they finish rather than in stored order.
     Targets of varying length (detection's boxes) are padded per batch with the
     ``padding_values`` attribute of ``to_model_io``, when it has one."""
-    ds = record_dataset(data_dir, split).map(to_model_io, num_parallel_calls=AUTOTUNE,
-                                             deterministic=True)
-    if cache:
+    files = [str(p) for p in shard_paths(data_dir, split)]
+    ds = tf.data.TFRecordDataset(files).map(parse_record, num_parallel_calls=AUTOTUNE,
+                                            deterministic=deterministic)
+    ds = ds.map(to_model_io, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if cache == "memory":
         ds = ds.cache()
+    elif cache == "disk":
+        if cache_file is None:
+            raise ValueError("cache='disk' needs cache_file")
+        ds = ds.cache(str(cache_file))
+    elif cache != "none":
+        raise ValueError(f"cache must be memory, disk or none, not {cache!r}")
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     padding = getattr(to_model_io, "padding_values", None)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import keras
@@ -13,7 +16,9 @@ import keras
 from visionpipe import atomic
 from visionpipe.config import Params, TrainConfig
 from visionpipe.data import records
-from visionpipe.data.pipeline import model_dataset
+from visionpipe.data.pipeline import cache_mode, decoded_bytes, model_dataset
+from visionpipe.distribute import (Distribution, check_jit, fit_multi_worker,
+                                   make_distribution, output_root, worker_params)
 from visionpipe.errors import ParamsError, TrainingDivergedError
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
@@ -103,6 +108,18 @@ def divergence_message(model_name: str, cfg: TrainConfig, exc: Diverged, folder:
             f"(lr_schedule: warmup_cosine); {kept}")
 
 
+def resume_point(checkpoints: Checkpoints, dist: Distribution) -> tuple[State | None, str]:
+    """The state to resume from (None: epoch 1) and why, agreed by every worker.
+
+    Workers that would start at different epochs would wait for each other forever; when they
+    do not all see the same checkpoints (no shared folder), all of them start at epoch 1."""
+    state, why = checkpoints.resumable()
+    if dist.all_equal(state.epochs_done if state is not None else 0):
+        return state, why
+    return None, (f"not every worker sees the checkpoints in {checkpoints.folder} (put them "
+                  "on a folder all machines share to resume); training starts at epoch 1")
+
+
 def write_history(path: Path, history: dict[str, list[float]]) -> None:
     """history.csv as Keras' CSVLogger writes it: epoch, then the logged keys sorted."""
     keys = sorted(history)
@@ -127,8 +144,34 @@ def with_image_shape(to_model_io, size: tuple[int, int]):
     return fn
 
 
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Layers built inside compute in ``name`` (mixed_bfloat16: bfloat16 maths, float32
+    variables); the global policy is float32 again afterwards, for the caller's models."""
+    keras.mixed_precision.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
 def run(params: Params, model_name: str, layout: Layout) -> dict:
-    """Train ``model_name``; write model.keras, model.json, checkpoints/ and history.csv."""
+    """Train ``model_name``; write model.keras, model.json, checkpoints/ and history.csv.
+
+    Under ``distribute: multi_worker`` every machine of the cluster runs this; only the chief
+    writes into ``layout`` and tracks the run, the others into a temporary folder
+    (visionpipe.distribute)."""
+    cfg = params.model(model_name)
+    # First: a multi-worker strategy must exist before TensorFlow's runtime starts.
+    dist = make_distribution(cfg.train.distribute, f"models.{model_name}.train.distribute")
+    with output_root(layout.root, dist) as root:
+        return _train(worker_params(params, dist), model_name, layout, Layout(root), dist)
+
+
+def _train(params: Params, model_name: str, layout: Layout, out: Layout,
+           dist: Distribution) -> dict:
+    """:func:`run` on one worker: data and checkpoints to resume from are read from
+    ``layout``, outputs written to ``out``."""
     cfg = params.model(model_name)
     architecture = parse_architecture(cfg.family, cfg.architecture,
                                       f"models.{model_name}.architecture")
@@ -145,35 +188,51 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     names = manifest["class_names"]
     h, w = manifest["image_size"]
     io = with_image_shape(task.to_model_io(len(names)), (h, w))
+    cache_dir = Path(tempfile.mkdtemp(prefix=f"visionpipe-cache-{model_name}-"))
+    caches = {split: cache_mode(t.cache, decoded_bytes(m, split), t.cache_limit_mb)
+              for split, m in (("train", manifest), ("val", val_manifest))}
     train_ds = model_dataset(train_dir, "train", io, t.batch_size, shuffle=True,
-                             shuffle_buffer=t.shuffle_buffer, seed=params.seed)
-    val_ds = model_dataset(val_dir, "val", io, t.batch_size)
+                             shuffle_buffer=t.shuffle_buffer, seed=params.seed,
+                             cache=caches["train"], cache_file=cache_dir / "train",
+                             deterministic=t.deterministic_input)
+    val_ds = model_dataset(val_dir, "val", io, t.batch_size, cache=caches["val"],
+                           cache_file=cache_dir / "val", deterministic=t.deterministic_input)
 
-    model = create_model(cfg.family, (h, w, 3), len(names), architecture)
     steps_per_epoch = math.ceil(manifest["counts"]["train"] / t.batch_size)
     if t.class_weights is not None and len(t.class_weights) != len(names):
         raise ParamsError(f"params.yaml: models.{model_name}.train.class_weights = "
                           f"{list(t.class_weights)}: expected one weight per class, "
                           f"{len(names)} in class order ({', '.join(names)})")
-    optimizer = make_optimizer(t, steps_per_epoch)
-    if hasattr(task, "compile"):  # a model with its own losses (a detector)
-        task.compile(model, optimizer, architecture)
-    else:
-        model.compile(optimizer=optimizer, loss=task.loss(t, len(names)),
-                      metrics=task.metrics(len(names)))
+    with dist.scope(), dtype_policy(t.precision):
+        model = create_model(cfg.family, (h, w, 3), len(names), architecture)
+        optimizer = make_optimizer(t, steps_per_epoch)
+        if hasattr(task, "compile"):  # a model with its own losses (a detector)
+            task.compile(model, optimizer, architecture)  # "auto" is Keras' compile default
+            if t.jit_compile != "auto":  # it takes no jit_compile; the model's setter does
+                model.jit_compile = t.jit_compile
+        else:
+            # mixed_float16: Keras wraps the optimizer in a LossScaleOptimizer itself.
+            model.compile(optimizer=optimizer, loss=task.loss(t, len(names)),
+                          metrics=task.metrics(len(names)), jit_compile=t.jit_compile)
+    jit_compile = bool(model.jit_compile)  # what Keras made of "auto"
+    check_jit(dist, jit_compile, f"models.{model_name}.train.jit_compile")
     model.summary(print_fn=lambda line, **_: print(line))
 
     mode = "min" if t.monitor == "val_loss" else "max"
-    ckpt = Checkpoints(layout.checkpoints(model_name), fingerprint(
+    trained_on = fingerprint(
         seed=params.seed, family=cfg.family, task=cfg.task, architecture=cfg.architecture,
         train=dataclasses.asdict(t), train_data=manifest["checksum"],
-        val_data=val_manifest["checksum"]), t.monitor)
-    state, why = ckpt.resumable()
+        val_data=val_manifest["checksum"])
+    ckpt = Checkpoints(out.checkpoints(model_name), trained_on, t.monitor)
+    # A non-chief worker resumes from the chief's checkpoints (read only, on a shared folder).
+    source = Checkpoints(layout.checkpoints(model_name), trained_on, t.monitor)
+    state, why = resume_point(source, dist)
     print(f"train@{model_name}: {why}", flush=True)
     if state is None:
         state = ckpt.reset()
     else:
-        restore_weights(model, ckpt.folder / state.last)
+        with dist.scope():
+            restore_weights(model, source.folder / state.last)
     early = None
     if t.early_stopping_patience:
         early = ResumableEarlyStopping(monitor=t.monitor, patience=t.early_stopping_patience,
@@ -181,34 +240,45 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
                                        verbose=1, restored=state.early_stopping)
     callbacks = [DivergenceGuard(), LearningRateLogger(), *([early] if early else []),
                  EpochCheckpoint(ckpt, state, mode, early)]
-    run = RunLogger(params, model_name, layout).start()
+    run = RunLogger(params, model_name, out).start()
     if run.client is not None:
         callbacks.append(run.keras_callback())
         for epoch in range(state.epochs_done):  # the epochs a killed run completed
             run.log_metrics({k: v[epoch] for k, v in state.history.items()}, step=epoch,
                             what="epoch metrics")
     try:
-        with measure_co2(params, layout, model_name, "train"), run.system_metrics():
+        with measure_co2(params, out, model_name, "train"), run.system_metrics():
             stopped = early is not None and state.early_stopping is not None and (
                 state.early_stopping["wait"] >= t.early_stopping_patience)
             if state.epochs_done < t.epochs and not stopped:
-                # shuffle=False: the dataset shuffles itself (Keras would warn it ignores it).
-                model.fit(train_ds, validation_data=val_ds, epochs=t.epochs, shuffle=False,
-                          initial_epoch=state.epochs_done, callbacks=callbacks, verbose=2)
+                if dist.kind == "multi_worker":  # Keras' fit fails under its strategy
+                    fit_multi_worker(model, dist.strategy, train_ds, validation_data=val_ds,
+                                     epochs=t.epochs, initial_epoch=state.epochs_done,
+                                     callbacks=callbacks, verbose=2)
+                else:
+                    # shuffle=False: the dataset shuffles itself (Keras would warn otherwise).
+                    model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
+                              shuffle=False, initial_epoch=state.epochs_done,
+                              callbacks=callbacks, verbose=2)
     except Diverged as exc:
         if run.client is not None and run.run_id is not None:
             run.call("run status", "set_terminated", run.run_id, "FAILED")
         raise TrainingDivergedError(
             divergence_message(model_name, t, exc, ckpt.folder, ckpt.read_state())) from None
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # disk caches (auto, over the limit)
 
     final = state.history
-    write_history(layout.history(model_name), final)
+    write_history(out.history(model_name), final)
     if t.restore_best:
-        model = load_model(ckpt.folder / state.best)
+        kept = ckpt.folder / state.best
+        if not kept.is_file():  # a worker's best epoch from before a resume
+            kept = source.folder / state.best
+        model = load_model(kept)
         best = state.best_epoch - 1
     else:
         best = state.epochs_done - 1
-    with atomic.atomic_path(layout.model_file(model_name)) as tmp:
+    with atomic.atomic_path(out.model_file(model_name)) as tmp:
         model.save(tmp)
     meta = {
         "name": model_name,
@@ -223,13 +293,16 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
         "kept_epoch": best + 1,
         "monitor": t.monitor,
         "deterministic": t.deterministic,
+        "precision": t.precision,
+        "jit_compile": jit_compile,
+        "distribute": dist.describe(),
         "train_dataset": {"path": str(train_dir.relative_to(layout.root)),
                           "checksum": manifest["checksum"], "count": manifest["counts"]["train"]},
         "val_dataset": {"checksum": val_manifest["checksum"],
                         "count": val_manifest["counts"]["val"]},
         "kept_epoch_metrics": {k: float(v[best]) for k, v in final.items()},
     }
-    records.write_json(layout.model_meta(model_name), meta)
+    records.write_json(out.model_meta(model_name), meta)
     # Last: a kill before this line leaves an unfinished state, and the rerun only rewrites
     # the outputs above (no epoch left to train); after it, a rerun trains from epoch 1.
     state.finished = True
