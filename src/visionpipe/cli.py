@@ -65,7 +65,48 @@ def build_parser() -> argparse.ArgumentParser:
                                 "else saved_model)")
             p.add_argument("--export-dir", type=Path, default=None,
                            help="the export folder (default: ROOT/models/MODEL/export)")
+    add_benchmark(sub)
     return parser
+
+
+BENCHMARK = ("Measure training, input-pipeline and inference speed of the models in params "
+             "against an in-memory ideal, a naive pipeline and a matmul peak; writes "
+             "reports/benchmark.json and reports/benchmark.png.")
+
+
+def add_benchmark(sub) -> None:
+    """`visionpipe benchmark`: not a stage; reads the data DVC produced."""
+    p = sub.add_parser("benchmark", help=BENCHMARK, description=BENCHMARK)
+    p.add_argument("--models", default=None,
+                   help="comma-separated model names (default: every model in params)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                   help="params file (default: params.yaml)")
+    p.add_argument("--root", type=Path, default=Path("."),
+                   help="project root holding data/ and reports/ (default: .)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="folder for benchmark.json and benchmark.png (default: ROOT/reports)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: few images, one repeat (figures not comparable)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per figure, medians over them (default: 3; quick: 1)")
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    """Run `visionpipe benchmark`."""
+    import dataclasses
+
+    from visionpipe import benchmark as bench
+    from visionpipe.config import load_params
+    from visionpipe.layout import Layout
+
+    settings = bench.QUICK if args.quick else bench.Settings()
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise VisionpipeError(f"--repeats {args.repeats}: must be 1 or more")
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    bench.run(load_params(args.params), Layout(args.root.resolve()), models, args.output,
+              settings)
 
 
 def run_stage(args: argparse.Namespace) -> None:
@@ -78,6 +119,9 @@ def run_stage(args: argparse.Namespace) -> None:
 
     if args.stage == "predict":
         predict(args)
+        return
+    if args.stage == "benchmark":
+        benchmark(args)
         return
     params = load_params(args.params)
     kind = {**STAGES, **COMMANDS}[args.stage][0]

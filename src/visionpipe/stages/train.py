@@ -155,6 +155,32 @@ def dtype_policy(name: str):
         keras.mixed_precision.set_dtype_policy("float32")
 
 
+def input_dataset(data_dir: Path, split: str, io, t: TrainConfig, seed: int, cache_dir: Path):
+    """The train stage's input pipeline for one split (the train split shuffled with the
+    seed), with the model's cache and determinism params; returns it and the cache mode
+    ``auto`` resolved to. A disk cache goes under ``cache_dir``."""
+    cache = cache_mode(t.cache, decoded_bytes(records.read_manifest(data_dir), split),
+                       t.cache_limit_mb)
+    ds = model_dataset(data_dir, split, io, t.batch_size, shuffle=split == "train",
+                       shuffle_buffer=t.shuffle_buffer, seed=seed, cache=cache,
+                       cache_file=cache_dir / split, deterministic=t.deterministic_input)
+    return ds, cache
+
+
+def compile_model(model: keras.Model, task, optimizer, t: TrainConfig, architecture,
+                  num_classes: int) -> None:
+    """Compile as training does: the task's loss and metrics (a detector compiles itself),
+    with ``t.jit_compile``. Under mixed_float16 Keras wraps the optimizer in a
+    LossScaleOptimizer itself."""
+    if hasattr(task, "compile"):  # a model with its own losses (a detector)
+        task.compile(model, optimizer, architecture)  # "auto" is Keras' compile default
+        if t.jit_compile != "auto":  # it takes no jit_compile; the model's setter does
+            model.jit_compile = t.jit_compile
+    else:
+        model.compile(optimizer=optimizer, loss=task.loss(t, num_classes),
+                      metrics=task.metrics(num_classes), jit_compile=t.jit_compile)
+
+
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Train ``model_name``; write model.keras, model.json, checkpoints/ and history.csv.
 
@@ -189,14 +215,8 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
     h, w = manifest["image_size"]
     io = with_image_shape(task.to_model_io(len(names)), (h, w))
     cache_dir = Path(tempfile.mkdtemp(prefix=f"visionpipe-cache-{model_name}-"))
-    caches = {split: cache_mode(t.cache, decoded_bytes(m, split), t.cache_limit_mb)
-              for split, m in (("train", manifest), ("val", val_manifest))}
-    train_ds = model_dataset(train_dir, "train", io, t.batch_size, shuffle=True,
-                             shuffle_buffer=t.shuffle_buffer, seed=params.seed,
-                             cache=caches["train"], cache_file=cache_dir / "train",
-                             deterministic=t.deterministic_input)
-    val_ds = model_dataset(val_dir, "val", io, t.batch_size, cache=caches["val"],
-                           cache_file=cache_dir / "val", deterministic=t.deterministic_input)
+    train_ds, _ = input_dataset(train_dir, "train", io, t, params.seed, cache_dir)
+    val_ds, _ = input_dataset(val_dir, "val", io, t, params.seed, cache_dir)
 
     steps_per_epoch = math.ceil(manifest["counts"]["train"] / t.batch_size)
     if t.class_weights is not None and len(t.class_weights) != len(names):
@@ -205,15 +225,8 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
                           f"{len(names)} in class order ({', '.join(names)})")
     with dist.scope(), dtype_policy(t.precision):
         model = create_model(cfg.family, (h, w, 3), len(names), architecture)
-        optimizer = make_optimizer(t, steps_per_epoch)
-        if hasattr(task, "compile"):  # a model with its own losses (a detector)
-            task.compile(model, optimizer, architecture)  # "auto" is Keras' compile default
-            if t.jit_compile != "auto":  # it takes no jit_compile; the model's setter does
-                model.jit_compile = t.jit_compile
-        else:
-            # mixed_float16: Keras wraps the optimizer in a LossScaleOptimizer itself.
-            model.compile(optimizer=optimizer, loss=task.loss(t, len(names)),
-                          metrics=task.metrics(len(names)), jit_compile=t.jit_compile)
+        compile_model(model, task, make_optimizer(t, steps_per_epoch), t, architecture,
+                      len(names))
     jit_compile = bool(model.jit_compile)  # what Keras made of "auto"
     check_jit(dist, jit_compile, f"models.{model_name}.train.jit_compile")
     model.summary(print_fn=lambda line, **_: print(line))
