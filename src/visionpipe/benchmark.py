@@ -77,7 +77,6 @@ CONVENTIONS = {
 }
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How much to measure: the full run (the defaults) or ``--quick`` (a smoke run)."""
