@@ -51,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--model", required=True,
                            help="model name: a key of the `models` section of params.yaml")
-        p.add_argument("--params", type=Path, default=Path("params.yaml"),
-                       help="params file (default: params.yaml)")
-        p.add_argument("--root", type=Path, default=Path("."),
-                       help="project root holding data/, models/ and reports/ (default: .)")
+        add_project_args(p, "data/, models/ and reports/")
         if name == "predict":
             p.add_argument("--input", type=Path, required=True,
                            help="folder of images (searched recursively; any size)")
@@ -74,21 +71,26 @@ BENCHMARK = ("Measure training, input-pipeline and inference speed of the models
              "reports/benchmark.json and reports/benchmark.png.")
 
 
+def add_project_args(p: argparse.ArgumentParser, holds: str) -> None:
+    """--params and --root, shared by every command."""
+    p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                   help="params file (default: params.yaml)")
+    p.add_argument("--root", type=Path, default=Path("."),
+                   help=f"project root holding {holds} (default: .)")
+
+
 def add_benchmark(sub) -> None:
     """`visionpipe benchmark`: not a stage; reads the data DVC produced."""
     p = sub.add_parser("benchmark", help=BENCHMARK, description=BENCHMARK)
     p.add_argument("--models", default=None,
                    help="comma-separated model names (default: every model in params)")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"),
-                   help="params file (default: params.yaml)")
-    p.add_argument("--root", type=Path, default=Path("."),
-                   help="project root holding data/ and reports/ (default: .)")
+    add_project_args(p, "data/ and reports/")
     p.add_argument("--output", type=Path, default=None,
                    help="folder for benchmark.json and benchmark.png (default: ROOT/reports)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: few images, one repeat (figures not comparable)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per figure, medians over them (default: 3; quick: 1)")
+                   help="timed repeats per figure, medians over them (default: 4; quick: 1)")
 
 
 def benchmark(args: argparse.Namespace) -> None:

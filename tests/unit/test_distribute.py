@@ -146,7 +146,7 @@ def test_a_non_chief_worker_tracks_nothing_and_writes_into_a_deleted_folder(
 
 
 @pytest.mark.slow
-def test_mirrored_over_two_cpu_devices_matches_one_device(project, default_params_dict):
+def test_mirrored_trains_over_two_cpu_devices(project, default_params_dict):
     _set_distribute(project, default_params_dict, "mirrored")
     two_cpus = ("import sys, tensorflow as tf; "
                 "cpu = tf.config.list_physical_devices('CPU')[0]; "
