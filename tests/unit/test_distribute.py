@@ -161,9 +161,13 @@ def test_mirrored_trains_over_two_cpu_devices(project, default_params_dict):
     assert meta["jit_compile"] is False  # Keras' auto: no XLA under a strategy
     assert len(history["loss"]) == 2 and history["loss"][1] < history["loss"][0]
     assert all(np.isfinite(w).all() for w in weights)
-    # Not asserted: equality with one device. Measured here, Keras' fit under this strategy
-    # ends 0.1 away from single-device training (epoch 1 loss 1.575 against 1.501), while
-    # the multi_worker loop below matches it to 1e-8; see the report of this change.
+    # Not asserted: equality with one device. Keras' fit under this strategy ends far from
+    # single-device training (README, "Training on a cluster"), while the multi_worker loop
+    # below matches it; printed here (pytest -s) to follow the gap.
+    reference = _single_process(project, default_params_dict)
+    print("mirrored vs one device: largest weight difference",
+          max(float(np.abs(a - b).max()) for a, b in zip(weights, reference[0], strict=True)),
+          "; epoch losses", history["loss"], "against", reference[2]["loss"])
 
 
 @pytest.mark.slow
