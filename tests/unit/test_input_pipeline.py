@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from visionpipe.config import TrainConfig, parse_dataclass
 from visionpipe.data import records
@@ -103,4 +102,3 @@ def test_switch_defaults_keep_the_single_device_float32_pipeline():
     t = TrainConfig()
     assert (t.precision, t.jit_compile, t.distribute) == ("float32", "auto", "none")
     assert (t.cache, t.cache_limit_mb, t.deterministic_input) == ("auto", 4096, True)
-    assert isinstance(tf.data.AUTOTUNE, int)

@@ -39,11 +39,11 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return out
 
 
-def record_dataset(data_dir: Path, split: str) -> tf.data.Dataset:
-    """Parsed records of one split, in stored order."""
+def record_dataset(data_dir: Path, split: str, deterministic: bool = True) -> tf.data.Dataset:
+    """Parsed records of one split, in stored order (``deterministic=False``: as decoded)."""
     files = [str(p) for p in shard_paths(data_dir, split)]
     return tf.data.TFRecordDataset(files).map(parse_record, num_parallel_calls=AUTOTUNE,
-                                              deterministic=True)
+                                              deterministic=deterministic)
 
 
 def decoded_bytes(manifest: dict, split: str) -> int:
@@ -72,10 +72,8 @@ def model_dataset(data_dir: Path, split: str, to_model_io: Callable, batch_size:
     parallel decoding hand out records as they finish rather than in stored order.
     Targets of varying length (detection's boxes) are padded per batch with the
     ``padding_values`` attribute of ``to_model_io``, when it has one."""
-    files = [str(p) for p in shard_paths(data_dir, split)]
-    ds = tf.data.TFRecordDataset(files).map(parse_record, num_parallel_calls=AUTOTUNE,
-                                            deterministic=deterministic)
-    ds = ds.map(to_model_io, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = record_dataset(data_dir, split, deterministic).map(
+        to_model_io, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if cache == "memory":
         ds = ds.cache()
     elif cache == "disk":
