@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from visionpipe import __version__
 from visionpipe.config import PREDICT_FORMATS
+from visionpipe.console import VERBOSE_ENV, quiet_native_logs, set_verbose
 from visionpipe.errors import VisionpipeError
 
 STAGES = {
@@ -31,6 +31,9 @@ COMMANDS = {
     "predict": ("model", "Run an exported model on a folder of images: "
                          "OUTPUT/predictions.json (one record per image) and labelled copies "
                          "in OUTPUT/rendered/. Needs only models/<model>/export/."),
+    "summary": (None, "One table of every model in params from reports/: task, headline "
+                      "test metric beside its baseline, parameters, latency, CO2 in grams, "
+                      "training time, kept/run epochs and the export verdict."),
 }
 
 
@@ -44,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (target, text) in {**STAGES, **COMMANDS}.items():
         p = sub.add_parser(name, help=text, description=text)
-        if target == "task":
+        if target is None:
+            pass
+        elif target == "task":
             p.add_argument("--task", required=True,
                            choices=("classification", "segmentation", "detection"),
                            help="which task's data (a key of the prepare/augment params)")
@@ -77,6 +82,9 @@ def add_project_args(p: argparse.ArgumentParser, holds: str) -> None:
                    help="params file (default: params.yaml)")
     p.add_argument("--root", type=Path, default=Path("."),
                    help=f"project root holding {holds} (default: .)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show TensorFlow's logs, library warnings and Keras model "
+                        f"summaries (or set {VERBOSE_ENV}=1, e.g. for `dvc repro`)")
 
 
 def add_benchmark(sub) -> None:
@@ -113,7 +121,6 @@ def benchmark(args: argparse.Namespace) -> None:
 
 def run_stage(args: argparse.Namespace) -> None:
     """Load params, then run the chosen stage."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out
     from importlib import import_module
 
     from visionpipe.config import load_params
@@ -126,6 +133,9 @@ def run_stage(args: argparse.Namespace) -> None:
         benchmark(args)
         return
     params = load_params(args.params)
+    if args.stage == "summary":
+        summary(params, Layout(args.root.resolve()))
+        return
     kind = {**STAGES, **COMMANDS}[args.stage][0]
     if kind == "model":
         from visionpipe.models.registry import validate_architectures
@@ -153,6 +163,19 @@ def predict(args: argparse.Namespace) -> None:
     predict_module.run(args, settings)
 
 
+def summary(params, layout) -> None:
+    """`visionpipe summary`: every model's headline figures, from its reports."""
+    from visionpipe.headline import summary_rows, summary_table
+
+    rows = summary_rows(layout, list(params.models))
+    print(summary_table(rows))
+    missing = [r["model"] for r in rows if r.get("task") is None]
+    if missing:
+        print(f"no reports yet for {', '.join(missing)}: run `dvc repro`")
+    print("details: reports/metrics/<model>.json, reports/model_cards/<model>.md; "
+          "compare runs: `dvc exp show`, `dvc plots show`, `mlflow ui` (README)")
+
+
 def replay_run(params, model: str, layout) -> None:
     """`visionpipe log`: a new MLflow run holding everything the local files record."""
     from visionpipe.errors import VisionpipeError
@@ -174,6 +197,9 @@ def replay_run(params, model: str, layout) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a user's mistake prints one line and exits 2; no traceback."""
     args = build_parser().parse_args(argv)
+    set_verbose(getattr(args, "verbose", False))
+    if "pytest" not in sys.modules:  # in a test's process, pytest owns file descriptor 2
+        quiet_native_logs()
     try:
         run_stage(args)
     except VisionpipeError as exc:

@@ -42,6 +42,12 @@ class Layout:
     def history(self, model: str) -> Path:
         return self.root / "reports" / "train" / model / "history.csv"
 
+    def model_summary(self, model: str) -> Path:
+        return self.root / "reports" / "train" / model / "summary.txt"
+
+    def headline(self, model: str) -> Path:
+        return self.root / "reports" / "headline" / f"{model}.json"
+
     def metrics(self, model: str) -> Path:
         return self.root / "reports" / "metrics" / f"{model}.json"
 

@@ -36,7 +36,7 @@ def learning_curves_png(history: dict[str, list[float]], path: Path) -> Path:
     names = [k for k in history if k not in ("epoch", "learning_rate")
              and not k.startswith("val_")]
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
-    epochs = [e + 1 for e in history.get("epoch", range(len(history[names[0]])))]
+    epochs = list(history.get("epoch", range(1, len(history[names[0]]) + 1)))  # 1-based
     for ax, name in zip(axes[0], names, strict=True):
         ax.plot(epochs, history[name], marker="o", label="train")
         if f"val_{name}" in history:

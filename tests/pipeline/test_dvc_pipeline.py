@@ -19,12 +19,17 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 
+from visionpipe.console import NOISE
 from visionpipe.data import records
 from visionpipe.models.saving import load_model
 
 from .conftest import EPOCHS, SPLITS, child_env, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
+
+# What the first `dvc repro` printed (stdout and stderr together), for the console test.
+REPRO: dict[str, str] = {}
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, repo_root):
@@ -34,7 +39,67 @@ def repo(tmp_path_factory, repo_root):
     ran = re.findall(r"Running stage '([^']+)'", result.stdout)
     assert ran == ["prepare@classification", "augment@classification", "train@mlp",
                    "evaluate@mlp", "export@mlp"]
+    REPRO["output"] = result.stdout
     return dst
+
+
+def test_console_shows_each_stage_result_and_no_library_noise(repo):
+    out = REPRO["output"]
+    meta = json.loads((repo / "models/mlp/model.json").read_text())
+    metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
+    export = json.loads((repo / "reports/export/mlp.json").read_text())
+    test = metrics["test"]
+    assert (f"prepare@classification: shapes: {SPLITS['train']} train, {SPLITS['val']} val, "
+            f"{SPLITS['test']} test images, 4 classes, 0 skipped") in out
+    assert f"augment@classification: {2 * SPLITS['train']} train images" in out
+    for epoch in range(1, EPOCHS + 1):  # one line per epoch (not a terminal), from 1
+        assert len(re.findall(rf"^train@mlp epoch {epoch}/{EPOCHS}: .*val_loss", out,
+                              re.M)) == 1
+    kept = meta["kept_epoch_metrics"]["val_loss"]
+    assert (f"train@mlp: {EPOCHS} epochs; kept epoch {meta['kept_epoch']} "
+            f"(val_loss {kept:.4g}); model: models/mlp/model.keras "
+            f"({meta['params']:,} params)") in out
+    assert (f"evaluate@mlp: test accuracy {test['accuracy']:.4f}, macro_f1 "
+            f"{test['macro_f1']:.4f} (baseline majority_class: "
+            f"{test['baseline']['accuracy']:.4f})") in out
+    assert "evaluate@mlp: plots in reports/plots/mlp/" in out
+    for fmt, check in export["formats"].items():
+        line = re.search(rf"^export@mlp: {fmt} +.*$", out, re.M)
+        assert line and "parity passed" in line[0], (fmt, line)
+        assert f"label_agreement {check['label_agreement']:.4f}" in line[0]
+        assert check["path"] in line[0]
+    assert "export@mlp: saved_model (any size)" in out
+    assert "next: `visionpipe summary`" in out
+    assert re.search(r"#/experiments/\d+/runs\?workflowType=machine_learning", out)
+    # None of the noise a user saw before: TensorFlow/absl C++ lines, CUDA probes, Keras'
+    # ran-out-of-data warning, TFDS "downloading" the embedded data, model summaries,
+    # progress bars in a log, MLflow's own INFO lines.
+    for noise in ("cuInit", "cuda", "I0000", "absl", "oneDNN", "ran out of data",
+                  "Downloading", "downloaded and prepared", "Total params", "Layer (type)",
+                  "it/s]", "img/s]", "INFO mlflow", "Successfully registered",
+                  "XNNPACK", "fully_quantize", "Traceback", "Warning:"):
+        assert noise not in out, noise
+    # The summary went to a file instead.
+    summary = (repo / "reports/train/mlp/summary.txt").read_text()
+    assert "Total params" in summary and f"{meta['params']:,}" in summary
+    assert len(out.splitlines()) < 70, out
+
+
+def test_verbose_brings_back_the_details(repo, tmp_path):
+    """--verbose (or VISIONPIPE_VERBOSE=1) shows the model summary and TensorFlow's lines."""
+    root = tmp_path / "verbose"
+    for part in ("data/prepared", "data/augmented"):
+        shutil.copytree(repo / part, root / part)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["models"]["mlp"]["train"]["epochs"] = 1
+    params["tracking"].update(mlflow=False, codecarbon=False)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run(["visionpipe", "train", "--model", "mlp", "--root", str(root), "--params",
+                  str(root / "params.yaml"), "--verbose"], repo)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Total params" in result.stdout  # the model summary
+    assert any(NOISE.match(line) for line in result.stdout.splitlines())  # TensorFlow's own
+    assert "train@mlp: 1 epochs; kept epoch 1" in result.stdout
 
 
 def test_prepare_manifest_counts_and_checksum(repo):
@@ -76,13 +141,16 @@ def test_train_writes_model_history_and_checkpoints(repo):
     assert meta["class_names"] == ["circle", "square", "triangle", "star"]
     with open(repo / "reports/train/mlp/history.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))  # as printed
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(rows[0])
     assert float(rows[0]["learning_rate"]) == pytest.approx(1e-3)
     state = json.loads((repo / "models/mlp/checkpoints/state.json").read_text())
     assert state["finished"] and state["epochs_done"] == EPOCHS
     assert state["last"] == f"epoch-{EPOCHS:04d}.keras"
     assert meta["kept_epoch"] == state["best_epoch"]
+    kept = rows[meta["kept_epoch"] - 1]  # model.json and history.csv number epochs alike
+    assert int(kept["epoch"]) == meta["kept_epoch"]
+    assert float(kept["val_loss"]) == meta["kept_epoch_metrics"]["val_loss"]
     assert sorted(p.name for p in (repo / "models/mlp/checkpoints").iterdir()) == sorted(
         {"state.json", state["last"], state["best"]})
     assert [float(r["val_loss"]) for r in rows] == state["history"]["val_loss"]
@@ -223,10 +291,11 @@ def test_sigkill_mid_epoch_then_repro_resumes_from_the_last_checkpoint(repo, tmp
     done = killed["epochs_done"]
     assert (f"train@mlp: resuming from {state_file.parent}/epoch-{done:04d}.keras: {done} "
             f"epoch(s) already done") in result.stdout
-    assert re.findall(r"Epoch (\d+)/4", result.stdout) == [str(e) for e in range(done + 1, 5)]
+    assert re.findall(r"train@mlp epoch (\d+)/4", result.stdout) == [
+        str(e) for e in range(done + 1, 5)]
     with open(work / "reports/train/mlp/history.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["epoch"]) for r in rows] == list(range(4))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 5))
     for key, values in killed["history"].items():
         assert [float(r[key]) for r in rows[:done]] == values, key
     meta = json.loads((work / "models/mlp/model.json").read_text())
@@ -340,12 +409,42 @@ def test_predict_needs_only_the_export_folder(repo, tmp_path, datasets_dir):
     assert labels["saved_model"] == labels["tflite"]
 
 
-def test_dvc_metrics_show_reads_metrics(repo):
+def test_dvc_metrics_show_has_the_headline_figures_only(repo):
     result = run(["dvc", "metrics", "show", "--json"], repo)
     assert result.returncode == 0, result.stdout
     data = json.loads(result.stdout[result.stdout.index("{"):])
-    flat = json.dumps(data)
-    assert "reports/metrics/mlp.json" in flat and "accuracy" in flat
+    files = data["workspace"]["data"]
+    assert set(files) == {"reports/headline/mlp.json"}  # details are not DVC metrics
+    shown = files["reports/headline/mlp.json"]["data"]
+    metrics = json.loads((repo / "reports/metrics/mlp.json").read_text())
+    assert set(shown) == {"accuracy", "macro_f1", "params", "latency_ms", "co2_g", "train_s"}
+    assert shown["accuracy"] == round(metrics["test"]["accuracy"], 4)
+    assert shown["params"] == metrics["cost"]["params"] and isinstance(shown["params"], int)
+    assert shown["co2_g"] == pytest.approx(metrics["co2"]["emissions_kg"] * 1000, abs=1e-3)
+    assert shown["train_s"] == pytest.approx(
+        metrics["co2"]["by_stage"]["train"]["duration_s"], abs=0.06)
+    table = run(["dvc", "metrics", "show"], repo)
+    assert max(len(line) for line in table.stdout.splitlines()) < 120, table.stdout
+
+
+def test_dvc_plots_have_titled_per_model_and_per_task_charts(repo):
+    result = run(["dvc", "plots", "show", "--json"], repo)
+    assert result.returncode == 0, result.stdout
+    plots = json.loads(result.stdout[result.stdout.index("{"):])["data"]
+
+    def title(name):
+        content = plots[name][0]["content"]
+        return content["title"] if isinstance(content["title"], str) else content["title"][
+            "text"]
+
+    assert title("reports/train/mlp/history.csv") == "mlp: validation loss per epoch"
+    assert title("reports/plots/mlp/confusion.json") == "mlp: confusion matrix (test)"
+    compare = "classification: validation accuracy per epoch"
+    values = plots[compare][0]["content"]["data"]["values"]
+    with open(repo / "reports/train/mlp/history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(int(v["epoch"]), float(v["val_accuracy"])) for v in values] == [
+        (int(r["epoch"]), float(r["val_accuracy"])) for r in rows]
 
 
 def test_mlflow_server_returns_the_run_over_rest(repo):
@@ -453,10 +552,23 @@ def test_exp_run_with_new_learning_rate_reruns_only_the_mlp(repo):
     experiments = [e for base in data for e in (base.get("experiments") or [])]
     assert experiments, data
     latest = experiments[0]["revs"][0]["data"]
-    mlp_metrics = latest["metrics"]["reports/metrics/mlp.json"]["data"]
-    assert mlp_metrics["co2"]["emissions_kg"] > 0 and "accuracy" in mlp_metrics["test"]
+    mlp_metrics = latest["metrics"]["reports/headline/mlp.json"]["data"]
+    assert mlp_metrics["co2_g"] > 0 and 0 <= mlp_metrics["accuracy"] <= 1
     assert latest["params"]["params.yaml"]["data"]["models"]["mlp"]["train"][
         "learning_rate"] == 0.002
+    # The README's comparison: the experiment's learning curve beside the baseline's.
+    name = experiments[0]["revs"][0]["name"]
+    diff = run(["dvc", "plots", "diff", "HEAD", name, "--json"], repo)
+    assert diff.returncode == 0, diff.stdout
+    curves = json.loads(diff.stdout[diff.stdout.index("{"):])["data"][
+        "reports/train/mlp/history.csv"][0]
+    assert curves["revisions"] == ["HEAD", name]
+    by_rev = {}
+    for value in curves["content"]["data"]["values"]:
+        by_rev.setdefault(value["rev"], []).append(float(value["val_loss"]))
+    with open(repo / "reports/train/mlp/history.csv") as fh:  # the experiment's, applied
+        assert by_rev[name] == [float(r["val_loss"]) for r in csv.DictReader(fh)]
+    assert len(by_rev["HEAD"]) == EPOCHS and by_rev["HEAD"] != by_rev[name]
     # The experiment logged a second MLflow run into the same database.
     state = json.loads((repo / "models/mlp/mlflow_run.json").read_text())
     assert state["status"] == "logged" and state["tracking_uri"] == f"sqlite:///{repo}/mlflow.db"

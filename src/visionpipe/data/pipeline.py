@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from visionpipe.data.records import shard_paths
+from visionpipe.data.records import read_manifest, shard_paths
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -72,7 +72,12 @@ def model_dataset(data_dir: Path, split: str, to_model_io: Callable, batch_size:
     parallel decoding hand out records as they finish rather than in stored order.
     Targets of varying length (detection's boxes) are padded per batch with the
     ``padding_values`` attribute of ``to_model_io``, when it has one."""
-    ds = record_dataset(data_dir, split, deterministic).map(
+    # The manifest's count as the dataset's cardinality: Keras then knows the epoch's length
+    # (a progress bar with ETA from the first epoch, no "ran out of data" warning), and a
+    # split with fewer or more records than its manifest says fails instead of training on.
+    count = int(read_manifest(data_dir)["counts"][split])
+    ds = record_dataset(data_dir, split, deterministic).apply(
+        tf.data.experimental.assert_cardinality(count)).map(
         to_model_io, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if cache == "memory":
         ds = ds.cache()

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict
 
-from tqdm import tqdm
-
 from visionpipe import plots
 from visionpipe.config import Params
+from visionpipe.console import progress
 from visionpipe.data import records
 from visionpipe.data.augment import augment_example
 from visionpipe.data.example import Example
@@ -45,7 +44,7 @@ def run(params: Params, task: str, layout: Layout) -> dict:
 
     with fresh_dir(layout.augmented(task)) as out:
         count, shards = records.write_split(
-            tqdm(examples(), total=total, desc=f"augment {task}", unit="img"), out, "train",
+            progress(examples(), total=total, desc=f"augment {task}", unit="img"), out, "train",
             src_manifest["shard_size"])
         manifest = {
             "task": task,
@@ -64,4 +63,7 @@ def run(params: Params, task: str, layout: Layout) -> dict:
         manifest = records.write_manifest(out, manifest)
     # Columns of 8: with copies, each original sits left of its first augmented copy.
     plots.image_grid([_tile(ex) for ex in preview], 8, layout.augment_preview(task))
+    print(f"augment@{task}: {count} train images ({manifest['counts']['original']} "
+          f"original, {manifest['counts']['augmented']} augmented); preview: "
+          f"{layout.augment_preview(task).relative_to(layout.root)}", flush=True)
     return manifest

@@ -14,6 +14,7 @@ from visionpipe import plots
 from visionpipe.config import Params
 from visionpipe.data import records
 from visionpipe.data.pipeline import record_dataset
+from visionpipe.headline import TEST_METRICS, baseline, headline
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
 from visionpipe.stages.common import measure_co2
@@ -85,8 +86,28 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     train_co2 = read_report(layout.emissions(model_name) / "train.json")
     metrics["co2"] = co2_summary([train_co2, carbon.report.to_dict()])
     records.write_json(layout.metrics(model_name), metrics)
+    records.write_json(layout.headline(model_name), headline(metrics))
     log_stage(params, model_name, layout, "evaluate", log_evaluate)
+    print(evaluate_lines(model_name, metrics, layout), flush=True)
     return metrics
+
+
+def evaluate_lines(model_name: str, metrics: dict, layout: Layout) -> str:
+    """The task's headline test metrics beside the baseline, and where the plots are."""
+    test = metrics["test"]
+    figures = headline(metrics)
+    names = [short for short, _ in TEST_METRICS[metrics["task"]]]
+    shown = ", ".join(f"{n} {figures[n]:.4f}" for n in names if n in figures)
+    base = baseline(test)
+    if base is not None:
+        shown += f" (baseline {test['baseline'].get('name', 'trivial')}: {base:.4f})"
+    latency = figures.get("latency_ms")
+    cost = f"; {latency:.2f} ms/image" if latency is not None else ""
+    plots_dir = layout.plots(model_name).relative_to(layout.root)
+    return (f"evaluate@{model_name}: test {shown}{cost} "
+            f"on {test.get('num_test_images', '?')} images\n"
+            f"evaluate@{model_name}: plots in {plots_dir}/, all figures in "
+            f"{layout.metrics(model_name).relative_to(layout.root)}")
 
 
 def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:

@@ -18,13 +18,20 @@ import tensorflow as tf
 
 from visionpipe import __version__
 from visionpipe.config import Params
+from visionpipe.console import human_bytes
 from visionpipe.data import records
 from visionpipe.data.sources.image_folder import fit_to_size
 from visionpipe.errors import ExportParityError, ModelError
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
-from visionpipe.serving import (FILES, META_FILE, OnnxRunner, SavedModelRunner, TFLiteRunner,
-                                fit_images)
+from visionpipe.serving import (
+    FILES,
+    META_FILE,
+    OnnxRunner,
+    SavedModelRunner,
+    TFLiteRunner,
+    fit_images,
+)
 from visionpipe.stages.common import fresh_dir, measure_co2
 from visionpipe.stages.evaluate import test_arrays
 from visionpipe.tasks import get_task
@@ -89,8 +96,32 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     if failure is not None:
         raise failure
     write_model_card(params, model_name, layout)
+    print(export_lines(model_name, report, layout), flush=True)
     log_stage(params, model_name, layout, "export", log_export)
+    print(f"next: `visionpipe summary` (every model), `dvc metrics show`, `dvc plots show`; "
+          f"model card: {layout.model_card(model_name).relative_to(layout.root)}", flush=True)
     return report
+
+
+def export_lines(model_name: str, report: dict, layout: Layout) -> str:
+    """One line per format: file, size and parity verdict against its limits."""
+    folder = layout.export_dir(model_name).relative_to(layout.root)
+    checks = dict(report["formats"])
+    if "resized_input" in report:
+        checks["saved_model (any size)"] = report["resized_input"]
+    width = max(len(n) for n in checks)
+    lines = []
+    for name, check in checks.items():
+        key = next(k for k in check["thresholds"] if k != "max_abs_diff")
+        limit = check["thresholds"][key]
+        verdict = "passed" if check["passed"] else "FAILED"
+        size = (f"{human_bytes(check['bytes']):>8}" if "bytes" in check
+                else f"{'':>8}")
+        where = f"{folder}/{check['path']}" if "path" in check else "resized in the graph"
+        lines.append(f"export@{model_name}: {name:<{width}} {size}  parity {verdict}: "
+                     f"{key} {check[key]:.4f} (limit {limit}), "
+                     f"max_abs_diff {check['max_abs_diff']:.2g}  {where}")
+    return "\n".join(lines)
 
 
 def _parity_message(report: dict, layout: Layout, model_name: str) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from visionpipe.config import Params, PrepareConfig
+from visionpipe.console import progress
 from visionpipe.data import archive, records
 from visionpipe.data.example import Example
 from visionpipe.data.sources import image_folder, tfds_source
@@ -80,7 +80,7 @@ def split_indices(labels: np.ndarray | None, fractions: dict[str, float], seed: 
 
 
 def _progress(examples: Iterable[Example], total: int, desc: str) -> Iterator[Example]:
-    yield from tqdm(examples, total=total, desc=desc, unit="img", leave=True)
+    yield from progress(examples, total=total, desc=desc, unit="img", leave=True)
 
 
 def _shapes_splits(cfg: PrepareConfig, seed: int, task: str, tfds_dir: str):
@@ -176,7 +176,7 @@ def _catalog_splits(cfg: PrepareConfig, seed: int, task: str):
     size = tuple(cfg.image_size)
     examples = []
     for split, count in tfds_source.split_sizes(builder).items():
-        for ex in tqdm(tfds_source.iter_split(builder, split, tally), total=count,
+        for ex in progress(tfds_source.iter_split(builder, split, tally), total=count,
                        desc=f"prepare {task}/read {split}", unit="img"):
             if task == "classification":
                 ex.image = image_folder.fit_to_size(ex.image, size, cfg.resize)
@@ -207,7 +207,7 @@ def _pairs_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
     names, examples, skipped = mask_folder.load_pairs(
         folder, cfg.mask_values, images=cfg.images_dir, masks=cfg.masks_dir,
         shown_root=cfg.path,
-        progress=lambda files: tqdm(files, desc=f"prepare {task}/read", unit="pair"))
+        progress=lambda files: progress(files, desc=f"prepare {task}/read", unit="pair"))
     examples = [resize(ex, cfg.image_size) for ex in examples]
     source = {"kind": "pairs", "name": folder.name, "path": cfg.path,
               "pairs": len(examples) + len(skipped), "seed": seed}
@@ -230,7 +230,7 @@ def _folder_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
     folder = archive.source_folder(cfg.path, root)
     names, examples, skipped = image_folder.load_folder(
         folder, tuple(cfg.image_size), cfg.resize, shown_root=cfg.path,
-        progress=lambda files: tqdm(files, desc=f"prepare {task}/read", unit="file"))
+        progress=lambda files: progress(files, desc=f"prepare {task}/read", unit="file"))
     source = {"kind": "folder", "name": folder.name, "path": cfg.path,
               "files": len(examples) + len(skipped), "seed": seed}
     return source, names, _resplit(examples, cfg, seed, task), [s.to_dict() for s in skipped]
@@ -246,7 +246,7 @@ def _voc_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
                         shown_root=cfg.path)
     size = tuple(cfg.image_size)
     skipped, examples = list(data.skipped), []
-    for sample in tqdm(data.samples, desc=f"prepare {task}/read", unit="image"):
+    for sample in progress(data.samples, desc=f"prepare {task}/read", unit="image"):
         try:
             image = image_folder.decode(sample.image, image_folder.to_uint8_rgb)
         except DataError as exc:  # the header read, the pixels did not
@@ -360,6 +360,11 @@ def run(params: Params, task: str, layout: Layout) -> dict:
     _report_skipped(task, skipped, report.relative_to(layout.root))
     for line in warnings:
         print(f"prepare {task}: warning: {line}", file=sys.stderr)
+    counts = manifest["counts"]
+    print(f"prepare@{task}: {source.get('name') or cfg.source}: "
+          + ", ".join(f"{counts[s]} {s}" for s in counts)
+          + f" images, {len(names)} classes, {len(skipped)} skipped; "
+          f"report: {report.relative_to(layout.root)}", flush=True)
     return manifest
 
 

@@ -9,23 +9,36 @@ import io
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import keras
 
 from visionpipe import atomic
 from visionpipe.config import Params, TrainConfig
+from visionpipe.console import epoch_line, fit_verbosity, is_verbose
 from visionpipe.data import records
 from visionpipe.data.pipeline import cache_mode, decoded_bytes, model_dataset
-from visionpipe.distribute import (Distribution, check_jit, fit_multi_worker,
-                                   make_distribution, output_root, worker_params)
+from visionpipe.distribute import (
+    Distribution,
+    check_jit,
+    fit_multi_worker,
+    make_distribution,
+    output_root,
+    worker_params,
+)
 from visionpipe.errors import ParamsError, TrainingDivergedError
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.models.saving import load_model
-from visionpipe.stages.checkpoints import (Checkpoints, EpochCheckpoint,
-                                           ResumableEarlyStopping, State, fingerprint,
-                                           restore_weights)
+from visionpipe.stages.checkpoints import (
+    Checkpoints,
+    EpochCheckpoint,
+    ResumableEarlyStopping,
+    State,
+    fingerprint,
+    restore_weights,
+)
 from visionpipe.stages.common import measure_co2, set_seed
 from visionpipe.tasks import get_task
 from visionpipe.tracking.mlflow_runs import RunLogger
@@ -121,13 +134,14 @@ def resume_point(checkpoints: Checkpoints, dist: Distribution) -> tuple[State | 
 
 
 def write_history(path: Path, history: dict[str, list[float]]) -> None:
-    """history.csv as Keras' CSVLogger writes it: epoch, then the logged keys sorted."""
+    """history.csv: epoch (from 1, as the console, MLflow's steps, model.json and the plots
+    number them), then the logged keys sorted."""
     keys = sorted(history)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["epoch", *keys])
     for epoch in range(len(history[keys[0]]) if keys else 0):
-        writer.writerow([epoch, *(history[k][epoch] for k in keys)])
+        writer.writerow([epoch + 1, *(history[k][epoch] for k in keys)])
     atomic.write_text(path, buf.getvalue())
 
 
@@ -229,7 +243,7 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
                       len(names))
     jit_compile = bool(model.jit_compile)  # what Keras made of "auto"
     check_jit(dist, jit_compile, f"models.{model_name}.train.jit_compile")
-    model.summary(print_fn=lambda line, **_: print(line))
+    write_summary(model, out.model_summary(model_name))
 
     mode = "min" if t.monitor == "val_loss" else "max"
     trained_on = fingerprint(
@@ -253,12 +267,15 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
                                        verbose=1, restored=state.early_stopping)
     callbacks = [DivergenceGuard(), LearningRateLogger(), *([early] if early else []),
                  EpochCheckpoint(ckpt, state, mode, early)]
+    verbosity = fit_verbosity()
+    if verbosity == 0:  # not a terminal: one line per epoch instead of a progress bar
+        callbacks.append(EpochLine(model_name, t.epochs))
     run = RunLogger(params, model_name, out).start()
     if run.client is not None:
         callbacks.append(run.keras_callback())
         for epoch in range(state.epochs_done):  # the epochs a killed run completed
-            run.log_metrics({k: v[epoch] for k, v in state.history.items()}, step=epoch,
-                            what="epoch metrics")
+            run.log_metrics({k: v[epoch] for k, v in state.history.items()},
+                            step=epoch + 1, what="epoch metrics")
     try:
         with measure_co2(params, out, model_name, "train"), run.system_metrics():
             stopped = early is not None and state.early_stopping is not None and (
@@ -267,12 +284,12 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
                 if dist.kind == "multi_worker":  # Keras' fit fails under its strategy
                     fit_multi_worker(model, dist.strategy, train_ds, validation_data=val_ds,
                                      epochs=t.epochs, initial_epoch=state.epochs_done,
-                                     callbacks=callbacks, verbose=2)
+                                     callbacks=callbacks, verbose=verbosity)
                 else:
                     # shuffle=False: the dataset shuffles itself (Keras would warn otherwise).
                     model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
                               shuffle=False, initial_epoch=state.epochs_done,
-                              callbacks=callbacks, verbose=2)
+                              callbacks=callbacks, verbose=verbosity)
     except Diverged as exc:
         if run.client is not None and run.run_id is not None:
             run.call("run status", "set_terminated", run.run_id, "FAILED")
@@ -322,4 +339,43 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
     ckpt.write(state)
     log_train(run, model, live_epochs=run.client is not None)
     run.finish("train")
+    if dist.is_chief:
+        print(train_lines(model_name, meta, out), flush=True)
     return meta
+
+
+def train_lines(model_name: str, meta: dict, layout: Layout) -> str:
+    """What train found, for the console: epochs run, the kept epoch and its monitored value,
+    and where the model is."""
+    epochs, kept = meta["epochs"], meta["kept_epoch"]
+    stopped = " (stopped early)" if meta["stopped_early"] else ""
+    value = meta["kept_epoch_metrics"].get(meta["monitor"])
+    shown = f"{meta['monitor']} {value:.4g}" if value is not None else meta["monitor"]
+    path = layout.model_file(model_name).relative_to(layout.root)
+    return (f"train@{model_name}: {epochs} epochs{stopped}; kept epoch {kept} "
+            f"({shown}); model: {path} ({meta['params']:,} params)")
+
+
+def write_summary(model: keras.Model, path: Path) -> None:
+    """Keras' model summary to ``path`` (reports/train/<model>/summary.txt), and to the
+    console only when verbose."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), line_length=110)
+    atomic.write_text(path, "\n".join(lines) + "\n")
+    if is_verbose():
+        print("\n".join(lines), flush=True)
+
+
+class EpochLine(keras.callbacks.Callback):
+    """One line per epoch (when output is not a terminal): epoch from 1, metrics, time."""
+
+    def __init__(self, model_name: str, epochs: int):
+        super().__init__()
+        self.model_name, self.epochs = model_name, epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        print(epoch_line(self.model_name, epoch + 1, self.epochs, dict(logs or {}),
+                         time.perf_counter() - self._start), flush=True)

@@ -335,7 +335,9 @@ class track_emissions:
                                      or self.country_iso_code),
                 codecarbon_version=str(getattr(data, "codecarbon_version", "")
                                        or _codecarbon_version()),
-                csv=str(self.csv_path) if self.csv_path.is_file() else None,
+                # The name only: the CSV sits beside this report, and committed reports
+                # hold no absolute paths of the machine that made them.
+                csv=self.csv_path.name if self.csv_path.is_file() else None,
                 cpu_tdp_w=tdp,
                 gpu_power_mode=_gpu_mode(self._tracker),
                 ram_power_mode=_ram_mode(self._tracker),
