@@ -173,7 +173,7 @@ def summary(params, layout) -> None:
     if missing:
         print(f"no reports yet for {', '.join(missing)}: run `dvc repro`")
     print("details: reports/metrics/<model>.json, reports/model_cards/<model>.md; "
-          "compare runs: `dvc exp show`, `dvc plots show`, `mlflow ui` (README)")
+          "compare runs: `dvc exp show`, `dvc plots show`, `mlflow ui` (README, docs/tracking.md)")
 
 
 def replay_run(params, model: str, layout) -> None:

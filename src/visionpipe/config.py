@@ -130,9 +130,9 @@ class TrainConfig:
     class_weights: tuple[float, ...] | None = spec(None, ge=0, le=1000, min_len=1)
     # TensorFlow op determinism: same params and seed give the same weights, run after run,
     # on any device. Off by default: on this 2-core CPU it made training about 2x slower, and
-    # CPU runs here already repeat bit for bit without it (README, "Training controls").
+    # CPU runs here already repeat bit for bit without it (docs/training.md, "Determinism").
     deterministic: bool = False
-    # Speed switches (README, "Performance"); each is recorded in model.json and MLflow.
+    # Speed switches (docs/performance.md); each is recorded in model.json and MLflow.
     # precision: the Keras dtype policy. mixed_float16 (GPUs) trains with a LossScaleOptimizer;
     # mixed_bfloat16 needs no loss scaling and also runs on CPUs. Softmax outputs stay float32.
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
@@ -140,7 +140,7 @@ class TrainConfig:
     jit_compile: bool | Literal["auto"] = "auto"
     # none: one device; mirrored: every GPU (or CPU device) of this machine, model.fit under
     # tf.distribute.MirroredStrategy; multi_worker: several machines, MultiWorkerMirroredStrategy
-    # from TF_CONFIG (or SLURM), a custom training loop (README, "Training on a cluster").
+    # from TF_CONFIG (or SLURM), a custom training loop (docs/training.md, "Training on a cluster").
     # batch_size is the global batch, split over the replicas.
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     # Decoded train/val images are cached after the first epoch: auto keeps them in memory

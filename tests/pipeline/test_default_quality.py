@@ -6,7 +6,7 @@ evaluate@resnet` runs them. `dvc repro` itself (stage wiring, locks, params deps
 shrunk params in test_dvc_pipeline.py; here each of its 8 processes would add about 10 s of
 TensorFlow start-up to a suite that must stay under 20 minutes.
 
-The U-Net's default quality (mean IoU 0.993, README "Measured results") is not rerun here: it
+The U-Net's default quality (mean IoU 0.993, docs/results.md) is not rerun here: it
 would add about 3 minutes. Its stages are tested on membrane in
 tests/unit/test_segmentation_membrane.py."""
 

@@ -100,7 +100,7 @@ def _expected_objects(raccoon: Path) -> dict[str, list[tuple[str, float, float, 
 def test_real_raccoon_set_loads_every_image_and_box(raccoon, class_names):
     expected = _expected_objects(raccoon)
     n_boxes = sum(len(objs) for objs in expected.values())
-    assert len(expected) == 200 and n_boxes > 200  # the README says 217 boxes
+    assert len(expected) == 200 and n_boxes > 200  # docs/examples.md says 217 boxes
 
     ds = load_voc(raccoon / "images", raccoon / "annotations", class_names,
                   shown_root="raccoon")
