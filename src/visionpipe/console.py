@@ -91,7 +91,7 @@ def quiet_native_logs() -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what TensorFlow still reads
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines ("Creating
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # its INFO lines ("Creating
     # initial MLflow database tables", system-metrics monitor start/stop)
     import warnings
 

@@ -132,6 +132,6 @@ def test_dvc_metrics_show_of_the_committed_pipeline_fits_a_terminal():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines[1:]] == [
-        f"reports/headline/{m}.json" for m in ("mlp", "resnet", "unet", "vgg", "yolo")]
+        f"reports/headline/{m}.json" for m in ("mlp", "vgg", "resnet", "unet", "yolo")]
     assert max(len(line) for line in lines) < 200, result.stdout
     assert "/work/" not in result.stdout and "sha256" not in result.stdout
