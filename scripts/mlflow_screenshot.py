@@ -1,14 +1,30 @@
-"""Screenshot MLflow's compare-runs page for the newest runs (the picture in the README).
+"""Screenshot MLflow's runs table and compare-runs page (the pictures in the README and docs).
 
-Starts a throwaway ``mlflow server`` on 127.0.0.1, finds the experiment's newest runs
-through the REST API, opens ``#/compare-runs?runs=[...]&experiments=[...]`` in headless
-Chromium (driven over the DevTools protocol with the standard library only), tidies the page
-(closes the Assistant panel, plots the learning rate against test metrics, shows only the
-params, metrics and tags that differ) and saves a PNG of the whole page.
+Starts a throwaway ``mlflow server`` on 127.0.0.1 over the repository's database, finds the
+experiment and its runs through the REST API and, in headless Chromium (driven over the DevTools
+protocol with the standard library only):
 
-    python scripts/mlflow_screenshot.py --tracking-uri sqlite:////abs/path/mlflow.db \\
-        --out docs/mlflow_compare.png [--experiment visionpipe-classification] [--runs 2] \\
-        [--plot-metrics test.accuracy,test.loss]
+1. opens the experiment's runs in the model-training view,
+   ``#/experiments/<id>/runs?workflowType=machine_learning`` (what the export stage links to),
+   with the headline metric columns shown (test_*, best_val_loss, params, latency_ms, train_s,
+   co2_g: the UI shows no metric column until one is chosen, so the script chooses them the
+   way the UI remembers a choice) and the runs sorted by the first one, best first;
+   saves ``--runs-out`` (docs/mlflow_runs.png);
+2. opens ``#/compare-runs?runs=[...]&experiments=[...]`` for the newest ``--runs`` runs, tidies
+   it (closes the Assistant panel, plots the learning rate against test metrics, shows only the
+   params, metrics and tags that differ) and saves ``--out`` (docs/mlflow_compare.png);
+   skipped with a note when the experiment has fewer than 2 runs.
+
+From the repository root, after `dvc repro` (both pictures, from ./mlflow.db, into docs/):
+
+    python scripts/mlflow_screenshot.py
+
+Options: ``--tracking-uri sqlite:////abs/path/mlflow.db`` (default: this repository's
+mlflow.db), ``--only runs|compare``, ``--runs-out docs/mlflow_runs.png``,
+``--out docs/mlflow_compare.png``, ``--experiment visionpipe-classification``, ``--runs 2``,
+``--columns 'test_*,best_val_loss,params,latency_ms,train_s,co2_g'`` (default: the task's
+headline test metrics, ranking one first, then these),
+``--plot-metrics test.accuracy,test.loss``, ``--timeout 90``.
 
 Needs Debian's Chromium (``apt-get install -y chromium``); nothing outside 127.0.0.1 is used.
 """
@@ -17,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fnmatch
 import json
 import os
 import shutil
@@ -38,6 +55,35 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 WIDTH, HEIGHT = 1400, 1000
+RUNS_WIDTH = 2000  # wide enough for the run, Created, seven metrics, Dataset, Duration, Models
+
+
+def _headline_tests() -> str:
+    """Every task's headline test metrics as logged (test_<name>), each task's ranking one
+    first (visionpipe.headline); a pattern when the package is not importable."""
+    try:
+        from visionpipe.headline import TEST_METRICS
+    except ImportError:
+        return "test_*"
+    return ",".join(f"test_{short}" for metrics in TEST_METRICS.values()
+                    for short, _ in metrics)
+
+
+# The runs table's headline columns (logged by visionpipe/tracking/stage_logs.py): names or
+# shell-style patterns, kept where the experiment's runs have them, in this order.
+COLUMNS = f"{_headline_tests()},best_val_loss,params,latency_ms,train_s,co2_g"
+# Where MLflow 3.17's UI remembers an experiment page's state (chosen columns, their order):
+# its LocalStorageUtils store "ExperimentPage" keyed by the sorted experiment ids as JSON.
+UI_STATE_KEY = "MLflowLocalStorage-1.1-ExperimentPage-%s-ReactComponentState"
+# ...and that its Assistant panel is closed (it opens itself on a first visit).
+ASSISTANT_CLOSED = {"mlflow.assistant.panelOpen_v1": "false",
+                    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true"}
+
+# True once the page shows every one of these texts (run names, column headers).
+SHOWS_JS = """((texts) => {
+  const text = document.body ? document.body.innerText : '';
+  return texts.every(t => text.includes(t)) && !!document.querySelector('main');
+})(%s)"""
 
 # True once the compare page shows every run id and its tables.
 READY_JS = """((ids) => {
@@ -134,17 +180,50 @@ def newest_runs(base: str, experiment: str, count: int) -> tuple[str, list[dict]
                       {"experiment_ids": [exp["experiment_id"]], "max_results": count,
                        "order_by": ["attributes.start_time DESC"]})
     runs = found.get("runs", [])
-    if len(runs) < 2:
-        raise SystemExit(f"mlflow_screenshot: {experiment!r} has {len(runs)} run(s); "
-                         "comparing needs at least 2")
+    if not runs:
+        raise SystemExit(f"mlflow_screenshot: {experiment!r} has no runs (run the pipeline "
+                         "first)")
     return exp["experiment_id"], runs
 
 
+def runs_url(base: str, experiment_id: str, order_by: str | None) -> str:
+    """The experiment's runs table in the model-training view (MLflow 3.17's UI otherwise
+    opens in its GenAI view), sorted by ``order_by`` (a column id), highest first."""
+    url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if order_by:
+        url += "&" + urllib.parse.urlencode({"orderByKey": order_by, "orderByAsc": "false"})
+    return url
+
+
+def headline_columns(runs: list[dict], patterns: list[str]) -> list[str]:
+    """The metric names of ``runs`` matching ``patterns``, pattern by pattern."""
+    names = sorted({m["key"] for r in runs for m in r["data"].get("metrics", [])})
+    chosen: list[str] = []
+    for pattern in patterns:
+        chosen += [n for n in names if fnmatch.fnmatchcase(n, pattern) and n not in chosen]
+    return chosen
+
+
+def best_run(runs: list[dict], columns: list[str]) -> str:
+    """The name of the run the table shows first: highest ``columns[0]``, else the newest."""
+    def value(run: dict) -> float:
+        found = [m["value"] for m in run["data"].get("metrics", []) if m["key"] == columns[0]]
+        return found[0] if found else float("-inf")
+
+    return (max(runs, key=value) if columns else runs[0])["info"]["run_name"]
+
+
+def metric_column(name: str) -> str:
+    """The UI's id of a metric column (makeCanonicalSortKey: metrics.`name`)."""
+    return f"metrics.`{name}`"
+
+
 def compare_url(base: str, run_ids: list[str], experiment_id: str) -> str:
-    """MLflow 3's compare-runs page (a hash route of the single-page app)."""
+    """MLflow 3's compare-runs page (a hash route of the single-page app), in the
+    model-training view like the runs table."""
     runs = urllib.parse.quote(json.dumps(run_ids, separators=(",", ":")))
     exps = urllib.parse.quote(json.dumps([experiment_id]))
-    return f"{base}/#/compare-runs?runs={runs}&experiments={exps}"
+    return f"{base}/#/compare-runs?runs={runs}&experiments={exps}&workflowType=machine_learning"
 
 
 class DevTools:
@@ -274,9 +353,9 @@ def tidy(tab: DevTools, plot_metrics: list[str]) -> None:
                      "?.click()")
 
 
-def screenshot(url: str, run_ids: list[str], out: Path, workdir: Path, timeout: float,
-               plot_metrics: list[str]) -> None:
-    """Render ``url`` in headless Chromium, tidy it, and save a PNG of all its content."""
+@contextmanager
+def browser(workdir: Path, timeout: float) -> Iterator[DevTools]:
+    """Headless Chromium with one tab, driven over the DevTools protocol."""
     profile = workdir / "chromium-profile"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -290,39 +369,85 @@ def screenshot(url: str, run_ids: list[str], out: Path, workdir: Path, timeout: 
                                  if t["type"] == "page"], timeout, "a Chromium tab")[0]
         tab = DevTools(page["webSocketDebuggerUrl"], timeout=timeout)
         try:
-            tab.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT,
-                     deviceScaleFactor=1, mobile=False)
-            tab.call("Page.navigate", url=url)
-            ready = READY_JS % json.dumps(run_ids)
-            wait_for(lambda: tab.evaluate(ready), timeout, "the compare page to render")
-            try:
-                tidy(tab, plot_metrics)
-            except (RuntimeError, TimeoutError, TypeError) as exc:
-                print(f"mlflow_screenshot: warning: could not tidy the page ({exc}); "
-                      "keeping it as rendered", file=sys.stderr)
-            # The app scrolls inside <main>: make the window tall enough to show all of it
-            # (the blank space below the content is cropped away).
-            height = tab.evaluate("document.querySelector('main').scrollHeight") + 200
-            tab.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=height,
-                     deviceScaleFactor=1, mobile=False)
-            time.sleep(2)
-            if plot_metrics:  # show the plotted metric's rows of the metrics table
-                first = json.dumps(plot_metrics[0])
-                try:
-                    wait_for(lambda: tab.evaluate(SCROLL_METRICS_JS % first), 10, first)
-                except TimeoutError as exc:
-                    print(f"mlflow_screenshot: warning: {exc}", file=sys.stderr)
-            time.sleep(1)
-            if not tab.evaluate(METRICS_ALIGNED_JS):
-                raise RuntimeError("metric names and values are scrolled apart")
-            bottom = min(tab.evaluate(CONTENT_BOTTOM_JS) + 24, height)
-            png = tab.call("Page.captureScreenshot", format="png",
-                           clip={"x": 0, "y": 0, "width": WIDTH, "height": bottom,
-                                 "scale": 1})["data"]
+            yield tab
         finally:
             tab.close()
+
+
+def capture(tab: DevTools, width: int, height: int) -> bytes:
+    """A PNG of the page's content, from the top to where the content ends."""
+    bottom = min(tab.evaluate(CONTENT_BOTTOM_JS) + 24, height)
+    png = tab.call("Page.captureScreenshot", format="png",
+                   clip={"x": 0, "y": 0, "width": width, "height": bottom, "scale": 1})["data"]
+    return base64.b64decode(png)
+
+
+def save(out: Path, png: bytes) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(base64.b64decode(png))
+    out.write_bytes(png)
+    print(f"wrote {out} ({len(png) // 1024} KB)")
+
+
+def screenshot_runs(tab: DevTools, base: str, experiment_id: str, first_run: str,
+                    columns: list[str], rows: int, out: Path, timeout: float) -> None:
+    """The experiment's runs table with ``columns`` (metric names) first, best run first."""
+    height = min(1000, max(450, 330 + 36 * rows))  # the table's rows, little blank below
+    tab.call("Emulation.setDeviceMetricsOverride", width=RUNS_WIDTH, height=height,
+             deviceScaleFactor=1, mobile=False)
+    # The UI shows the columns its saved page state names: write that state on the app's own
+    # origin before the runs page loads, as choosing them under "Columns" would.
+    tab.call("Page.navigate", url=f"{base}/")
+    wait_for(lambda: tab.evaluate("document.readyState === 'complete'"), timeout, "the app")
+    metrics = [metric_column(c) for c in columns]
+    state = {"selectedColumns": ["attributes.`Dataset`", "attributes.`Duration`",
+                                 "attributes.`Models`", *metrics],
+             "columnOrder": metrics}
+    saved = {UI_STATE_KEY % json.dumps([experiment_id]): json.dumps(state), **ASSISTANT_CLOSED}
+    for key, value in saved.items():
+        tab.evaluate(f"localStorage.setItem({json.dumps(key)}, {json.dumps(value)})")
+    url = runs_url(base, experiment_id, metrics[0] if metrics else None)
+    print(f"runs table\n  {url}")
+    tab.call("Page.navigate", url=url)
+    wait_for(lambda: tab.evaluate(SHOWS_JS % json.dumps([first_run, "Duration", *columns[:1]])),
+             timeout, "the runs table")
+    time.sleep(2)
+    if not tab.evaluate(SHOWS_JS % json.dumps(columns)):
+        print("mlflow_screenshot: warning: not every column fits the picture; widen "
+              "RUNS_WIDTH or pass fewer --columns", file=sys.stderr)
+    png = tab.call("Page.captureScreenshot", format="png",
+                   clip={"x": 0, "y": 0, "width": RUNS_WIDTH, "height": height, "scale": 1})
+    save(out, base64.b64decode(png["data"]))
+
+
+def screenshot_compare(tab: DevTools, url: str, run_ids: list[str], out: Path, timeout: float,
+                       plot_metrics: list[str]) -> None:
+    """The compare page of ``run_ids``, tidied, as a PNG of all its content."""
+    tab.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT,
+             deviceScaleFactor=1, mobile=False)
+    tab.call("Page.navigate", url=url)
+    ready = READY_JS % json.dumps(run_ids)
+    wait_for(lambda: tab.evaluate(ready), timeout, "the compare page to render")
+    try:
+        tidy(tab, plot_metrics)
+    except (RuntimeError, TimeoutError, TypeError) as exc:
+        print(f"mlflow_screenshot: warning: could not tidy the page ({exc}); "
+              "keeping it as rendered", file=sys.stderr)
+    # The app scrolls inside <main>: make the window tall enough to show all of it
+    # (the blank space below the content is cropped away).
+    height = tab.evaluate("document.querySelector('main').scrollHeight") + 200
+    tab.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=height,
+             deviceScaleFactor=1, mobile=False)
+    time.sleep(2)
+    if plot_metrics:  # show the plotted metric's rows of the metrics table
+        first = json.dumps(plot_metrics[0])
+        try:
+            wait_for(lambda: tab.evaluate(SCROLL_METRICS_JS % first), 10, first)
+        except TimeoutError as exc:
+            print(f"mlflow_screenshot: warning: {exc}", file=sys.stderr)
+    time.sleep(1)
+    if not tab.evaluate(METRICS_ALIGNED_JS):
+        raise RuntimeError("metric names and values are scrolled apart")
+    save(out, capture(tab, WIDTH, height))
 
 
 def artifact_root(tracking_uri: str) -> Path:
@@ -342,12 +467,21 @@ def healthy(proc: subprocess.Popen, base: str, log: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, serve MLflow, screenshot the comparison, stop the server."""
+    """Parse arguments, serve MLflow, screenshot the runs table and the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tracking-uri", default=f"sqlite:///{REPO / 'mlflow.db'}")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow_compare.png")
+    parser.add_argument("--runs-out", type=Path, default=REPO / "docs" / "mlflow_runs.png",
+                        help="the runs table's picture")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow_compare.png",
+                        help="the compare page's picture")
+    parser.add_argument("--only", choices=("runs", "compare"),
+                        help="take only this picture (default: both)")
     parser.add_argument("--experiment", default="visionpipe-classification")
-    parser.add_argument("--runs", type=int, default=2, help="how many of the newest runs")
+    parser.add_argument("--runs", type=int, default=2, help="how many of the newest runs to "
+                        "compare")
+    parser.add_argument("--columns", default=COLUMNS,
+                        help="comma-separated metric names (shell patterns) shown as columns "
+                             "of the runs table, the first one sorting it")
     parser.add_argument("--plot-metrics", default="test.accuracy,test.loss",
                         help="comma-separated metrics for the parallel coordinates plot")
     parser.add_argument("--timeout", type=float, default=90, help="seconds for each wait")
@@ -367,21 +501,35 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-screenshot-"))
     log = workdir / "mlflow.log"
     server = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-              "--port", str(port), "--backend-store-uri", args.tracking_uri,
+              "--port", str(port), "--workers", "1", "--backend-store-uri", args.tracking_uri,
               "--default-artifact-root", str(artifact_root(args.tracking_uri))]
     try:
         with process(server, log) as proc:
             wait_for(lambda: healthy(proc, base, log), args.timeout, "mlflow server")
-            experiment_id, runs = newest_runs(base, args.experiment, args.runs)
-            run_ids = [run["info"]["run_id"] for run in runs]
-            url = compare_url(base, run_ids, experiment_id)
-            print(f"comparing {', '.join(run_ids)}\n  {url}")
-            screenshot(url, run_ids, args.out.resolve(), workdir, args.timeout,
-                       [m for m in args.plot_metrics.split(",") if m])
+            experiment_id, newest = newest_runs(base, args.experiment, max(args.runs, 1000))
+            with browser(workdir, args.timeout) as tab:
+                if args.only in (None, "runs"):
+                    columns = headline_columns(newest, [c.strip() for c in
+                                                        args.columns.split(",") if c.strip()])
+                    if not columns:
+                        print("mlflow_screenshot: warning: the runs have none of the metrics "
+                              f"{args.columns}", file=sys.stderr)
+                    screenshot_runs(tab, base, experiment_id, best_run(newest, columns),
+                                    columns, len(newest), args.runs_out.resolve(), args.timeout)
+                if args.only in (None, "compare"):
+                    run_ids = [run["info"]["run_id"] for run in newest[:args.runs]]
+                    if len(run_ids) < 2:
+                        print(f"mlflow_screenshot: {args.experiment!r} has 1 run; comparing "
+                              "needs at least 2: no compare picture", file=sys.stderr)
+                    else:
+                        url = compare_url(base, run_ids, experiment_id)
+                        print(f"comparing {', '.join(run_ids)}\n  {url}")
+                        screenshot_compare(tab, url, run_ids, args.out.resolve(),
+                                           args.timeout,
+                                           [m for m in args.plot_metrics.split(",") if m])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    size = args.out.stat().st_size // 1024
-    print(f"wrote {args.out} ({size} KB) in {time.monotonic() - started:.0f} s")
+    print(f"done in {time.monotonic() - started:.0f} s")
     return 0
 
 

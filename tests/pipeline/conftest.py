@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,19 +66,26 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(repo: Path, db: Path | None = None) -> Iterator[str]:
-    """A real `mlflow server` on a free loopback port over the repo's sqlite database."""
+def mlflow_server(repo: Path, db: Path | None = None,
+                  store_args: list[str] | None = None) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port, started in ``repo``, over the repo's
+    sqlite database (or the backend-store arguments ``store_args``)."""
     port = free_port()
     db = db or repo / "mlflow.db"
-    log = open(repo / f"mlflow-server-{port}.log", "w")  # noqa: SIM115 - closed below
+    store_args = store_args or ["--backend-store-uri", f"sqlite:///{db}",
+                                "--default-artifact-root", str(repo / "mlartifacts")]
+    log_path = repo / f"mlflow-server-{port}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    # Its own process group: the server starts uvicorn, a job runner and huey consumers,
+    # which outlive a terminated parent.
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
-         "--default-artifact-root", str(repo / "mlartifacts")],
-        cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+         "--workers", "1", *store_args],
+        cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+        start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 120
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
@@ -88,16 +96,26 @@ def mlflow_server(repo: Path, db: Path | None = None) -> Iterator[str]:
             if proc.poll() is not None or time.time() > deadline:
                 log.flush()
                 raise RuntimeError("mlflow server did not start: "
-                                   + (repo / f"mlflow-server-{port}.log").read_text()[-2000:])
+                                   + log_path.read_text()[-2000:])
             time.sleep(0.5)
         yield base
     finally:
-        proc.terminate()
+        _stop_group(proc)
+        log.close()
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, then SIGKILL to whatever is left of it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            pass
+        time.sleep(1)  # the group's other processes, after the parent
 
 
 def rest(base: str, endpoint: str, payload: dict | None = None, **query) -> dict:

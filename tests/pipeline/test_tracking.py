@@ -48,6 +48,12 @@ def test_unreachable_backend_finishes_with_one_warning_per_stage(offline_repo):
     assert state["status"] == "pending" and state["tracking_uri"] == UNREACHABLE
     assert state["stages"] == {"train": "pending", "evaluate": "pending", "export": "pending"}
     assert "train: model" in state["not_logged"]
+    # Each stage's duration is kept for the replay: its CO2 report's.
+    reports = {s: json.loads((repo / f"reports/emissions/mlp/{s}.json").read_text())
+               for s in ("train", "evaluate", "export")}
+    assert state["durations_s"] == pytest.approx(
+        {s: r["duration_s"] for s, r in reports.items()}, abs=1e-3)
+    assert not [ln for ln in output.splitlines() if ln.startswith("mlflow:")]  # no UI link
     assert not (repo / "mlflow.db").exists()
 
 
@@ -80,18 +86,31 @@ def test_two_replays_at_once_log_everything_from_local_files(offline_repo, tmp_p
     assert {r.info.run_id for r in found} == run_ids
     counts = {len(r.data.metrics) for r in found}
     assert len(counts) == 1 and counts.pop() > 20  # both runs complete, none cut short
+    emissions = [json.loads((repo / f"reports/emissions/mlp/{s}.json").read_text())
+                 for s in ("train", "evaluate", "export")]
     for got in found:
         values = got.data.metrics
         assert values["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+        assert values["test_accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=5e-5)
         assert values["co2.train.emissions_kg"] > 0
+        assert values["co2_g"] == pytest.approx(1000 * sum(e["emissions_kg"] for e in emissions))
         assert got.data.params["model.train.epochs"] == str(EPOCHS)
         history = client.get_metric_history(got.info.run_id, "val_loss")
-        assert sorted(m.step for m in history) == list(range(EPOCHS))
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
         top = {f.path for f in client.list_artifacts(got.info.run_id)}
-        assert {"model", "train", "evaluate", "export", "emissions"} <= top
+        assert {"train", "evaluate", "export", "emissions"} <= top
+        # As long as the stages' work took (their reports), not as long as the replay.
+        work_ms = 1000 * sum(e["duration_s"] for e in emissions)
+        assert got.info.end_time - got.info.start_time == pytest.approx(work_ms, abs=3)
+    models = client.search_logged_models([exp.experiment_id])
+    assert {m.source_run_id for m in models} == run_ids and len(models) == 2
     versions = client.search_model_versions("name='visionpipe-mlp'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert {v.run_id for v in versions} == run_ids
+    assert {v.source for v in versions} == {f"models:/{m.model_id}" for m in models}
+    champion = client.get_model_version_by_alias("visionpipe-mlp", "champion")
+    assert str(champion.version) in {"1", "2"}  # equal figures: whichever ranked first
+    assert champion.tags["export.parity_passed"] == "True"
 
 
 def test_unreachable_replay_says_so_and_keeps_the_run_pending(offline_repo, tmp_path):

@@ -1,5 +1,12 @@
 """MLflow: one run per model per pipeline run, opened by train, completed by evaluate and export.
 
+The run is shaped for MLflow's runs table, where models are compared: its duration is the sum
+of its stages' own durations (not the hours it stays open while other models train), its trained
+model is an MLflow *logged model* (the Models column) registered as ``visionpipe-<model>`` with
+the ``champion`` alias on the best version that passed export parity, the prepared dataset is
+its input (the Dataset column), and the headline figures have short names (``test_accuracy``,
+``best_val_loss``, ``co2_g``, ...; see visionpipe.headline) beside the detailed dotted ones.
+
 Everything here is best effort. The pipeline's own files (model, history, metrics, plots,
 emissions) are the record; MLflow gets a copy. When the backend cannot be reached, the stage
 still finishes, prints one warning naming what was not logged, and marks the run file
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -28,6 +36,12 @@ from visionpipe.data import records
 from visionpipe.layout import Layout
 
 RUN_FILE = "mlflow_run.json"
+CHAMPION = "champion"
+PIPELINE_STAGES = ("train", "evaluate", "export")
+# Where `mlflow ui` listens by default, and its runs table in the model-training view (MLflow
+# 3.17's UI otherwise opens in its GenAI view).
+UI_ADDRESS = "http://127.0.0.1:5000"
+RUNS_VIEW = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def project_root(layout: Layout) -> Path:
@@ -79,6 +93,64 @@ def numeric(data: dict, prefix: str = "") -> dict[str, float]:
                 and np.isfinite(value):
             out[key] = float(value)
     return out
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``; None when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def report_duration(layout: Layout, model_name: str, stage: str) -> float | None:
+    """Seconds of the stage's work as its CO2 report measured them (codecarbon's start to
+    stop around the work); None when codecarbon did not measure (disabled, failed)."""
+    report = read_json(layout.emissions(model_name) / f"{stage}.json") or {}
+    value = report.get("duration_s")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+def process_seconds() -> float | None:
+    """How long this process has run: a stage's duration when codecarbon did not time it
+    (DVC runs each stage as its own `visionpipe` process)."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - psutil missing or /proc unreadable
+        return None
+
+
+def dataset_digest(checksum: str) -> str:
+    """The short form of a manifest checksum MLflow shows as the dataset's digest:
+    ``sha256:0123456789ab...`` -> ``0123456789ab``."""
+    return checksum.rpartition(":")[2][:12]
+
+
+def ui_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's model-training view: on the tracking server itself for
+    an http(s) URI, else where `mlflow ui` listens by default."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        host = parts.netloc.rpartition("@")[2]  # never credentials in a printed link
+        base = f"{parts.scheme}://{host}{parts.path}".rstrip("/")
+    else:
+        base = UI_ADDRESS
+    return f"{base}/{RUNS_VIEW.format(experiment_id=experiment_id)}"
+
+
+def ui_command(uri: str, root: Path) -> str | None:
+    """The command that serves ``uri``'s runs at :func:`ui_url`, run from the repository root;
+    None for an http(s) URI (that server is the UI)."""
+    if urlsplit(uri).scheme in ("http", "https"):
+        return None
+    if uri == f"sqlite:///{Path(root).resolve() / 'mlflow.db'}":
+        uri = "sqlite:///mlflow.db"
+    return f"mlflow ui --backend-store-uri {shlex.quote(redact(uri, uri))}"
 
 
 def git_commit(root: Path) -> str | None:
@@ -139,15 +211,24 @@ class RunLogger:
         self.state: dict = {}
         self.not_logged: list[str] = []
         self.error: str | None = None
+        self.opened = time.time()
+        self.resumed = False
+        self._last_timestamp = 0
 
     # -- connection and run lifecycle ------------------------------------------------------
 
     def _connect(self) -> None:
         from mlflow import MlflowClient
 
+        from visionpipe.console import quiet_mlflow
+
+        quiet_mlflow()  # "Successfully registered model" etc.: export prints its own line
+
         # An unreachable server must cost seconds, not MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        # Export prints the one link to the run (ui_line); not MLflow's own at each end_run.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         last: Exception | None = None
         for attempt in range(5):
             try:
@@ -177,10 +258,12 @@ class RunLogger:
             run_name = f"{self.model_name}-{exp_name}" if exp_name else self.model_name
             run = self.client.create_run(exp_id, run_name=run_name, tags=self._tags())
             self.run_id = run.info.run_id
-            self.state = {"run_id": self.run_id, "experiment": self.experiment,
-                          "experiment_id": exp_id, "tracking_uri": self.shown_uri}
+            self.state = {"run_id": self.run_id, "run_name": run_name,
+                          "experiment": self.experiment, "experiment_id": exp_id,
+                          "tracking_uri": self.shown_uri, "start_time": run.info.start_time}
         except Exception as exc:  # noqa: BLE001
             self._fail("the run itself", exc)
+        self.opened = time.time()  # the stage's work starts now (train's fit)
         return self
 
     def _experiment_id(self) -> str:
@@ -201,10 +284,8 @@ class RunLogger:
         """Continue the run train opened (evaluate, export); pending runs stay pending."""
         if not self.enabled:
             return self
-        try:
-            self.state = json.loads(self.run_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            self.state = {}
+        self.resumed = True
+        self.state = self.read_state()
         if (self.state.get("status") != "logged"
                 or self.state.get("tracking_uri") != self.shown_uri):
             self.not_logged.append("this stage (the run is not in MLflow)")
@@ -217,6 +298,10 @@ class RunLogger:
         except Exception as exc:  # noqa: BLE001
             self._fail("the run itself", exc)
         return self
+
+    def read_state(self) -> dict:
+        """The run file as the last stage left it ({} when there is none)."""
+        return read_json(self.run_file) or {}
 
     def attempt(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn`` against MLflow; a failure is recorded, not raised."""
@@ -239,12 +324,42 @@ class RunLogger:
         self.error = self.error or redact(_short(exc), self.uri)
         self.client = None
 
-    def finish(self, stage: str) -> dict:
-        """Close the run, write the run file, and warn once about anything not logged."""
+    def stage_duration(self, stage: str) -> float:
+        """Seconds of this stage's own work: its CO2 report's duration, else (codecarbon off)
+        since the run was opened (train) or since this process started (evaluate, export)."""
+        measured = report_duration(self.layout, self.model_name, stage)
+        if measured is not None:
+            return measured
+        since_open = time.time() - self.opened
+        if not self.resumed:
+            return since_open
+        uptime = process_seconds()
+        return since_open if uptime is None else uptime
+
+    def end_time(self) -> int | None:
+        """The run's start plus the sum of its stages' durations, in ms since the epoch."""
+        start = self.state.get("start_time")
+        if not isinstance(start, int):  # a run file from before start_time was recorded
+            start = self.client.get_run(self.run_id).info.start_time
+            self.state["start_time"] = start
+        total = sum(self.state.get("durations_s", {}).values())
+        return start + round(1000 * total)
+
+    def finish(self, stage: str, *, timed: bool = True) -> dict:
+        """Record the stage's duration, end the run at start + the stages' durations, write
+        the run file, and warn once about anything not logged (or, after export, print where
+        the run is in MLflow's UI). ``timed=False``: the durations are set already (replay)."""
         if not self.enabled:
             return {}
+        if timed:
+            durations = dict(self.state.get("durations_s", {}))
+            durations[stage] = round(self.stage_duration(stage), 3)
+            self.state["durations_s"] = durations
         if self.client is not None and self.run_id is not None:
-            self.call("run status", "set_terminated", self.run_id, "FINISHED")
+            # Not now: the run stays open from train to export, hours apart when DVC trains
+            # other models in between; its duration in the UI is the time of its own work.
+            self.attempt("run status", lambda: self.client.set_terminated(
+                self.run_id, "FINISHED", end_time=self.end_time()))
         ok = not self.not_logged
         stages = dict(self.state.get("stages", {}))
         stages[stage] = "logged" if ok else "pending"
@@ -259,8 +374,25 @@ class RunLogger:
                   f"not logged for {self.model_name} {stage}: {', '.join(missing)}. "
                   f"Local files are complete; replay with "
                   f"`visionpipe log --model {self.model_name}`.", file=sys.stderr)
+        elif stage == "export" and self.run_id is not None:
+            print(self.ui_line(), flush=True)
         records.write_json(self.run_file, self.state)
         return self.state
+
+    def ui_url(self) -> str:
+        """Where this run's experiment is in MLflow's UI (model-training view)."""
+        return ui_url(self.uri, str(self.state.get("experiment_id", "0")))
+
+    def ui_command(self) -> str | None:
+        """How to start that UI for this repository's database (None: a server already is)."""
+        return ui_command(self.uri, project_root(self.layout))
+
+    def ui_line(self) -> str:
+        """``mlflow: <model> run <name> -> <url>  (start the UI: <command>)``."""
+        name = self.state.get("run_name", self.model_name)
+        line = f"mlflow: {self.model_name} run {name} -> {self.ui_url()}"
+        command = self.ui_command()
+        return f"{line}  (start the UI: {command})" if command else line
 
     # -- what gets logged -------------------------------------------------------------------
 
@@ -304,13 +436,22 @@ class RunLogger:
         for start in range(0, len(items), 100):  # MLflow's batch limit for params
             self.call("params", "log_batch", self.run_id, params=items[start:start + 100])
 
-    def log_metrics(self, values: dict[str, float], step: int = 0, what: str = "metrics") -> None:
+    def log_metrics(self, values: dict[str, float], step: int = 0, what: str = "metrics", *,
+                    model_id: str | None = None, dataset: dict | None = None) -> None:
+        """Metrics at ``step``; ``model_id``/``dataset`` link them to the logged model and the
+        dataset they were measured on (the logged model's page shows them)."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step) for k, v in values.items()]
+        # Strictly later than this run's previous batch: a value logged again at the same step
+        # (co2_g after each stage) then replaces the earlier one even within a millisecond.
+        now = max(int(time.time() * 1000), self._last_timestamp + 1)
+        self._last_timestamp = now
+        link = {"model_id": model_id}
+        if dataset:
+            link.update(dataset_name=dataset["name"], dataset_digest=dataset["digest"])
+        items = [Metric(k, float(v), now, step, **link) for k, v in values.items()]
         for start in range(0, len(items), 1000):
             self.call(what, "log_batch", self.run_id, metrics=items[start:start + 1000])
 
@@ -331,51 +472,86 @@ class RunLogger:
             self.log_metrics({k: v[i] for k, v in history.items() if k != "epoch"},
                              step=int(epoch), what="epoch metrics")
 
-    def log_keras_model(self, model, example: np.ndarray) -> None:
-        """The model in the mlflow.keras flavour, with signature and input example.
+    def log_dataset(self) -> None:
+        """The prepared dataset as the run's training input (the runs table's Dataset column):
+        its source's name, the manifest checksum's short form as digest, its path in the repo."""
 
-        Saved locally and uploaded as the run's ``model`` artifact: MLflow 3.17's
-        ``mlflow.keras.log_model`` writes the input example before it creates the model
-        folder, and fails whenever an example is given.
+        def log():
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            folder = self.layout.prepared(self.cfg.task)
+            manifest = records.read_manifest(folder)
+            try:
+                path = str(folder.resolve().relative_to(Path(self.layout.root).resolve()))
+            except ValueError:
+                path = str(folder)
+            name = str(manifest.get("source", {}).get("name") or self.cfg.task)
+            digest = dataset_digest(manifest["checksum"])
+            profile = {"counts": manifest.get("counts"), "image_size": manifest["image_size"],
+                       "classes": len(manifest["class_names"])}
+            # The "local" source type and {"uri": ...} of mlflow.data's local file source.
+            dataset = Dataset(name=name, digest=digest, source_type="local",
+                              source=json.dumps({"uri": path}), profile=json.dumps(profile))
+            self.client.log_inputs(self.run_id, [DatasetInput(
+                dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+            self.state["dataset"] = {"name": name, "digest": digest, "path": path,
+                                     "checksum": manifest["checksum"]}
+
+        self.attempt("dataset", log)
+
+    def log_keras_model(self, model, example: np.ndarray, step: int = 0) -> None:
+        """The model as an MLflow logged model of this run (mlflow.keras flavour, signature).
+
+        ``step``: the kept epoch; MLflow links that step's metrics to the model. No input
+        example: MLflow 3.17's ``mlflow.keras.log_model`` writes it before it creates the model
+        folder and fails whenever one is given (mlflow/mlflow#16183); the signature carries the
+        input's shape and dtype.
         """
 
         def log():
-            import tempfile
-
+            import mlflow
             import mlflow.keras
             from mlflow.models import infer_signature
 
             signature = infer_signature(example, np.asarray(model(example, training=False)))
-            with tempfile.TemporaryDirectory(prefix="visionpipe-mlflow-") as tmp:
-                path = Path(tmp) / "model"
-                path.mkdir()
-                # Given, not inferred: inference reloads the model in a subprocess (~10 s).
-                mlflow.keras.save_model(model, str(path), signature=signature,
-                                        input_example=example,
-                                        pip_requirements=_model_requirements())
-                self.client.log_artifacts(self.run_id, str(path), "model")
-            self.state["model_uri"] = f"runs:/{self.run_id}/model"
+            mlflow.set_tracking_uri(self.uri)
+            # log_model takes the run (and its experiment) from the active run.
+            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+                # Requirements given, not inferred: inference reloads the model (~10 s).
+                info = mlflow.keras.log_model(model, name=self.model_name,
+                                              signature=signature, step=step,
+                                              pip_requirements=_model_requirements())
+            self.state["model_id"] = info.model_id
+            self.state["model_uri"] = info.model_uri  # models:/<model_id>
 
         self.attempt("model", log)
 
     def register(self, metrics: dict, parity: dict) -> None:
-        """Register a new version of visionpipe-<model>, tagged with its test metrics."""
+        """Register the logged model as a new version of visionpipe-<model>, tagged with its
+        test metrics and parity verdict, and give the best passing version the champion alias."""
+        from visionpipe.headline import TEST_METRICS, headline
 
         def register():
             import mlflow
 
             mlflow.set_tracking_uri(self.uri)
             name = f"visionpipe-{self.model_name}"
-            version = mlflow.register_model(self.state["model_uri"], name)
             tags = {f"test.{k}": v for k, v in numeric(metrics.get("test", {})).items()}
             tags.update({f"cost.{k}": v for k, v in numeric(metrics.get("cost", {})).items()})
+            if metrics.get("task") in TEST_METRICS:
+                shorts = {short for short, _ in TEST_METRICS[metrics["task"]]}
+                tags.update({f"test_{k}": v for k, v in headline(metrics).items()
+                             if k in shorts})
             tags["export.parity_passed"] = parity.get("passed")
             tags["mlflow_run_id"] = self.run_id
-            for key, value in tags.items():
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                self.client.set_model_version_tag(name, version.version, key, str(value))
+            tags = {k: str(int(v) if isinstance(v, float) and v.is_integer() else v)
+                    for k, v in tags.items()}
+            # Tagged as it is created: a version being ranked by another process has its tags.
+            version = mlflow.register_model(self.state["model_uri"], name, tags=tags)
             self.state["registered_model"] = {"name": name, "version": version.version}
+            champion = update_champion(self.client, name, self.cfg.task)
+            self.state["registered_model"]["champion"] = champion
 
         if "model_uri" not in self.state:
             self.not_logged.append("registered model (no logged model in this run)")
@@ -390,8 +566,9 @@ class RunLogger:
 
         class MLflowEpochLogger(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
+                # Keras counts epochs from 0; history.csv, model.json and the console from 1.
                 logger.log_metrics({k: float(v) for k, v in (logs or {}).items()},
-                                   step=epoch, what="epoch metrics")
+                                   step=epoch + 1, what="epoch metrics")
 
         return MLflowEpochLogger()
 
@@ -422,3 +599,36 @@ class RunLogger:
                 self.attempt("system metrics", mlflow.end_run)
 
         return monitored()
+
+
+def champion_key(task: str) -> str:
+    """The version tag models are ranked by: the task's headline test metric, unrounded."""
+    from visionpipe.headline import TEST_METRICS
+
+    return f"test.{TEST_METRICS[task][0][1]}"
+
+
+def update_champion(client, name: str, task: str) -> str | None:
+    """Point ``name``'s champion alias at its best version (highest headline test metric)
+    among those whose export passed parity; the alias moves only to a version that beats the
+    current champion, and never to one that failed parity. Returns the champion's version."""
+    key = champion_key(task)
+    scores: dict[str, float] = {}
+    for version in client.search_model_versions(f"name='{name}'"):
+        tags = version.tags or {}
+        if tags.get("export.parity_passed") != "True":
+            continue
+        try:
+            scores[str(version.version)] = float(tags[key])
+        except (KeyError, ValueError):
+            continue
+    current = client.get_registered_model(name).aliases.get(CHAMPION)
+    current = None if current is None else str(current)
+    if not scores:
+        return current
+    # Highest score; among equals the oldest version, so a tie never moves the alias.
+    best = max(scores, key=lambda v: (scores[v], -int(v)))
+    if current in scores and scores[current] >= scores[best]:
+        return current
+    client.set_registered_model_alias(name, CHAMPION, best)
+    return best

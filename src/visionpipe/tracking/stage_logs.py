@@ -1,27 +1,73 @@
-"""What each stage hands to MLflow, read from the stage's own files so a replay is identical."""
+"""What each stage hands to MLflow, read from the stage's own files so a replay is identical.
+
+Besides the detailed dotted metrics (test.*, cost.*, co2.<stage>.*, export.*), each stage logs
+the headline figures under short names for MLflow's runs table (visionpipe.headline): train
+``kept_epoch``, ``best_val_loss`` and ``best_val_<metric>`` (the kept epoch's, not the last
+one's), ``params``, ``train_s``; evaluate ``test_<metric>`` and ``latency_ms``; every stage
+``co2_g``, the grams of CO2 of the stages so far (train + evaluate + export once exported).
+"""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 
 from visionpipe.data import records
+from visionpipe.headline import TEST_METRICS, headline
 from visionpipe.models.saving import load_model
-from visionpipe.tracking.mlflow_runs import RunLogger, numeric
+from visionpipe.tracking.mlflow_runs import (
+    PIPELINE_STAGES,
+    RunLogger,
+    numeric,
+    read_json,
+    report_duration,
+)
 
 
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+def co2_grams(run: RunLogger, stages: tuple[str, ...]) -> float | None:
+    """Grams of CO2 of ``stages`` from their reports (kg), None when none has a figure."""
+    folder = run.layout.emissions(run.model_name)
+    values = [r.get("emissions_kg") for r in (read_json(folder / f"{s}.json") for s in stages) if r]
+    values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return 1000.0 * sum(values) if values else None
+
+
+def train_headline(run: RunLogger) -> dict[str, float]:
+    """The kept epoch and its validation metrics (best_val_loss, best_val_<metric>), the
+    model's size, training time and CO2, from model.json and train's CO2 report."""
+    meta = read_json(run.layout.model_meta(run.model_name)) or {}
+    values: dict[str, float] = {}
+    if isinstance(meta.get("kept_epoch"), int):
+        values["kept_epoch"] = meta["kept_epoch"]
+    for key, value in (meta.get("kept_epoch_metrics") or {}).items():
+        if key.startswith("val_"):
+            values[f"best_{key}"] = value
+    if isinstance(meta.get("params"), int):
+        values["params"] = meta["params"]
+    train_s = report_duration(run.layout, run.model_name, "train")
+    if train_s is not None:
+        values["train_s"] = round(train_s, 1)  # as headline() rounds it
+    return numeric(values)
+
+
+def evaluate_headline(metrics: dict) -> dict[str, float]:
+    """headline() with the test metrics named test_<name> (test_accuracy, test_macro_f1,
+    ...); its rounded co2_g is left to co2_grams."""
+    if metrics.get("task") not in TEST_METRICS:
+        return {}
+    shorts = {short for short, _ in TEST_METRICS[metrics["task"]]}
+    return {f"test_{k}" if k in shorts else k: v for k, v in headline(metrics).items()
+            if k != "co2_g"}
+
+
+def _co2(run: RunLogger, stage: str) -> None:
+    grams = co2_grams(run, PIPELINE_STAGES[:PIPELINE_STAGES.index(stage) + 1])
+    if grams is not None:
+        run.log_metrics({"co2_g": grams}, what="CO2")
 
 
 def _emissions(run: RunLogger, stage: str) -> None:
     folder = run.layout.emissions(run.model_name)
-    report = _json(folder / f"{stage}.json")
+    report = read_json(folder / f"{stage}.json")
     if report is None:
         return
     run.log_metrics(numeric({k: v for k, v in report.items() if k != "stage"}, f"co2.{stage}."),
@@ -38,26 +84,31 @@ def example_input(run: RunLogger) -> np.ndarray:
 
 
 def log_train(run: RunLogger, model=None, *, live_epochs: bool = False) -> None:
-    """Params, per-epoch metrics (unless logged live), history, model, CO2 of training."""
+    """Params, dataset, per-epoch metrics (unless logged live), history, CO2 of training, the
+    model, and the kept epoch's figures (linked to the model)."""
     layout, name = run.layout, run.model_name
     run.log_params(run.run_params())
+    run.log_dataset()
     if not live_epochs:
         run.log_history(layout.history(name))
     run.log_files([layout.history(name), layout.model_meta(name)], "train", "history")
     _emissions(run, "train")
-    if run.client is None:
-        if run.enabled:
-            run.not_logged.append("model")
-        return
-    if model is None:
-        model = load_model(layout.model_file(name))
-    run.log_keras_model(model, example_input(run))
+    _co2(run, "train")
+    figures = train_headline(run)
+    if run.client is not None:
+        if model is None:
+            model = load_model(layout.model_file(name))
+        run.log_keras_model(model, example_input(run), step=int(figures.get("kept_epoch", 0)))
+    elif run.enabled:
+        run.not_logged.append("model")
+    run.log_metrics(figures, what="headline metrics", model_id=run.state.get("model_id"),
+                    dataset=run.state.get("dataset"))
 
 
 def log_evaluate(run: RunLogger) -> None:
     """Test metrics, cost, CO2 totals, the metrics JSON and the plots."""
     layout, name = run.layout, run.model_name
-    metrics = _json(layout.metrics(name))
+    metrics = read_json(layout.metrics(name))
     if metrics is None:
         return
     values = numeric(metrics.get("test", {}), "test.")
@@ -65,7 +116,11 @@ def log_evaluate(run: RunLogger) -> None:
     values.update(numeric({k: v for k, v in metrics.get("co2", {}).items() if k != "by_stage"},
                           "co2.total."))
     run.log_metrics(values, what="test metrics")
+    # Linked to the logged model and the dataset: the model's page in MLflow shows them.
+    run.log_metrics(evaluate_headline(metrics), what="headline metrics",
+                    model_id=run.state.get("model_id"), dataset=run.state.get("dataset"))
     _emissions(run, "evaluate")
+    _co2(run, "evaluate")
     run.log_files([layout.metrics(name)], "evaluate", "plots")
     run.log_files([layout.plots(name)], "evaluate/plots", "plots")
 
@@ -73,7 +128,7 @@ def log_evaluate(run: RunLogger) -> None:
 def log_export(run: RunLogger) -> None:
     """Parity, the exported files, and a new registered model version."""
     layout, name = run.layout, run.model_name
-    report = _json(layout.export_report(name))
+    report = read_json(layout.export_report(name))
     if report is None:
         return
     checks = {**report.get("formats", {}), "resized_input": report.get("resized_input", {})}
@@ -81,9 +136,10 @@ def log_export(run: RunLogger) -> None:
               for fmt, r in checks.items()}
     run.log_metrics(numeric(parity, "export."), what="export parity")
     _emissions(run, "export")
+    _co2(run, "export")
     run.log_files([layout.export_report(name), layout.export_dir(name),
                    layout.model_card(name)], "export", "export files")
-    run.register(_json(layout.metrics(name)) or {}, report)
+    run.register(read_json(layout.metrics(name)) or {}, report)
 
 
 def log_stage(params, model_name: str, layout, stage: str, log) -> None:
@@ -94,9 +150,19 @@ def log_stage(params, model_name: str, layout, stage: str, log) -> None:
 
 
 def replay(run: RunLogger) -> dict:
-    """Log a whole model run from its local files into a new MLflow run."""
+    """Log a whole model run from its local files into a new MLflow run, as long as the
+    stages' own work took (their CO2 reports' durations, else what the run file recorded)."""
+    recorded = run.read_state().get("durations_s", {})
     run.start()
+    durations = {}
+    for stage in PIPELINE_STAGES:
+        seconds = report_duration(run.layout, run.model_name, stage)
+        if seconds is None:
+            seconds = recorded.get(stage)
+        if isinstance(seconds, (int, float)):
+            durations[stage] = round(float(seconds), 3)
+    run.state["durations_s"] = durations
     log_train(run)
     log_evaluate(run)
     log_export(run)
-    return run.finish("replay")
+    return run.finish("replay", timed=False)
