@@ -146,6 +146,10 @@ def quiet_mlflow() -> None:
     its logging stream; off unless verbose. Call after importing mlflow."""
     if is_verbose():
         return
-    from mlflow.utils.logging_utils import disable_logging
+    from mlflow.utils import logging_utils
 
-    disable_logging()
+    # disable_logging() is undone by MLflow itself (its model logging re-enables the stream
+    # on the way out), so the stream's writes are what is switched off.
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    stream.write = lambda text: None
+    stream.flush = lambda: None
