@@ -257,6 +257,12 @@ def fit_multi_worker(model: keras.Model, strategy, train_ds, *, validation_data,
             callbacks.on_train_batch_end(index, _floats(train_step(batch)))
             if model.stop_training:
                 break
+        if steps > 0:
+            # Keras 3.15's epoch iterator, when it knows the epoch's length, opens the next
+            # epoch's iterator as one ends and another as the next begins: each opening moves
+            # the seeded shuffle on, so fit skips every other order. Opened and dropped here
+            # too, so that these workers see the batches model.fit sees.
+            iter(train)
         epoch_logs = _floats(model.get_metrics_result())
         model.reset_metrics()
         for batch in val:

@@ -75,7 +75,7 @@ def model_dataset(data_dir: Path, split: str, to_model_io: Callable, batch_size:
     # The manifest's count as the dataset's cardinality: Keras then knows the epoch's length
     # (a progress bar with ETA from the first epoch, no "ran out of data" warning), and a
     # split with fewer or more records than its manifest says fails instead of training on.
-    count = int(read_manifest(data_dir)["counts"][split])
+    count = int(read_manifest(data_dir)["splits"][split]["count"])
     ds = record_dataset(data_dir, split, deterministic).apply(
         tf.data.experimental.assert_cardinality(count)).map(
         to_model_io, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
