@@ -65,8 +65,7 @@ def _headline_tests() -> str:
         from visionpipe.headline import TEST_METRICS
     except ImportError:
         return "test_*"
-    return ",".join(f"test_{short}" for metrics in TEST_METRICS.values()
-                    for short, _ in metrics)
+    return ",".join(f"test_{name}" for names in TEST_METRICS.values() for name in names)
 
 
 # The runs table's headline columns (logged by visionpipe/tracking/stage_logs.py): names or

@@ -3,22 +3,22 @@ summary`, `dvc metrics show` (reports/headline/<model>.json) and MLflow's runs t
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-# Per task: (short name, key in the test metrics of reports/metrics/<model>.json). The first
+from visionpipe.data.records import read_json
+
+# Per task: the test metrics of reports/metrics/<model>.json that make its headline. The first
 # is the task's headline metric: the one models are ranked by (higher is better).
-TEST_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
-    "classification": (("accuracy", "accuracy"), ("macro_f1", "macro_f1")),
-    "segmentation": (("mean_iou", "mean_iou"), ("mean_dice", "mean_dice")),
-    "detection": (("map_50", "map_50"), ("map_50_95", "map_50_95")),
+TEST_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1"),
+    "segmentation": ("mean_iou", "mean_dice"),
+    "detection": ("map_50", "map_50_95"),
 }
 
 
 def primary(task: str) -> str:
     """The short name of ``task``'s headline test metric (higher is better)."""
-    return TEST_METRICS[task][0][0]
+    return TEST_METRICS[task][0]
 
 
 def baseline(test: dict) -> float | None:
@@ -39,10 +39,10 @@ def headline(metrics: dict) -> dict[str, float | int]:
     test = metrics.get("test", {})
     cost = metrics.get("cost", {})
     out: dict[str, float | int] = {}
-    for short, key in TEST_METRICS[task]:
+    for key in TEST_METRICS[task]:
         value = _num(test.get(key), 4)
         if value is not None:
-            out[short] = value
+            out[key] = value
     if isinstance(cost.get("params"), int):
         out["params"] = cost["params"]
     latency = _num((cost.get("latency_ms_per_image") or {}).get("median"), 2)
@@ -58,20 +58,20 @@ def headline(metrics: dict) -> dict[str, float | int]:
     return out
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+def test_figures(metrics: dict) -> dict[str, float | int]:
+    """headline() with the task's test metrics named test_<name> (test_accuracy, ...), as
+    MLflow's runs table and the registry's version tags show them."""
+    names = TEST_METRICS.get(metrics.get("task"), ())
+    return {f"test_{k}" if k in names else k: v for k, v in headline(metrics).items()}
 
 
 def summary_rows(layout, model_names) -> list[dict]:
     """One row per model with what its reports say so far (missing reports leave gaps)."""
     rows = []
     for name in model_names:
-        metrics = _read(layout.metrics(name)) or {}
-        meta = _read(layout.model_meta(name)) or {}
-        export = _read(layout.export_report(name)) or {}
+        metrics = read_json(layout.metrics(name)) or {}
+        meta = read_json(layout.model_meta(name)) or {}
+        export = read_json(layout.export_report(name)) or {}
         task = metrics.get("task") or meta.get("task")
         row: dict[str, Any] = {"model": name, "task": task, "family": meta.get("family")}
         if metrics:

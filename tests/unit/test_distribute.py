@@ -162,8 +162,8 @@ def test_mirrored_trains_over_two_cpu_devices(project, default_params_dict):
     assert len(history["loss"]) == 2 and history["loss"][1] < history["loss"][0]
     assert all(np.isfinite(w).all() for w in weights)
     # Not asserted: equality with one device. Keras' fit under this strategy ends far from
-    # single-device training (docs/training.md, "Training on a cluster"), while the multi_worker loop
-    # below matches it; printed here (pytest -s) to follow the gap.
+    # single-device training (docs/training.md, "Training on a cluster"), while the
+    # multi_worker loop below matches it; printed here (pytest -s) to follow the gap.
     reference = _single_process(project, default_params_dict)
     print("mirrored vs one device: largest weight difference",
           max(float(np.abs(a - b).max()) for a, b in zip(weights, reference[0], strict=True)),

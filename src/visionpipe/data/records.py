@@ -153,6 +153,16 @@ def write_manifest(data_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``; None when it is missing or unreadable (reports that a
+    stage may not have written yet)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_manifest(data_dir: Path) -> dict:
     """manifest.json of a prepared or augmented dataset, checked for the keys stages rely on."""
     path = Path(data_dir) / MANIFEST

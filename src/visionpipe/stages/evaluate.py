@@ -96,7 +96,7 @@ def evaluate_lines(model_name: str, metrics: dict, layout: Layout) -> str:
     """The task's headline test metrics beside the baseline, and where the plots are."""
     test = metrics["test"]
     figures = headline(metrics)
-    names = [short for short, _ in TEST_METRICS[metrics["task"]]]
+    names = TEST_METRICS[metrics["task"]]
     shown = ", ".join(f"{n} {figures[n]:.4f}" for n in names if n in figures)
     base = baseline(test)
     if base is not None:

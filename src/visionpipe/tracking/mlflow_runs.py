@@ -95,19 +95,10 @@ def numeric(data: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON object from ``path``; None when it is missing or unreadable."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def report_duration(layout: Layout, model_name: str, stage: str) -> float | None:
     """Seconds of the stage's work as its CO2 report measured them (codecarbon's start to
     stop around the work); None when codecarbon did not measure (disabled, failed)."""
-    report = read_json(layout.emissions(model_name) / f"{stage}.json") or {}
+    report = records.read_json(layout.emissions(model_name) / f"{stage}.json") or {}
     value = report.get("duration_s")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value)
@@ -301,7 +292,7 @@ class RunLogger:
 
     def read_state(self) -> dict:
         """The run file as the last stage left it ({} when there is none)."""
-        return read_json(self.run_file) or {}
+        return records.read_json(self.run_file) or {}
 
     def attempt(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn`` against MLflow; a failure is recorded, not raised."""
@@ -530,7 +521,7 @@ class RunLogger:
     def register(self, metrics: dict, parity: dict) -> None:
         """Register the logged model as a new version of visionpipe-<model>, tagged with its
         test metrics and parity verdict, and give the best passing version the champion alias."""
-        from visionpipe.headline import TEST_METRICS, headline
+        from visionpipe.headline import TEST_METRICS, test_figures
 
         def register():
             import mlflow
@@ -540,9 +531,8 @@ class RunLogger:
             tags = {f"test.{k}": v for k, v in numeric(metrics.get("test", {})).items()}
             tags.update({f"cost.{k}": v for k, v in numeric(metrics.get("cost", {})).items()})
             if metrics.get("task") in TEST_METRICS:
-                shorts = {short for short, _ in TEST_METRICS[metrics["task"]]}
-                tags.update({f"test_{k}": v for k, v in headline(metrics).items()
-                             if k in shorts})
+                tags.update({k: v for k, v in test_figures(metrics).items()
+                             if k.startswith("test_")})
             tags["export.parity_passed"] = parity.get("passed")
             tags["mlflow_run_id"] = self.run_id
             tags = {k: str(int(v) if isinstance(v, float) and v.is_integer() else v)
@@ -605,7 +595,7 @@ def champion_key(task: str) -> str:
     """The version tag models are ranked by: the task's headline test metric, unrounded."""
     from visionpipe.headline import TEST_METRICS
 
-    return f"test.{TEST_METRICS[task][0][1]}"
+    return f"test.{TEST_METRICS[task][0]}"
 
 
 def update_champion(client, name: str, task: str) -> str | None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from visionpipe.data import records
-from visionpipe.headline import TEST_METRICS, headline
+from visionpipe.headline import TEST_METRICS, test_figures
 from visionpipe.models.saving import load_model
 from visionpipe.tracking.mlflow_runs import (
     PIPELINE_STAGES,
     RunLogger,
     numeric,
-    read_json,
     report_duration,
 )
 
@@ -26,7 +25,8 @@ from visionpipe.tracking.mlflow_runs import (
 def co2_grams(run: RunLogger, stages: tuple[str, ...]) -> float | None:
     """Grams of CO2 of ``stages`` from their reports (kg), None when none has a figure."""
     folder = run.layout.emissions(run.model_name)
-    values = [r.get("emissions_kg") for r in (read_json(folder / f"{s}.json") for s in stages) if r]
+    reports = (records.read_json(folder / f"{s}.json") for s in stages)
+    values = [r.get("emissions_kg") for r in reports if r]
     values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return 1000.0 * sum(values) if values else None
 
@@ -34,7 +34,7 @@ def co2_grams(run: RunLogger, stages: tuple[str, ...]) -> float | None:
 def train_headline(run: RunLogger) -> dict[str, float]:
     """The kept epoch and its validation metrics (best_val_loss, best_val_<metric>), the
     model's size, training time and CO2, from model.json and train's CO2 report."""
-    meta = read_json(run.layout.model_meta(run.model_name)) or {}
+    meta = records.read_json(run.layout.model_meta(run.model_name)) or {}
     values: dict[str, float] = {}
     if isinstance(meta.get("kept_epoch"), int):
         values["kept_epoch"] = meta["kept_epoch"]
@@ -54,9 +54,7 @@ def evaluate_headline(metrics: dict) -> dict[str, float]:
     ...); its rounded co2_g is left to co2_grams."""
     if metrics.get("task") not in TEST_METRICS:
         return {}
-    shorts = {short for short, _ in TEST_METRICS[metrics["task"]]}
-    return {f"test_{k}" if k in shorts else k: v for k, v in headline(metrics).items()
-            if k != "co2_g"}
+    return {k: v for k, v in test_figures(metrics).items() if k != "co2_g"}
 
 
 def _co2(run: RunLogger, stage: str) -> None:
@@ -67,7 +65,7 @@ def _co2(run: RunLogger, stage: str) -> None:
 
 def _emissions(run: RunLogger, stage: str) -> None:
     folder = run.layout.emissions(run.model_name)
-    report = read_json(folder / f"{stage}.json")
+    report = records.read_json(folder / f"{stage}.json")
     if report is None:
         return
     run.log_metrics(numeric({k: v for k, v in report.items() if k != "stage"}, f"co2.{stage}."),
@@ -108,7 +106,7 @@ def log_train(run: RunLogger, model=None, *, live_epochs: bool = False) -> None:
 def log_evaluate(run: RunLogger) -> None:
     """Test metrics, cost, CO2 totals, the metrics JSON and the plots."""
     layout, name = run.layout, run.model_name
-    metrics = read_json(layout.metrics(name))
+    metrics = records.read_json(layout.metrics(name))
     if metrics is None:
         return
     values = numeric(metrics.get("test", {}), "test.")
@@ -128,7 +126,7 @@ def log_evaluate(run: RunLogger) -> None:
 def log_export(run: RunLogger) -> None:
     """Parity, the exported files, and a new registered model version."""
     layout, name = run.layout, run.model_name
-    report = read_json(layout.export_report(name))
+    report = records.read_json(layout.export_report(name))
     if report is None:
         return
     checks = {**report.get("formats", {}), "resized_input": report.get("resized_input", {})}
@@ -139,7 +137,7 @@ def log_export(run: RunLogger) -> None:
     _co2(run, "export")
     run.log_files([layout.export_report(name), layout.export_dir(name),
                    layout.model_card(name)], "export", "export files")
-    run.register(read_json(layout.metrics(name)) or {}, report)
+    run.register(records.read_json(layout.metrics(name)) or {}, report)
 
 
 def log_stage(params, model_name: str, layout, stage: str, log) -> None:
