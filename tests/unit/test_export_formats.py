@@ -21,8 +21,6 @@ from visionpipe.models.registry import create_model, get_family, known_families
 from visionpipe.serving import FILES, fit_images, open_runner, read_meta
 from visionpipe.stages import export, prepare
 
-from .test_models import TINY
-
 pytestmark = pytest.mark.slow
 
 SIZE = 32
@@ -41,7 +39,7 @@ def project(tmp_path_factory, default_params_dict):
     data["prepare"]["classification"].update(image_size=[SIZE, SIZE],
                                              splits={"train": 240, "val": 16, "test": PARITY_N})
     data["models"] = {family: {"family": family, "task": "classification",
-                               "architecture": TINY.get(family, {})}
+                               "architecture": get_family(family).tiny}
                       for family in known_families()
                       if get_family(family).task == "classification"}
     data["export"].update(parity_samples=PARITY_N, representative_samples=32)
@@ -67,7 +65,7 @@ def _train(family, params, layout) -> keras.Model:
     train = list(records.read_split(layout.prepared("classification"), "train"))
     x = np.stack([ex.image for ex in train]).astype(np.float32)
     y = keras.utils.to_categorical([ex.label for ex in train], 4)
-    model = create_model(family, (SIZE, SIZE, 3), 4, TINY.get(family, {}))
+    model = create_model(family, (SIZE, SIZE, 3), 4, get_family(family).tiny)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
     model.fit(x, y, epochs=8, batch_size=32, verbose=0)
     layout.model_dir(family).mkdir(parents=True, exist_ok=True)

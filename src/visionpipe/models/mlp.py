@@ -27,7 +27,8 @@ class MLPParams:
     input_pool: int = spec(1, ge=1, le=16)  # average-pool the image by this factor first
 
 
-@register("mlp", task="classification", params=MLPParams)
+@register("mlp", task="classification", params=MLPParams,
+          tiny={"hidden_units": [16, 8], "dropout": 0.1})
 def mlp(input_shape: tuple[int, int, int], num_classes: int, p: MLPParams) -> keras.Model:
     """(AvgPool) -> Flatten -> [Dense -> (BatchNorm) -> activation -> (Dropout)] x N -> softmax."""
     inputs, x = image_input(input_shape)

@@ -13,24 +13,31 @@ from visionpipe.errors import ModelError, ParamsError
 
 @dataclass(frozen=True)
 class Family:
-    """A registered model family: its builder, its task and the dataclass of its params."""
+    """A registered model family: its builder, its task, the dataclass of its params, and a
+    tiny preset: the smallest architecture (and an input size it accepts) that builds and trains
+    in seconds, so tests cover every family without naming any."""
 
     name: str
     task: str
     params: type
     builder: Callable[..., Any]
+    tiny: Mapping[str, Any]
+    tiny_input: tuple[int, int] = (32, 32)
 
 
 _FAMILIES: dict[str, Family] = {}
 
 
-def register(name: str, *, task: str, params: type) -> Callable:
-    """Register ``builder(input_shape, num_classes, p)`` as family ``name``."""
+def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
+             tiny_input: tuple[int, int] = (32, 32)) -> Callable:
+    """Register ``builder(input_shape, num_classes, p)`` as family ``name``; ``tiny`` is the
+    architecture tests build (on ``tiny_input`` images), required so no family goes untested."""
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"params of family {name} must be a dataclass")
 
     def wrap(builder: Callable) -> Callable:
-        _FAMILIES[name] = Family(name=name, task=task, params=params, builder=builder)
+        _FAMILIES[name] = Family(name=name, task=task, params=params, builder=builder,
+                                 tiny=dict(tiny), tiny_input=tuple(tiny_input))
         return builder
 
     return wrap

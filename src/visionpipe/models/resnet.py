@@ -52,7 +52,8 @@ class ResNetParams:
         return list(zip(IMAGENET[self.depth][0], IMAGENET_WIDTHS, strict=True))
 
 
-@register("resnet", task="classification", params=ResNetParams)
+@register("resnet", task="classification", params=ResNetParams,
+          tiny={"variant": "cifar", "depth": 8, "width_multiplier": 0.5})
 def resnet(input_shape: tuple[int, int, int], num_classes: int, p: ResNetParams) -> keras.Model:
     """ResNet v1, post-activation (He et al., 2016): conv-BN-ReLU, add, ReLU; projection shortcuts.
 

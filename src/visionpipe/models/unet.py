@@ -65,7 +65,9 @@ def _upsample(x: keras.KerasTensor, filters: int, name: str, p: UNetParams) -> k
                          name=f"{name}_conv")(x)
 
 
-@register("unet", task="segmentation", params=UNetParams)
+# Tiny input: sides must be multiples of 2**depth = 4.
+@register("unet", task="segmentation", params=UNetParams,
+          tiny={"depth": 2, "base_filters": 4}, tiny_input=(32, 32))
 def unet(input_shape: tuple[int, int, int], num_classes: int, p: UNetParams) -> keras.Model:
     """U-Net with "same" padding, so the output mask has the input's height and width.
 

@@ -29,7 +29,8 @@ class VGGParams:
     pooling: Literal["flatten", "global_average"] = "global_average"
 
 
-@register("vgg", task="classification", params=VGGParams)
+@register("vgg", task="classification", params=VGGParams,
+          tiny={"layout": "vgg11", "width_multiplier": 0.125, "head_units": [16]})
 def vgg(input_shape: tuple[int, int, int], num_classes: int, p: VGGParams) -> keras.Model:
     """VGG-11/13/16 (Simonyan & Zisserman, 2015), optionally with BatchNorm, on any image size.
 

@@ -80,7 +80,10 @@ def nms_layer(nms: NMSConfig):
         confidence_threshold=nms.confidence_threshold, max_detections=nms.max_detections)
 
 
-@register("yolo", task="detection", params=YOLOParams)
+# Tiny: 8-16-32-64 channels, one C2f block per stage; sides must be multiples of 32.
+@register("yolo", task="detection", params=YOLOParams,
+          tiny={"variant": "n", "width_multiplier": 0.25, "depth_multiplier": 0.1},
+          tiny_input=(32, 32))
 def build(input_shape: tuple[int, int, int], num_classes: int, p: YOLOParams):
     """A YOLOv8 detector with random weights (nothing is downloaded)."""
     check_input_size(input_shape)
