@@ -23,7 +23,7 @@ from visionpipe.console import NOISE
 from visionpipe.data import records
 from visionpipe.models.saving import load_model
 
-from .conftest import EPOCHS, SPLITS, child_env, copy_repo, mlflow_server, rest, run, shrink
+from tests.helpers import EPOCHS, SPLITS, child_env, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
 

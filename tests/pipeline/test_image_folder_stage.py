@@ -9,7 +9,7 @@ import pytest
 
 from visionpipe.data import records
 
-from .conftest import copy_repo, run
+from tests.helpers import copy_repo, run
 
 pytestmark = pytest.mark.slow
 

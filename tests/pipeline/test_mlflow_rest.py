@@ -14,7 +14,7 @@ import pytest
 
 from visionpipe.headline import headline
 
-from .conftest import EPOCHS, copy_repo, mlflow_server, rest, run, shrink
+from tests.helpers import EPOCHS, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from .conftest import EPOCHS, child_env, copy_repo, run, shrink
+from tests.helpers import EPOCHS, child_env, copy_repo, run, shrink
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.pipeline.conftest import child_env, free_port
-from tests.unit.test_precision import MODEL, prepare_project, tiny_params
+from tests.helpers import TINY_MODEL as MODEL
+from tests.helpers import child_env, free_port, prepare_project, tiny_params
 from visionpipe.config import parse_params
 from visionpipe.distribute import (WORKER_DIR_ENV, Distribution, make_distribution,
                                    output_root, worker_params)

@@ -5,50 +5,16 @@ what the layers compute in, what the model outputs, the optimizer, and what mode
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-import yaml
 
+from tests.helpers import TINY_MODEL as MODEL
+from tests.helpers import prepare_project, tiny_params
 from visionpipe.config import parse_params
 from visionpipe.layout import Layout
 from visionpipe.plots import read_history
-
-MODEL = "mlp"
-# 16x16 shapes, 64 train / 32 val images, an MLP of 16 units: a train.run takes seconds.
-SPLITS = {"train": 64, "val": 32, "test": 8}
-
-
-def tiny_params(defaults: dict, **train) -> dict:
-    """params.yaml for one tiny MLP on 16x16 shapes, tracking off; ``train`` overrides
-    models.mlp.train. Deterministic: no dropout, no batch norm, no augmented copies, so the
-    same global batches give the same weights on any number of devices."""
-    data = json.loads(json.dumps(defaults))
-    data["tracking"].update(mlflow=False, codecarbon=False)
-    data["prepare"] = {"classification": {**defaults["prepare"]["classification"],
-                                          "image_size": [16, 16], "splits": SPLITS,
-                                          "shard_size": 32}}
-    data["augment"] = {"classification": {"copies": 0, "preview": 2}}
-    mlp = data["models"]["mlp"]
-    mlp["architecture"].update(hidden_units=[16], dropout=0.0, batch_norm=False, input_pool=1)
-    mlp["train"].update({"epochs": 2, "batch_size": 16, "learning_rate": 0.01, **train})
-    data["models"] = {MODEL: mlp}
-    return data
-
-
-def prepare_project(root: Path, data: dict) -> Layout:
-    """Run the real prepare and augment stages into ``root``; write its params.yaml."""
-    from visionpipe.stages import augment, prepare
-
-    params = parse_params(data)
-    layout = Layout(root)
-    prepare.run(params, "classification", layout)
-    augment.run(params, "classification", layout)
-    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return layout
-
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, default_params_dict) -> Layout:

@@ -7,23 +7,20 @@ catalog's own feature spec, TFRecord shards and dataset_info.json (through
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 import yaml
 from PIL import Image
 
+from tests.helpers import tfds_local_copy
 from visionpipe.config import parse_params
 from visionpipe.data import records
 from visionpipe.layout import Layout
 from visionpipe.stages import prepare
 
-TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 COUNTS = {"train": 40, "test": 10}
 
 
@@ -33,34 +30,10 @@ def _digits(split: str, n: int) -> list[dict]:
             for i in range(n)]
 
 
-def _local_copy(data_dir, name: str, splits: dict[str, list[dict]]):
-    """Write ``splits`` as catalog dataset ``name`` in ``data_dir``, as `tfds build` would."""
-    builder = tfds.builder(name, data_dir=str(data_dir))
-    out = builder.data_path
-    out.mkdir(parents=True)
-    features = builder.info.features
-    infos = []
-    dataset = name.split("/")[0]  # voc/2007: the config is a folder, not part of file names
-    for split, examples in splits.items():
-        path = out / f"{dataset}-{split}.tfrecord-00000-of-00001"
-        with tf.io.TFRecordWriter(str(path)) as writer:
-            for ex in examples:
-                writer.write(features.serialize_example(ex))
-        template = tfds.core.ShardedFileTemplate(data_dir=out, template=TEMPLATE,
-                                                 dataset_name=dataset, split=split,
-                                                 filetype_suffix="tfrecord")
-        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)],
-                                         num_bytes=os.path.getsize(path),
-                                         filename_template=template))
-    tfds.folder_dataset.write_metadata(data_dir=out, features=features, split_infos=infos,
-                                       filename_template=TEMPLATE, check_data=True)
-    return data_dir
-
-
 @pytest.fixture(scope="module")
 def mnist_dir(tmp_path_factory):
     """A local TFDS data_dir holding a prepared `mnist` (50 examples, 5 per class)."""
-    return _local_copy(tmp_path_factory.mktemp("tfds"), "mnist",
+    return tfds_local_copy(tmp_path_factory.mktemp("tfds"), "mnist",
                        {split: _digits(split, n) for split, n in COUNTS.items()})
 
 
@@ -83,7 +56,7 @@ def _pets(n: int, values=(1, 2, 3)) -> list[dict]:
 
 
 def test_oxford_pet_trimaps_become_three_classes(tmp_path):
-    data_dir = _local_copy(tmp_path / "tfds", "oxford_iiit_pet",
+    data_dir = tfds_local_copy(tmp_path / "tfds", "oxford_iiit_pet",
                            {"train": _pets(8), "test": _pets(4)})
     params = parse_params({"prepare": {"segmentation": {
         "source": "tfds", "tfds_name": "oxford_iiit_pet", "tfds_data_dir": str(data_dir),
@@ -104,7 +77,7 @@ def test_oxford_pet_trimaps_become_three_classes(tmp_path):
 def test_a_trimap_value_outside_the_mapping_is_named(tmp_path):
     from visionpipe.errors import DataError
 
-    data_dir = _local_copy(tmp_path / "tfds", "oxford_iiit_pet",
+    data_dir = tfds_local_copy(tmp_path / "tfds", "oxford_iiit_pet",
                            {"train": _pets(3, values=(1, 2, 3, 7))})
     params = parse_params({"prepare": {"segmentation": {
         "source": "tfds", "tfds_name": "oxford_iiit_pet", "tfds_data_dir": str(data_dir),

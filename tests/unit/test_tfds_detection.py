@@ -21,14 +21,13 @@ import pytest
 import tensorflow_datasets as tfds
 import yaml
 
+from tests.helpers import tfds_local_copy
 import visionpipe
 from visionpipe.config import parse_params
 from visionpipe.data import records
 from visionpipe.errors import DataError, ParamsError, SourceUnavailableError
 from visionpipe.layout import Layout
 from visionpipe.stages import prepare
-
-from .test_tfds_catalog import _local_copy
 
 SIZE = (128, 128)  # prepare.detection.image_size
 # (height, width) of each photo, by the split of the local copy it is stored in
@@ -74,7 +73,7 @@ def voc_dir(tmp_path_factory):
     """A local TFDS data_dir holding a prepared `voc/2007` (6 photos, 121 objects)."""
     splits = {split: [_photo(split, i, h, w) for i, (h, w) in enumerate(sizes)]
               for split, sizes in PHOTOS.items()}
-    data_dir = _local_copy(tmp_path_factory.mktemp("tfds"), "voc/2007", splits)
+    data_dir = tfds_local_copy(tmp_path_factory.mktemp("tfds"), "voc/2007", splits)
     assert tfds.builder("voc/2007", data_dir=str(data_dir)).is_prepared()
     return data_dir
 

@@ -1,4 +1,8 @@
-"""A temporary copy of the repository where the real `dvc repro` runs."""
+"""Helpers shared by test files: a temporary copy of the repository where the real `dvc repro`
+runs, a real MLflow server, tiny params and projects, local TFDS catalog copies.
+
+Test files import helpers from here only, never from one another or from a conftest.py
+(tests/unit/test_layout_of_tests.py checks); fixtures live in conftest.py files."""
 
 from __future__ import annotations
 
@@ -15,8 +19,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from visionpipe.layout import Layout
+
+# --------------------------------------------------------------- a repository copy under DVC
 
 # git and `dvc exp run` commit: give them an identity on machines that have none.
 IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
@@ -150,3 +160,73 @@ def copy_repo(src: Path, dst: Path, edit_params: Callable[[dict], None] | None =
                 ["git", "-c", "commit.gpgsign=false", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True, env=child_env())
     return dst
+
+
+# --------------------------------------------------- a tiny MLP project, stages run in-process
+
+TINY_MODEL = "mlp"
+# 16x16 shapes, 64 train / 32 val images, an MLP of 16 units: a train.run takes seconds.
+TINY_SPLITS = {"train": 64, "val": 32, "test": 8}
+
+
+def tiny_params(defaults: dict, **train) -> dict:
+    """params.yaml for one tiny MLP on 16x16 shapes, tracking off; ``train`` overrides
+    models.mlp.train. Deterministic: no dropout, no batch norm, no augmented copies, so the
+    same global batches give the same weights on any number of devices."""
+    data = json.loads(json.dumps(defaults))
+    data["tracking"].update(mlflow=False, codecarbon=False)
+    data["prepare"] = {"classification": {**defaults["prepare"]["classification"],
+                                          "image_size": [16, 16], "splits": TINY_SPLITS,
+                                          "shard_size": 32}}
+    data["augment"] = {"classification": {"copies": 0, "preview": 2}}
+    mlp = data["models"]["mlp"]
+    mlp["architecture"].update(hidden_units=[16], dropout=0.0, batch_norm=False, input_pool=1)
+    mlp["train"].update({"epochs": 2, "batch_size": 16, "learning_rate": 0.01, **train})
+    data["models"] = {TINY_MODEL: mlp}
+    return data
+
+
+def prepare_project(root: Path, data: dict) -> Layout:
+    """Run the real prepare and augment stages into ``root``; write its params.yaml."""
+    from visionpipe.config import parse_params
+    from visionpipe.layout import Layout
+    from visionpipe.stages import augment, prepare
+
+    params = parse_params(data)
+    layout = Layout(root)
+    prepare.run(params, "classification", layout)
+    augment.run(params, "classification", layout)
+    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return layout
+
+
+# ------------------------------------------------------------- a local TFDS catalog dataset
+
+TFDS_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+
+
+def tfds_local_copy(data_dir: Path, name: str, splits: dict[str, list[dict]]) -> Path:
+    """Write ``splits`` as catalog dataset ``name`` in ``data_dir``, as `tfds build` would."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=str(data_dir))
+    out = builder.data_path
+    out.mkdir(parents=True)
+    features = builder.info.features
+    infos = []
+    dataset = name.split("/")[0]  # voc/2007: the config is a folder, not part of file names
+    for split, examples in splits.items():
+        path = out / f"{dataset}-{split}.tfrecord-00000-of-00001"
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for ex in examples:
+                writer.write(features.serialize_example(ex))
+        template = tfds.core.ShardedFileTemplate(data_dir=out, template=TFDS_TEMPLATE,
+                                                 dataset_name=dataset, split=split,
+                                                 filetype_suffix="tfrecord")
+        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)],
+                                         num_bytes=os.path.getsize(path),
+                                         filename_template=template))
+    tfds.folder_dataset.write_metadata(data_dir=out, features=features, split_infos=infos,
+                                       filename_template=TFDS_TEMPLATE, check_data=True)
+    return data_dir
