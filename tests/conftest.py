@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo root, real shared datasets, small params."""
+"""Shared fixtures: the repo root, real shared datasets, default params; tests under
+tests/pipeline marked slow. Helpers shared by test files live in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ import yaml
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
+PIPELINE = REPO / "tests" / "pipeline"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/pipeline runs real stages: mark it slow, so `-m "not slow"`
+    leaves exactly the fast unit tests (tests/unit/test_layout_of_tests.py keeps stages out of
+    tests/unit)."""
+    for item in items:
+        if PIPELINE in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
