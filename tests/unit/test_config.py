@@ -40,11 +40,15 @@ def test_committed_params_are_valid(repo_root):
 
 @pytest.mark.parametrize("dotted, value, expected", [
     ("models.mlp.train.lr", 0.1,
-     "models.mlp.train.lr: unknown key; allowed keys in models.mlp.train: epochs"),
+     "models.mlp.train.lr: unknown key; known: epochs, batch_size, optimizer, learning_rate"),
+    ("models.mlp.train.lerning_rate", 0.1, "models.mlp.train.lerning_rate: unknown key; "
+     "did you mean learning_rate? known: epochs"),
     ("prepare.classification.sizes", 3, "prepare.classification.sizes: unknown key"),
-    ("bogus", 1, "bogus: unknown key; allowed keys in (top level): seed, prepare"),
+    ("bogus", 1, "bogus: unknown key; known: seed, prepare"),
     ("models.mlp.architecture.hidden", [3], "models.mlp.architecture.hidden: unknown key; "
-     "allowed keys in models.mlp.architecture: hidden_units"),
+     "did you mean hidden_units? known: hidden_units, activation"),
+    ("prepare.clasification", {"source": "shapes"}, "prepare.clasification: unknown key; "
+     "did you mean classification? known: classification, segmentation, detection"),
 ])
 def test_unknown_key_names_key_and_allowed(default_params_dict, dotted, value, expected):
     assert expected in _error(_with(default_params_dict, dotted, value))
@@ -60,6 +64,15 @@ def test_unknown_key_names_key_and_allowed(default_params_dict, dotted, value, e
     ("prepare.classification.image_size", [64], "image_size = [64]: expected a list of 2"),
     ("models.mlp.train", 5, "models.mlp.train = 5: expected a mapping"),
     ("seed", True, "seed = True: expected an integer"),
+    ("models.mlp.train.epochs", "3", "epochs = '3': expected an integer >= 1 and <= 10000"),
+    ("models.mlp.train.jit_compile", "yes",
+     "jit_compile = 'yes': expected true or false or one of 'auto'"),
+    ("models.mlp.train.cache_limit_mb", 1.0, "cache_limit_mb = 1.0: expected an integer"),
+    ("tracking.uri", "", "tracking.uri = '': expected a non-empty string or null"),
+    ("models.mlp.family", None, "models.mlp.family = None: expected a non-empty string"),
+    ("prepare.segmentation.mask_values", {"cell": 255},
+     "prepare.segmentation.mask_values.cell: key 'cell' is not allowed: expected a valid "
+     "integer"),
 ])
 def test_wrong_type_names_key_value_and_type(default_params_dict, dotted, value, expected):
     assert expected in _error(_with(default_params_dict, dotted, value))
@@ -74,6 +87,8 @@ def test_wrong_type_names_key_value_and_type(default_params_dict, dotted, value,
     ("models.mlp.architecture.hidden_units", [], "hidden_units = []: expected at least 1"),
     ("prepare.classification.image_size", [4, 64], "expected every value >= 8"),
     ("models.mlp.train.learning_rate", float("nan"), "expected a finite number"),
+    ("models.mlp.train.learning_rate", -1, "learning_rate = -1.0: expected a value > 0"),
+    ("augment.detection.scale", [0, 1], "scale = [0.0, 1.0]: expected every value > 0"),
 ])
 def test_out_of_range_names_key_value_and_range(default_params_dict, dotted, value, expected):
     assert expected in _error(_with(default_params_dict, dotted, value))
@@ -118,7 +133,7 @@ def test_model_task_needs_a_prepare_section(default_params_dict):
       "export.formats": ["tflite"]},
      "export.parity.onnx: missing; models.vgg.export_formats lists onnx"),
     ({"export.parity.coreml": {"max_abs_diff": 1e-4, "min_agreement": 0.99}},
-     "export.parity.coreml: unknown format; allowed: keras, saved_model, tflite, "
+     "export.parity.coreml: unknown key; known: keras, saved_model, tflite, "
      "tflite_dynamic, tflite_int8, onnx"),
     ({"export.formats": ["tflite", "onnx", "tflite"]},
      "export.formats = ['tflite', 'onnx', 'tflite']: a format is listed twice"),
@@ -150,7 +165,7 @@ def test_model_task_needs_a_prepare_section(default_params_dict):
     ({"models.vgg.train.monitor": "val_mean_iou"},
      "models.vgg.train.monitor = 'val_mean_iou': expected val_loss or val_accuracy"),
     ({"models.unet.export_parity.coreml": {"max_abs_diff": 1e-4, "min_agreement": 0.99}},
-     "models.unet.export_parity.coreml: unknown format"),
+     "models.unet.export_parity.coreml: unknown key; known: keras"),
     ({"models.unet.architecture.upsampling": "nearest"},
      "models.unet.architecture.upsampling = 'nearest': expected one of 'transpose', "
      "'bilinear'"),

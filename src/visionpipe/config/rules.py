@@ -1,0 +1,134 @@
+"""Checks across fields and sections of params.yaml, and the per-task rules.
+
+The schema checks each value on its own (type, range, known keys); these run on the parsed
+:class:`~visionpipe.config.schema.Params` and need more than one value to decide.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from visionpipe.config.schema import Params, PrepareConfig
+from visionpipe.errors import ParamsError
+
+# Segmentation catalog datasets whose mask values are known: value -> class name.
+KNOWN_MASK_VALUES = {"oxford_iiit_pet": {1: "pet", 2: "background", 3: "border"}}
+
+
+def _fail(path: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ParamsError(f"params.yaml: {path} = {value!r}: expected {allowed}")
+
+
+def check_params(params: Params) -> None:
+    """Every rule below; raises ParamsError naming the key on the first broken one."""
+    _check_tracking(params)
+    for task, cfg in params.prepare.items():
+        _check_prepare(task, cfg)
+    _check_models(params)
+
+
+def _check_tracking(params: Params) -> None:
+    uri = params.tracking.uri or ""
+    if "@" in uri.partition("://")[2].partition("/")[0]:
+        raise ParamsError("params.yaml: tracking.uri: holds credentials (user@ or "
+                          "user:password@); params are committed and logged, so put them in "
+                          "the environment instead: MLFLOW_TRACKING_USERNAME and "
+                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), and give the "
+                          "URI without them")
+
+
+def _check_prepare(task: str, cfg: PrepareConfig) -> None:
+    """Which sources, resize modes and task-specific fields a task's data section allows."""
+    key = f"prepare.{task}"
+    if cfg.source == "tfds" and not cfg.tfds_name:
+        raise ParamsError(f"params.yaml: {key}.tfds_name = None: expected a TFDS catalog "
+                          "name (e.g. mnist) when source is 'tfds'")
+    if cfg.source == "folder" and task != "classification":
+        raise ParamsError(f"params.yaml: {key}.source = 'folder': class folders give "
+                          f"labels only, task '{task}' needs "
+                          + ("masks" if task == "segmentation" else "boxes"))
+    if cfg.source == "pairs" and task != "segmentation":
+        raise ParamsError(f"params.yaml: {key}.source = 'pairs': image/mask pairs are "
+                          f"segmentation data, not {task}")
+    if cfg.source == "voc" and task != "detection":
+        raise ParamsError(f"params.yaml: {key}.source = 'voc': PASCAL VOC boxes are "
+                          f"detection data, not {task}")
+    if cfg.class_names is not None and cfg.source != "voc":
+        _fail(f"{key}.class_names", list(cfg.class_names), "null: a class list is read "
+              "from the data for sources other than voc")
+    if task == "detection" and cfg.resize == "crop":
+        _fail(f"{key}.resize", cfg.resize, "'pad' (letterbox, keeps the aspect ratio) or "
+              "'stretch' for detection: a crop would cut boxes")
+    if task == "segmentation":
+        _check_segmentation_data(key, cfg)
+    elif cfg.crop_size is not None:
+        _fail(f"{key}.crop_size", list(cfg.crop_size), "null: crops are for segmentation")
+    elif cfg.mask_values is not None:
+        _fail(f"{key}.mask_values", cfg.mask_values, "null: masks are for segmentation")
+    if cfg.source == "shapes":
+        for split in ("train", "val", "test"):
+            n = getattr(cfg.splits, split)
+            if n != int(n) or n < 1:
+                raise ParamsError(f"params.yaml: {key}.splits.{split} = {n!r}: expected a "
+                                  "whole number of examples >= 1 for source 'shapes'")
+
+
+def _check_segmentation_data(key: str, cfg: PrepareConfig) -> None:
+    if cfg.source in ("pairs", "tfds") and not cfg.mask_values and not (
+            cfg.source == "tfds" and cfg.tfds_name in KNOWN_MASK_VALUES):
+        raise ParamsError(f"params.yaml: {key}.mask_values = None: expected a mapping "
+                          "of mask pixel value to class name, e.g. {255: cell, "
+                          "0: membrane}")
+    if cfg.mask_values is not None:
+        bad = [v for v in cfg.mask_values if not 0 <= v <= 255]
+        if bad:
+            _fail(f"{key}.mask_values", cfg.mask_values,
+                  f"8-bit mask values 0..255 as keys (found {bad})")
+        if len(set(cfg.mask_values.values())) != len(cfg.mask_values):
+            _fail(f"{key}.mask_values", cfg.mask_values, "a different class name "
+                  "for each value")
+    if cfg.resize != "stretch":
+        _fail(f"{key}.resize", cfg.resize, "'stretch' for segmentation (pad and crop "
+              "would need an ignore label for the added mask pixels)")
+    if cfg.crop_size is not None and any(
+            c > s for c, s in zip(cfg.crop_size, cfg.image_size, strict=True)):
+        _fail(f"{key}.crop_size", list(cfg.crop_size),
+              f"at most image_size ({list(cfg.image_size)}) in each dimension")
+
+
+def _check_models(params: Params) -> None:
+    """Training values that depend on each other or on the task, and export coverage."""
+    for name, model in params.models.items():
+        t = model.train
+        if t.min_learning_rate > t.learning_rate:
+            raise ParamsError(f"params.yaml: models.{name}.train.min_learning_rate = "
+                              f"{t.min_learning_rate!r}: expected at most learning_rate "
+                              f"({t.learning_rate!r})")
+        if t.lr_schedule == "warmup_cosine" and t.warmup_epochs >= t.epochs:
+            raise ParamsError(f"params.yaml: models.{name}.train.warmup_epochs = "
+                              f"{t.warmup_epochs!r}: expected fewer than epochs ({t.epochs}) "
+                              "so the cosine part has steps")
+        if model.task != "segmentation":
+            key = f"models.{name}.train"
+            if t.loss != "cross_entropy":
+                _fail(f"{key}.loss", t.loss, f"'cross_entropy' for a {model.task} model "
+                      "(dice and ce_dice are segmentation losses)")
+            if t.class_weights is not None:
+                _fail(f"{key}.class_weights", list(t.class_weights),
+                      f"null for a {model.task} model (class weights apply to segmentation)")
+            if t.monitor == "val_mean_iou":
+                _fail(f"{key}.monitor", t.monitor, f"val_loss or val_accuracy for a "
+                      f"{model.task} model (val_mean_iou is segmentation's)")
+        formats = params.export_formats(name)
+        where = f"models.{name}.export_formats" if model.export_formats else "export.formats"
+        if len(set(formats)) != len(formats):
+            raise ParamsError(f"params.yaml: {where} = {list(formats)}: a format is listed "
+                              "twice; list each once")
+        for fmt in formats:
+            if fmt not in params.export.parity and fmt not in model.export_parity:
+                raise ParamsError(f"params.yaml: export.parity.{fmt}: missing; {where} "
+                                  f"lists {fmt}, so give its max_abs_diff and min_agreement")
+        if model.task not in params.prepare:
+            raise ParamsError(f"params.yaml: models.{name}.task = {model.task!r}: no "
+                              f"prepare.{model.task} section says where its data comes from")
