@@ -183,7 +183,7 @@ def test_shapes_split_sizes_are_counts(default_params_dict):
 
 
 def test_unknown_model_name_lists_known(repo_root):
-    with pytest.raises(ParamsError, match="models.nope: no such model; known: mlp"):
+    with pytest.raises(ParamsError, match=r"models\.nope: no such model; known: mlp"):
         load_params(repo_root / "params.yaml").model("nope")
 
 
