@@ -67,7 +67,7 @@ def test_evaluate_metrics_equal_a_recomputation_from_the_saved_model(detection_r
 
 @pytest.mark.slow
 def test_evaluate_writes_curves_confusion_and_gallery(detection_run):
-    params, layout = detection_run
+    _, layout = detection_run
     out = layout.plots("yolo")
     for name in ("pr_curve.png", "f1_curve.png", "confusion.png", "misclassified.png",
                  "learning_curves.png"):

@@ -18,8 +18,13 @@ import yaml
 from tests.helpers import TINY_MODEL as MODEL
 from tests.helpers import child_env, free_port, prepare_project, tiny_params
 from visionpipe.config import parse_params
-from visionpipe.distribute import (WORKER_DIR_ENV, Distribution, make_distribution,
-                                   output_root, worker_params)
+from visionpipe.distribute import (
+    WORKER_DIR_ENV,
+    Distribution,
+    make_distribution,
+    output_root,
+    worker_params,
+)
 from visionpipe.errors import ParamsError
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model

@@ -19,11 +19,10 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 
+from tests.helpers import EPOCHS, SPLITS, child_env, copy_repo, mlflow_server, rest, run, shrink
 from visionpipe.console import NOISE
 from visionpipe.data import records
 from visionpipe.models.saving import load_model
-
-from tests.helpers import EPOCHS, SPLITS, child_env, copy_repo, mlflow_server, rest, run, shrink
 
 pytestmark = pytest.mark.slow
 

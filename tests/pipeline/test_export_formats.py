@@ -165,10 +165,10 @@ def test_in_graph_resize_matches_prepare_within_one_level(policy):
 
 
 def test_missing_format_and_missing_export_say_what_to_do(tmp_path):
-    with pytest.raises(ModelError, match="not a visionpipe export.*dvc pull"):
+    with pytest.raises(ModelError, match=r"not a visionpipe export.*dvc pull"):
         read_meta(tmp_path)
     (tmp_path / "export.json").write_text(json.dumps({"formats": {"tflite": {}}}))
-    with pytest.raises(ModelError, match="format onnx was not exported.*has: tflite"):
+    with pytest.raises(ModelError, match=r"format onnx was not exported.*has: tflite"):
         open_runner(tmp_path, "onnx")
 
 
@@ -178,8 +178,8 @@ def test_onnx_without_tf2onnx_is_a_clear_error(project, tmp_path, monkeypatch):
     data = _as_dict(params)
     data["export"]["formats"] = ["onnx"]
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as if it were not installed
-    with pytest.raises(ModelError, match="export.formats lists onnx but tf2onnx is not "
-                                         "installed: `pip install tf2onnx onnxruntime`"):
+    with pytest.raises(ModelError, match=r"export\.formats lists onnx but tf2onnx is not "
+                                         r"installed: `pip install tf2onnx onnxruntime`"):
         export._export(parse_params(data), "mlp", layout, tmp_path)
 
 

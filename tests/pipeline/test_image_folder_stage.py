@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 
-from visionpipe.data import records
-
 from tests.helpers import copy_repo, run
+from visionpipe.data import records
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,8 @@ import urllib.request
 
 import pytest
 
-from visionpipe.headline import headline
-
 from tests.helpers import EPOCHS, copy_repo, mlflow_server, rest, run, shrink
+from visionpipe.headline import headline
 
 pytestmark = pytest.mark.slow
 

@@ -16,6 +16,7 @@ from visionpipe.config import parse_params
 from visionpipe.layout import Layout
 from visionpipe.plots import read_history
 
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, default_params_dict) -> Layout:
     return prepare_project(tmp_path_factory.mktemp("precision"), tiny_params(default_params_dict))

@@ -21,8 +21,8 @@ import pytest
 import tensorflow_datasets as tfds
 import yaml
 
-from tests.helpers import tfds_local_copy
 import visionpipe
+from tests.helpers import tfds_local_copy
 from visionpipe.config import parse_params
 from visionpipe.data import records
 from visionpipe.errors import DataError, ParamsError, SourceUnavailableError

@@ -58,8 +58,8 @@ def test_prepared_boxes_tightly_enclose_their_objects(tmp_path, policy):
             assert ex.image.shape == (64, 64, 3)
             _, rects = PHOTOS[ex.id]
             assert [manifest["class_names"][i] for i in ex.box_labels] == [r[4] for r in rects]
-            for box, rect in zip(ex.boxes, rects, strict=True):
-                x0, y0, x1, y1 = (int(round(v)) for v in box)
+            for box, _rect in zip(ex.boxes, rects, strict=True):
+                x0, y0, x1, y1 = (round(v) for v in box)
                 # Every pixel well inside the box is the object's (white)...
                 assert ex.image[y0 + 1:y1 - 1, x0 + 1:x1 - 1].min() > 200, (ex.id, box)
                 # ...and the white pixels around it end within one pixel of its edges.

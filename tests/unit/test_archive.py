@@ -103,7 +103,7 @@ def test_a_truncated_or_fake_archive_is_a_clear_error(tmp_path):
     fake.write_bytes(b"not a tar at all")
     with pytest.raises(DataError, match=r"fake.tar.gz: cannot be extracted \(ReadError"):
         archive.safe_extract(fake, tmp_path / "out2")
-    with pytest.raises(DataError, match="missing.zip: archive not found"):
+    with pytest.raises(DataError, match=r"missing\.zip: archive not found"):
         archive.source_folder("missing.zip", tmp_path)
 
 

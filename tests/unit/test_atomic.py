@@ -51,11 +51,10 @@ def test_a_writer_killed_mid_write_leaves_the_previous_file_whole(tmp_path):
 def test_an_exception_while_writing_keeps_the_old_file_and_removes_the_temporary(tmp_path):
     target = tmp_path / "model.keras"
     target.write_bytes(b"old model")
-    with pytest.raises(RuntimeError):
-        with atomic.atomic_path(target) as tmp:
-            assert tmp.suffix == ".keras" and tmp.parent == tmp_path  # same folder and format
-            tmp.write_bytes(b"half")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic.atomic_path(target) as tmp:
+        assert tmp.suffix == ".keras" and tmp.parent == tmp_path  # same folder and format
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
     assert target.read_bytes() == b"old model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
 

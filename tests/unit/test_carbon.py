@@ -174,13 +174,13 @@ def test_combine_sums_and_joins_modes():
 
 def test_read_report_missing_or_corrupt(tmp_path):
     missing = tmp_path / "nope" / "train.json"
-    with pytest.raises(DataError, match="nope/train.json"):
+    with pytest.raises(DataError, match=r"nope/train\.json"):
         read_report(missing)
     corrupt = tmp_path / "train.json"
     corrupt.write_text('{"stage": "train", "status": ')
-    with pytest.raises(DataError, match="train.json"):
+    with pytest.raises(DataError, match=r"train\.json"):
         read_report(corrupt)
     incomplete = tmp_path / "evaluate.json"
     incomplete.write_text('{"stage": "evaluate"}')
-    with pytest.raises(DataError, match="evaluate.json.*status"):
+    with pytest.raises(DataError, match=r"evaluate\.json.*status"):
         read_report(incomplete)

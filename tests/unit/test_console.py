@@ -107,7 +107,7 @@ def test_summary_has_a_row_per_model_from_the_committed_reports():
     assert table[0].split() == ["model", "task", "metric", "score", "baseline", "params",
                                 "latency_ms", "co2_g", "train_s", "epochs", "export"]
     assert [line.split()[0] for line in table[1:]] == names
-    for name, line in zip(names, table[1:]):
+    for name, line in zip(names, table[1:], strict=True):
         metrics = json.loads((REPO / f"reports/metrics/{name}.json").read_text())
         export = json.loads((REPO / f"reports/export/{name}.json").read_text())
         cells = line.split()

@@ -10,8 +10,7 @@ import tensorflow as tf
 from visionpipe.data import records
 from visionpipe.data.example import Example
 from visionpipe.data.pipeline import model_dataset
-from visionpipe.tasks.detection import confusion, errors_per_image, match_share
-from visionpipe.tasks.registry import task_for
+from visionpipe.tasks.detection import DetectionTask, confusion, errors_per_image, match_share
 
 
 def _truth(boxes, classes):
@@ -47,7 +46,7 @@ def test_evaluate_ignores_difficult_boxes():
 
     found_one = [_pred([[0, 0, 10, 10]], [0], [0.9])]
     truth = _truth([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0])
-    task, cfg = task_for("yolo", "detection"), EvaluateConfig()
+    task, cfg = DetectionTask(), EvaluateConfig()
     regular = task.evaluate([truth], found_one, ["a"], cfg)
     flagged = task.evaluate([{**truth, "difficult": np.array([False, True])}], found_one,
                             ["a"], cfg)
@@ -75,10 +74,8 @@ def test_batches_pad_box_lists_with_minus_one(tmp_path):
     records.write_manifest(tmp_path, {"task": "detection", "class_names": ["a", "b"],
                                       "image_size": [32, 32],
                                       "splits": {"train": {"count": count, "shards": shards}}})
-    task = task_for("yolo", "detection")
-    batches = list(model_dataset(tmp_path, "train", task.to_model_io(2), 3,
-                                 padding=task.padding_values()))
-    (x1, y1), (x2, y2) = batches
+    batches = list(model_dataset(tmp_path, "train", DetectionTask().to_model_io(2), 3))
+    (x1, y1), (_, y2) = batches
     assert x1.shape == (3, 32, 32, 3) and x1.dtype == tf.float32
     assert y1["boxes"].shape == (3, 3, 4) and y1["classes"].shape == (3, 3)
     np.testing.assert_array_equal(y1["classes"].numpy(), [[-1, -1, -1], [0, -1, -1],

@@ -164,7 +164,7 @@ def test_hymenoptera_copy_with_a_corrupt_file_reports_its_path(datasets_dir, tmp
     shutil.copytree(datasets_dir / "hymenoptera", root)
     victim = sorted((root / "bees").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:300])  # truncated JPEG
-    names, examples, skipped = load_folder(root, (32, 32), "crop", shown_root="hymenoptera")
+    _, examples, skipped = load_folder(root, (32, 32), "crop", shown_root="hymenoptera")
     assert len(examples) == 244
     assert [s.path for s in skipped] == [f"hymenoptera/bees/{victim.name}"]
     assert skipped[0].reason.startswith("corrupt or truncated image")

@@ -80,9 +80,8 @@ def _stage_runs(tree: ast.Module, run_helpers: frozenset[str] = frozenset()) -> 
                 local = alias.asname or alias.name
                 if node.module == "visionpipe.stages":
                     stages.add(local)
-                elif node.module.startswith("visionpipe.stages.") and alias.name == "run":
-                    runs.add(local)
-                elif node.module == HELPERS and alias.name in run_helpers:
+                elif ((node.module.startswith("visionpipe.stages.") and alias.name == "run")
+                      or (node.module == HELPERS and alias.name in run_helpers)):
                     runs.add(local)
         elif isinstance(node, ast.Import):
             for alias in node.names:

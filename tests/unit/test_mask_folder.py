@@ -166,7 +166,7 @@ def test_unreadable_files_are_skipped_with_their_pair(datasets_dir, tmp_path):
     (root / "images" / "notes.txt").write_text("not an image")
     (root / "images" / ".DS_Store").write_bytes(b"\0\0")
     (root / "masks" / "extra").mkdir()
-    names, examples, skipped = load_pairs(root, MEMBRANE, shown_root="ds")
+    _, examples, skipped = load_pairs(root, MEMBRANE, shown_root="ds")
     assert [ex.id for ex in examples] == ["2", "3"]
     by_path = {s.path: s.reason for s in skipped}
     assert set(by_path) == {"ds/images/0.png", "ds/masks/1.png", "ds/images/notes.txt",
@@ -363,7 +363,8 @@ def test_fuzz_random_mask_values_map_or_list_exactly_the_unexpected(mask, allowe
         root = Path(tmp)
         _pair(root, "m", mask)
         values, counts = np.unique(mask, return_counts=True)
-        unexpected = {int(v): int(n) for v, n in zip(values, counts) if int(v) not in mapping}
+        unexpected = {int(v): int(n) for v, n in zip(values, counts, strict=True)
+                      if int(v) not in mapping}
         if not unexpected:
             names, examples, skipped = load_pairs(root, mapping)
             assert names == [f"c{v}" for v in allowed] and skipped == []

@@ -11,8 +11,13 @@ import tensorflow as tf
 from visionpipe.config import TrainConfig
 from visionpipe.data.sources.shapes import CLASS_NAMES, generate_example
 from visionpipe.errors import ModelError, ParamsError
-from visionpipe.models.registry import (Family, create_model, get_family, known_families,
-                                        parse_architecture)
+from visionpipe.models.registry import (
+    Family,
+    create_model,
+    get_family,
+    known_families,
+    parse_architecture,
+)
 from visionpipe.models.saving import load_model
 from visionpipe.stages.evaluate import flops_per_image
 from visionpipe.stages.train import compile_model

@@ -74,7 +74,7 @@ def test_missing_manifest_names_path(tmp_path):
 
 def test_broken_manifest_names_path(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(DataError, match="manifest.json: not valid JSON"):
+    with pytest.raises(DataError, match=r"manifest\.json: not valid JSON"):
         records.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"task": "x"}))
     with pytest.raises(DataError, match="missing keys class_names, image_size"):

@@ -13,8 +13,14 @@ from visionpipe.data.example import Example
 from visionpipe.data.sources.shapes import generate
 from visionpipe.errors import DataError
 from visionpipe.stages.prepare import crops, remap_mask
-from visionpipe.tasks.segmentation import (SegmentationLoss, SegmentationTask, mean_iou,
-                                           segmentation_metrics, sliding_window, tile_starts)
+from visionpipe.tasks.segmentation import (
+    SegmentationLoss,
+    SegmentationTask,
+    mean_iou,
+    segmentation_metrics,
+    sliding_window,
+    tile_starts,
+)
 
 NAMES = ["bg", "a", "b"]
 

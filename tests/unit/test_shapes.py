@@ -30,7 +30,7 @@ def wide_examples() -> list:
 def _instance_areas(example: shapes.Example) -> list[int]:
     """Return each box's pixel count of its own class inside the box."""
     areas = []
-    for (x0, y0, x1, y1), label in zip(example.boxes.astype(int), example.box_labels):
+    for (x0, y0, x1, y1), label in zip(example.boxes.astype(int), example.box_labels, strict=True):
         areas.append(int((example.mask[y0:y1, x0:x1] == label + 1).sum()))
     return areas
 
@@ -105,7 +105,8 @@ def test_dtypes_and_shapes(size: tuple[int, int]) -> None:
 def test_boxes_tightly_enclose_their_shape(examples: list, wide_examples: list) -> None:
     for example in examples + wide_examples:
         total = 0
-        for (x0, y0, x1, y1), label in zip(example.boxes.astype(int), example.box_labels):
+        for (x0, y0, x1, y1), label in zip(example.boxes.astype(int), example.box_labels,
+                                           strict=True):
             assert x1 > x0 and y1 > y0
             inside = example.mask[y0:y1, x0:x1] == label + 1
             rows = np.flatnonzero(inside.any(axis=1))
@@ -160,7 +161,8 @@ def test_background_is_textured_and_images_differ(examples: list) -> None:
 def test_shapes_contrast_with_their_surroundings(examples: list) -> None:
     for example in examples[:100]:
         height, width = example.mask.shape
-        for (x0, y0, x1, y1), label in zip(example.boxes.astype(int), example.box_labels):
+        for (x0, y0, x1, y1), label in zip(example.boxes.astype(int), example.box_labels,
+                                           strict=True):
             # Background pixels in a ring just outside the box.
             ya, yb = max(y0 - 3, 0), min(y1 + 3, height)
             xa, xb = max(x0 - 3, 0), min(x1 + 3, width)
@@ -233,7 +235,7 @@ def test_tfds_round_trip(tmp_path, size: tuple[int, int]) -> None:
     expected = list(shapes.generate(2, "train", 8, size))
     records = list(tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False)))
     assert len(records) == len(expected)
-    for record, example in zip(records, expected):
+    for record, example in zip(records, expected, strict=True):
         assert record["image"].tobytes() == example.image.tobytes()
         assert record["segmentation_mask"].shape == (height, width, 1)
         assert record["segmentation_mask"][..., 0].tobytes() == example.mask.tobytes()

@@ -13,8 +13,13 @@ import pytest
 
 from visionpipe.config import TrainConfig
 from visionpipe.models.saving import load_model
-from visionpipe.stages.checkpoints import (STATE_FILE, Checkpoints, EpochCheckpoint,
-                                           ResumableEarlyStopping, restore_weights)
+from visionpipe.stages.checkpoints import (
+    STATE_FILE,
+    Checkpoints,
+    EpochCheckpoint,
+    ResumableEarlyStopping,
+    restore_weights,
+)
 from visionpipe.stages.train import Diverged, DivergenceGuard, divergence_message
 
 

@@ -366,7 +366,7 @@ def test_each_annotation_problem_is_named(tmp_path, xml, fragment):
 
 
 def test_unreadable_annotation_path_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="missing.xml: cannot read the annotation file"):
+    with pytest.raises(DataError, match=r"missing\.xml: cannot read the annotation file"):
         parse_annotation(tmp_path / "missing.xml")
     with pytest.raises(DataError, match="cannot read the annotation file"):
         parse_annotation(tmp_path)  # a folder
@@ -381,7 +381,7 @@ def test_declared_encodings_are_honoured(tmp_path):
     for name in ("utf16.xml", "latin1.xml"):
         assert parse_annotation(tmp_path / name).objects[0].name == "racoón"
     (tmp_path / "bad.xml").write_bytes(b'<?xml version="1.0" encoding="no-such"?><annotation/>')
-    with pytest.raises(DataError, match="bad.xml: malformed XML"):
+    with pytest.raises(DataError, match=r"bad\.xml: malformed XML"):
         parse_annotation(tmp_path / "bad.xml")
 
 
@@ -420,7 +420,7 @@ def test_entities_and_external_references_are_refused(tmp_path, xml):
     (root / "annotations").mkdir()
     Image.new("RGB", (10, 8)).save(root / "images" / "evil.png")
     shutil.copy(path, root / "annotations" / "evil.xml")
-    with pytest.raises(DataError, match="ds/annotations/evil.xml: .*refused for safety"):
+    with pytest.raises(DataError, match=r"ds/annotations/evil\.xml: .*refused for safety"):
         _load(root)
 
 

@@ -17,7 +17,7 @@ def load_model(path: Path) -> keras.Model:
     _register_keras_cv(path)
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
-    except Exception as exc:  # keras raises ValueError, TypeError, ... for unsafe files
+    except Exception as exc:  # noqa: BLE001 - keras raises ValueError, TypeError, ... for unsafe files
         msg = " ".join(str(exc).split())[:300]
         raise ModelError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {msg}); "
                          "retrain it with `dvc repro`") from None
