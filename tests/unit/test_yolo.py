@@ -92,8 +92,8 @@ def test_nms_from_params_bounds_what_is_kept(tiny, images):
         assert (len(det["scores"]) == 0) == (top < 0.999)
 
 
-# Saving and loading (safe mode) is checked by export's keras format in
-# test_detection_task.py: the reloaded file's raw outputs must equal the model's exactly.
+# Saving and loading (safe mode) is checked for every family in test_models.py, and by
+# export's keras format in tests/pipeline/test_detection_stages.py.
 
 
 @pytest.mark.parametrize("hw, policy", [((50, 80), "pad"), ((90, 40), "pad"),
