@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from visionpipe.config import Params
+from visionpipe.cost import cores
 from visionpipe.layout import Layout
 
 TARGETS = {
@@ -137,9 +138,9 @@ def matmul_peak(sizes: tuple[int, ...], repeats: int, seconds: float) -> dict:
 
 
 def flops(model, input_shape: tuple[int, ...]) -> dict:
-    """Forward FLOPs per image (the TF profiler count of evaluate.flops_per_image) and the
+    """Forward FLOPs per image (the TF profiler count of cost.flops_per_image) and the
     training FLOPs per image, 3x forward (CONVENTIONS)."""
-    from visionpipe.stages.evaluate import flops_per_image
+    from visionpipe.cost import flops_per_image
 
     forward = int(flops_per_image(model, tuple(input_shape)))
     return {"forward_per_image": forward, "training_per_image": 3 * forward}
@@ -303,10 +304,12 @@ def subset_split(src: Path, split: str, count: int, dst: Path) -> int:
     return n
 
 
-def naive_dataset(data_dir: Path, io, batch_size: int, shuffle_buffer: int, seed: int):
+def naive_dataset(data_dir: Path, io, batch_size: int, shuffle_buffer: int, seed: int,
+                  padding=None):
     """A keras-io style pipeline: parse and decode every record every epoch with plain
     ``map`` (no num_parallel_calls), shuffle, batch; no cache, no prefetch. tf.data's
-    default options apply, as they would to such a script."""
+    default options apply, as they would to such a script. ``padding``: the task's
+    padding_values()."""
     import tensorflow as tf
 
     from visionpipe.data.pipeline import parse_record
@@ -314,7 +317,6 @@ def naive_dataset(data_dir: Path, io, batch_size: int, shuffle_buffer: int, seed
 
     ds = tf.data.TFRecordDataset([str(p) for p in shard_paths(data_dir, "train")])
     ds = ds.map(parse_record).map(io).shuffle(shuffle_buffer, seed=seed)
-    padding = getattr(io, "padding_values", None)
     return (ds.batch(batch_size) if padding is None
             else ds.padded_batch(batch_size, padding_values=padding))
 
@@ -386,16 +388,17 @@ def build(params: Params, name: str, input_shape: tuple[int, int, int], num_clas
           steps_per_epoch: int):
     """The model of ``name`` built and compiled as the train stage does (random weights)."""
     from visionpipe.models.registry import create_model, parse_architecture
-    from visionpipe.stages.train import compile_model, dtype_policy, make_optimizer
-    from visionpipe.tasks import get_task
+    from visionpipe.tasks.registry import task_for
+    from visionpipe.training import dtype_policy, make_optimizer
 
     cfg = params.model(name)
     architecture = parse_architecture(cfg.family, cfg.architecture,
                                       f"models.{name}.architecture")
     with dtype_policy(cfg.train.precision):
         model = create_model(cfg.family, input_shape, num_classes, architecture)
-        compile_model(model, get_task(cfg.task), make_optimizer(cfg.train, steps_per_epoch),
-                      cfg.train, architecture, num_classes)
+        task_for(cfg.family, cfg.task).compile(
+            model, make_optimizer(cfg.train, steps_per_epoch), cfg.train, architecture,
+            num_classes)
     return model
 
 
@@ -436,22 +439,23 @@ def _inference(params: Params, name: str, layout: Layout, model, size, class_nam
     """Keras, SavedModel and TFLite images/s at batch 1 and at the eval batch."""
     import tensorflow as tf
 
+    from visionpipe.cost import to_numpy
     from visionpipe.data import records
+    from visionpipe.data.pipeline import test_arrays
+    from visionpipe.formats import FIXED_SIGNATURE, WRITERS, write_saved_model
     from visionpipe.serving import SavedModelRunner, TFLiteRunner
-    from visionpipe.stages import export
-    from visionpipe.stages.evaluate import _to_numpy, test_arrays
-    from visionpipe.tasks import get_task
+    from visionpipe.tasks.registry import task_for
 
     cfg = params.model(name)
-    task = get_task(cfg.task)
-    images, _, _ = test_arrays(layout.prepared(cfg.task), task)
+    task = task_for(cfg.family, cfg.task)
+    images, _, _ = test_arrays(layout.prepared(cfg.task), task.targets)
     images = images[:, :size[0], :size[1]]
     big = settings.inference_batch or params.evaluate.batch_size
     batches = {"batch_1": images[:1],
                "eval_batch": np.resize(images, (big, *images.shape[1:]))}
     out: dict = {}
     forward = tf.function(lambda x: model(x, training=False))
-    out["keras"] = {k: inference_rate(lambda x: _to_numpy(forward(x)), b,
+    out["keras"] = {k: inference_rate(lambda x: to_numpy(forward(x)), b,
                                       settings.inference_seconds, settings.repeats)
                     for k, b in batches.items()}
     out["keras"]["how"] = "tf.function of model(x, training=False), float32 input"
@@ -459,17 +463,16 @@ def _inference(params: Params, name: str, layout: Layout, model, size, class_nam
     formats = params.export_formats(name)
     manifest = records.read_manifest(layout.prepared(cfg.task))
     policy = manifest.get("resize") or params.prepare_for(cfg.task).resize
-    if hasattr(task, "configure_export"):  # a detector keeps what export.nms says
-        task.configure_export(model, params.export.nms)
+    model = task.export_model(model, params.export)
     archive = tmp / "saved_model"
     start = time.perf_counter()
-    export._archive(task, model, tuple(size), class_names, policy, archive)
+    write_saved_model(task, model, tuple(size), class_names, policy, archive)
     export_s = time.perf_counter() - start
-    runner = SavedModelRunner(archive, export.FIXED_SIGNATURE)
+    runner = SavedModelRunner(archive, FIXED_SIGNATURE)
     out["saved_model"] = {k: inference_rate(runner.predict, b.astype(np.uint8),
                                             settings.inference_seconds, settings.repeats)
                           for k, b in batches.items()}
-    out["saved_model"].update(how=f"signature {export.FIXED_SIGNATURE} (uint8 at the model's "
+    out["saved_model"].update(how=f"signature {FIXED_SIGNATURE} (uint8 at the model's "
                                   "size, raw scores; the TFLite source)",
                               export_seconds=export_s,
                               shipped="yes" if "saved_model" in formats else
@@ -481,7 +484,7 @@ def _inference(params: Params, name: str, layout: Layout, model, size, class_nam
     else:
         path = tmp / "model.tflite"
         start = time.perf_counter()
-        export.WRITERS["tflite"](path=path, archive=archive, representative=None)
+        WRITERS["tflite"](path=path, archive=archive, representative=None)
         convert_s = time.perf_counter() - start
         lite = TFLiteRunner(path)
         out["tflite"] = {k: inference_rate(lite.predict, b.astype(np.uint8),
@@ -496,12 +499,13 @@ def benchmark_model(params: Params, name: str, layout: Layout, settings: Setting
                     tmp: Path) -> dict:
     """Every per-model figure (module docstring) for ``name``."""
     from visionpipe.data import records
-    from visionpipe.stages.train import input_dataset, with_image_shape
-    from visionpipe.tasks import get_task
+    from visionpipe.data.pipeline import input_dataset, with_image_shape
+    from visionpipe.tasks.registry import task_for
 
     cfg = params.model(name)
     t = cfg.train
-    task = get_task(cfg.task)
+    task = task_for(cfg.family, cfg.task)
+    padding = task.padding_values()
     src = layout.augmented(cfg.task)
     manifest = records.read_manifest(src)
     names = manifest["class_names"]
@@ -516,14 +520,13 @@ def benchmark_model(params: Params, name: str, layout: Layout, settings: Setting
         "family": cfg.family, "task": cfg.task, "image_size": [h, w],
         "batch_size": t.batch_size, "train_images_per_epoch": images, "steps_per_epoch": steps,
         "train_split_images": int(manifest["counts"]["train"]),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cores": cores(),
         "train_params": {"cache": t.cache, "shuffle_buffer": t.shuffle_buffer,
                          "deterministic_input": t.deterministic_input,
                          "precision": t.precision, "jit_compile": t.jit_compile,
                          "distribute": t.distribute},
     }
-    ds, cache = input_dataset(data_dir, "train", io, t, params.seed, tmp)
+    ds, cache = input_dataset(data_dir, "train", io, t, params.seed, tmp, padding)
     result["train_params"]["cache_resolved"] = cache
     print(f"benchmark@{name}: input pipeline ({images} images)", flush=True)
     result["input_pipeline"] = input_pipeline(ds, settings.repeats)
@@ -533,8 +536,8 @@ def benchmark_model(params: Params, name: str, layout: Layout, settings: Setting
     result["train_params"]["jit_compile_resolved"] = bool(model.jit_compile)
     if t.distribute != "none":
         result["train_params"]["distribute_note"] = "the benchmark trains on one device"
-    ideal_ds, ideal_images = in_memory_dataset(ds, getattr(io, "padding_values", None))
-    naive = naive_dataset(data_dir, io, t.batch_size, t.shuffle_buffer, params.seed)
+    ideal_ds, ideal_images = in_memory_dataset(ds, padding)
+    naive = naive_dataset(data_dir, io, t.batch_size, t.shuffle_buffer, params.seed, padding)
     naive_s, _ = iterate(naive)
     result["naive_input_images_per_s"] = images / naive_s  # the naive dataset alone, 1 pass
     print(f"benchmark@{name}: warm-up epoch (tracing)", flush=True)
@@ -582,6 +585,7 @@ def benchmark_model(params: Params, name: str, layout: Layout, settings: Setting
     result["seconds"] = time.perf_counter() - started
     result["_model"] = model  # scaling reuses it; dropped before writing
     result["_io"] = io
+    result["_padding"] = padding
     return result
 
 
@@ -614,21 +618,22 @@ def scaling(params: Params, name: str, result: dict, settings: Settings, layout:
     """Epoch time of ``name`` at 1x, 2x and 4x ``settings.scaling_images`` train images
     (distinct records), and at 1x with the images resized to half their side."""
     from visionpipe.data import records
-    from visionpipe.stages.train import input_dataset
+    from visionpipe.data.pipeline import input_dataset
+    from visionpipe.tasks.registry import task_class
 
     cfg = params.model(name)
     t = cfg.train
     src = layout.augmented(cfg.task)
     available = int(records.read_manifest(src)["counts"]["train"])
     base = max(t.batch_size, min(settings.scaling_images, available // 4))
-    model, io = result["_model"], result["_io"]
+    model, io, padding = result["_model"], result["_io"], result["_padding"]
     out: dict = {"model": name, "base_images": base, "repeats": settings.repeats,
                  "how": "production pipeline + fit, the model already traced; one untimed "
                         "epoch first (cold cache)"}
     for k in (1, 2, 4):
         data = tmp / f"x{k}"
         images = subset_split(src, "train", base * k, data)
-        ds, _ = input_dataset(data, "train", io, t, params.seed, data)
+        ds, _ = input_dataset(data, "train", io, t, params.seed, data, padding)
         print(f"benchmark scaling: {name} at {k}x ({images} images)", flush=True)
         out[f"{k}x"] = timed_fit(model, ds, images, settings.repeats, warmup=1)
     out["epoch_time_2x_vs_1x"] = (out["2x"]["median_epoch_seconds"]
@@ -636,7 +641,7 @@ def scaling(params: Params, name: str, result: dict, settings: Settings, layout:
     out["epoch_time_4x_vs_1x"] = (out["4x"]["median_epoch_seconds"]
                                   / out["1x"]["median_epoch_seconds"])
     h, w = result["image_size"]
-    if cfg.task != "classification":
+    if not task_class(cfg.task).size_independent_targets:
         out["half_size"] = None
         out["half_size_reason"] = "image-size scaling needs targets that do not move with size"
         return out
@@ -744,14 +749,12 @@ def environment(layout: Layout) -> dict:
 
     from visionpipe.tracking.mlflow_runs import git_commit
 
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count())
     return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "git_commit": git_commit(layout.root),
             "python": platform.python_version(), "tensorflow": tf.__version__,
             "keras": keras.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cores_available": cores,
+            "cores_available": cores(),
             "gpus": [g.name for g in tf.config.list_physical_devices("GPU")],
             "loadavg_before": list(os.getloadavg())}
 
@@ -766,6 +769,7 @@ def run(params: Params, layout: Layout, models: list[str] | None = None,
     benchmark.png to ``output`` (default: ROOT/reports); return the report."""
     from visionpipe.errors import ParamsError
     from visionpipe.stages.common import set_seed
+    from visionpipe.tasks.registry import task_class
 
     models = list(models or params.models)
     unknown = [m for m in models if m not in params.models]
@@ -787,7 +791,8 @@ def run(params: Params, layout: Layout, models: list[str] | None = None,
         for name in models:
             results[name] = benchmark_model(params, name, layout, settings, tmp / name)
         scale_name = (settings.scaling_model if settings.scaling_model in results else next(
-            (m for m in models if params.model(m).task == "classification"), models[0]))
+            (m for m in models if task_class(params.model(m).task).size_independent_targets),
+            models[0]))
         report["scaling"] = scaling(params, scale_name, results[scale_name], settings,
                                     layout, tmp / "scaling")
     finally:

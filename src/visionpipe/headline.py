@@ -6,25 +6,24 @@ from __future__ import annotations
 from typing import Any
 
 from visionpipe.data.records import read_json
+from visionpipe.tasks.registry import task_class, task_names
 
-# Per task: the test metrics of reports/metrics/<model>.json that make its headline. The first
-# is the task's headline metric: the one models are ranked by (higher is better).
-TEST_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1"),
-    "segmentation": ("mean_iou", "mean_dice"),
-    "detection": ("map_50", "map_50_95"),
-}
+
+def test_metrics(task: str | None) -> tuple[str, ...]:
+    """The test metrics of reports/metrics/<model>.json that make ``task``'s headline
+    (``Task.headline_metrics``); none for a task no longer registered."""
+    return task_class(task).headline_metrics if task in task_names() else ()
 
 
 def primary(task: str) -> str:
     """The short name of ``task``'s headline test metric (higher is better)."""
-    return TEST_METRICS[task][0]
+    return test_metrics(task)[0]
 
 
-def baseline(test: dict) -> float | None:
+def baseline(test: dict, task: str) -> float | None:
     """What a trivial model scores on the headline metric, where evaluate measured one."""
-    base = test.get("baseline") or {}
-    value = base.get("accuracy") if "accuracy" in test else base.get("mean_iou")
+    names = test_metrics(task)
+    value = (test.get("baseline") or {}).get(names[0]) if names else None
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -39,7 +38,7 @@ def headline(metrics: dict) -> dict[str, float | int]:
     test = metrics.get("test", {})
     cost = metrics.get("cost", {})
     out: dict[str, float | int] = {}
-    for key in TEST_METRICS[task]:
+    for key in test_metrics(task):
         value = _num(test.get(key), 4)
         if value is not None:
             out[key] = value
@@ -61,7 +60,7 @@ def headline(metrics: dict) -> dict[str, float | int]:
 def test_figures(metrics: dict) -> dict[str, float | int]:
     """headline() with the task's test metrics named test_<name> (test_accuracy, ...), as
     MLflow's runs table and the registry's version tags show them."""
-    names = TEST_METRICS.get(metrics.get("task"), ())
+    names = test_metrics(metrics.get("task"))
     return {f"test_{k}" if k in names else k: v for k, v in headline(metrics).items()}
 
 
@@ -76,7 +75,7 @@ def summary_rows(layout, model_names) -> list[dict]:
         row: dict[str, Any] = {"model": name, "task": task, "family": meta.get("family")}
         if metrics:
             row.update(headline(metrics))
-            row["baseline"] = baseline(metrics.get("test", {}))
+            row["baseline"] = baseline(metrics.get("test", {}), task)
         if meta:
             row["epochs"] = meta.get("epochs")
             row["kept_epoch"] = meta.get("kept_epoch")
@@ -108,7 +107,7 @@ def summary_table(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         task = row.get("task")
-        metric = primary(task) if task in TEST_METRICS else None
+        metric = primary(task) if test_metrics(task) else None
         epochs = (f"{row['kept_epoch']}/{row['epochs']}"
                   if row.get("epochs") is not None else None)
         values = {"model": row["model"], "task": task, "metric": metric,

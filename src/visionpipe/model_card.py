@@ -14,6 +14,7 @@ from visionpipe import atomic
 from visionpipe.config import Params
 from visionpipe.data import records
 from visionpipe.layout import Layout
+from visionpipe.tasks.registry import task_class
 
 
 def _plain(value):
@@ -151,8 +152,8 @@ def render(params: Params, model_name: str, layout: Layout) -> str:
               f"dvc pull models/{model_name}/export   # the exported files, from the DVC remote",
               f"dvc repro export@{model_name}         # or rebuild them (and anything stale)",
               (f"visionpipe predict --model {model_name} --input my_images/ --output "
-               "predictions/" if export.get("task") == "classification" else
-               "# visionpipe predict runs classification exports so far; load "
+               "predictions/" if task_class(cfg.task).predicts_folders else
+               f"# visionpipe predict does not run {cfg.task} exports yet; load "
                f"models/{model_name}/export/saved_model with tf.saved_model.load"),
               "```", "",
               "## Limits", "",

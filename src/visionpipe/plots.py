@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 from visionpipe.atomic import atomic_path
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure to ``path`` atomically and close it."""
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100, bbox_inches="tight")
@@ -45,7 +46,7 @@ def learning_curves_png(history: dict[str, list[float]], path: Path) -> Path:
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_png(cm: np.ndarray, class_names: list[str], path: Path) -> Path:
@@ -62,7 +63,7 @@ def confusion_png(cm: np.ndarray, class_names: list[str], path: Path) -> Path:
         for j in range(n):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > top / 2 else "black")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def labelled_gallery_png(images: list[np.ndarray], captions: list[str], path: Path, *,
@@ -72,7 +73,7 @@ def labelled_gallery_png(images: list[np.ndarray], captions: list[str], path: Pa
         fig, ax = plt.subplots(figsize=(4, 1))
         ax.text(0.5, 0.5, empty, ha="center", va="center")
         ax.axis("off")
-        return _save(fig, path)
+        return save_figure(fig, path)
     columns = min(columns, len(images))
     rows = (len(images) + columns - 1) // columns
     width = 2.6 if images[0].shape[1] <= images[0].shape[0] * 1.5 else 4.2
@@ -85,7 +86,7 @@ def labelled_gallery_png(images: list[np.ndarray], captions: list[str], path: Pa
     for ax, image, caption in zip(axes.ravel(), images, captions, strict=False):
         ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
         ax.set_title(caption, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(tiles: list[np.ndarray], columns: int, path: Path, *, scale: int = 2,

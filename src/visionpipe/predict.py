@@ -19,6 +19,7 @@ from visionpipe.data import records
 from visionpipe.data.sources.image_folder import Skipped, load_image
 from visionpipe.errors import DataError, ModelError
 from visionpipe.serving import FILES, open_runner, predict_images, read_meta
+from visionpipe.tasks.registry import task_class, task_names
 
 PREDICTIONS_FILE = "predictions.json"
 
@@ -54,9 +55,11 @@ def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str
     """Predict every image under ``input_dir``; write predictions.json (one record per image,
     plus every skipped file with its reason) and, with ``render``, labelled copies."""
     meta = read_meta(export_dir)
-    if meta.get("task") != "classification":
-        raise ModelError(f"{export_dir}: a {meta.get('task')} export; predict handles "
-                         "classification exports so far")
+    task = meta.get("task")
+    if task not in task_names() or not task_class(task).predicts_folders:
+        able = [n for n in task_names() if task_class(n).predicts_folders]
+        raise ModelError(f"{export_dir}: a {task} export; predict handles "
+                         f"{', '.join(able)} exports so far")
     runner = open_runner(export_dir, fmt, meta)
     names, size, policy = meta["class_names"], tuple(meta["image_size"]), meta["resize"]
     images, used, skipped = [], [], []

@@ -14,11 +14,11 @@ from PIL import Image
 
 from visionpipe.config import EXPORT_FORMATS, parse_params
 from visionpipe.data import records
-from visionpipe.data.sources.image_folder import fit_to_size
 from visionpipe.errors import ModelError
+from visionpipe.geometry import fit_images, fit_to_size
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, get_family, known_families
-from visionpipe.serving import FILES, fit_images, open_runner, read_meta
+from visionpipe.serving import FILES, open_runner, read_meta
 from visionpipe.stages import export, prepare
 
 pytestmark = pytest.mark.slow

@@ -86,7 +86,7 @@ def test_mixed_float16_compiles_a_loss_scale_optimizer(default_params_dict):
     """Keras' compile wraps the optimizer when the model's policy is mixed_float16
     (keras/src/trainers/trainer.py); the stage builds the model under that policy."""
     from visionpipe.models.registry import create_model, parse_architecture
-    from visionpipe.stages.train import dtype_policy, make_optimizer
+    from visionpipe.training import dtype_policy, make_optimizer
 
     cfg = parse_params(tiny_params(default_params_dict, precision="mixed_float16")).model(MODEL)
     with dtype_policy(cfg.train.precision):

@@ -9,8 +9,8 @@ from PIL import Image
 
 from visionpipe.config import parse_params
 from visionpipe.data import records
-from visionpipe.data.sources.image_folder import fit_boxes, fit_to_size
 from visionpipe.errors import ParamsError
+from visionpipe.geometry import fit_boxes, fit_to_size
 from visionpipe.layout import Layout
 from visionpipe.stages import prepare
 

@@ -69,7 +69,7 @@ ALLOWED = {
         "into a temporary folder renamed into place when complete",
     ("stages/export.py", "_write_keras", "save"): "inside export's fresh_dir folder",
     ("stages/export.py", "write", "write_bytes"): "inside export's fresh_dir folder",
-    ("stages/checkpoints.py", "on_epoch_end", "save"):
+    ("checkpoints.py", "on_epoch_end", "save"):
         "Checkpoints.save, which writes through atomic_path",
     ("tracking/mlflow_runs.py", "_sqlite_creation_lock", "open"): "a lock file, never read",
     ("benchmark.py", "subset_split", "TFRecordWriter"):

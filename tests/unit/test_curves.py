@@ -16,9 +16,9 @@ from PIL import Image
 
 from visionpipe.config import EvaluateConfig
 from visionpipe.errors import DataError
-from visionpipe.tasks import detection_metrics
+from visionpipe.tasks import pr_curves
 from visionpipe.tasks.curves import one_vs_rest_curves
-from visionpipe.tasks.detection_metrics import (
+from visionpipe.tasks.pr_curves import (
     RECALL_POINTS,
     _step,
     f1_confidence_png,
@@ -222,7 +222,7 @@ def test_malformed_input_is_a_data_error(y, scores, message):
 
 def test_figure_wording_names_iou_only_when_there_is_one(tmp_path: Path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(detection_metrics, "_save", lambda fig, path: drawn.append(fig) or path)
+    monkeypatch.setattr(pr_curves, "save_figure", lambda fig, path: drawn.append(fig) or path)
     curves = one_vs_rest_curves(HAND_Y, HAND_SCORES, ["zero", "one"])
     pr_curve_png(curves, tmp_path / "pr.png", title="PR (one-vs-rest)")
     f1_confidence_png(curves, tmp_path / "f1.png")
@@ -231,7 +231,7 @@ def test_figure_wording_names_iou_only_when_there_is_one(tmp_path: Path, monkeyp
     assert pr_ax.get_legend_handles_labels()[1][-1].endswith(" mAP")
     assert f1_ax.get_title() == "F1-confidence curve"
     # detection curves keep their wording
-    detected = detection_metrics.PRCurves(**{**curves.__dict__, "iou_threshold": 0.5})
+    detected = pr_curves.PRCurves(**{**curves.__dict__, "iou_threshold": 0.5})
     pr_curve_png(detected, tmp_path / "pr.png")
     f1_confidence_png(detected, tmp_path / "f1.png")
     pr_ax, f1_ax = drawn[2].axes[0], drawn[3].axes[0]

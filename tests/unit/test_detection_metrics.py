@@ -28,12 +28,11 @@ from visionpipe.tasks.detection_metrics import (
     box_iou,
     coco_metrics,
     detection_metrics,
-    f1_confidence_png,
     match_detections,
-    pr_curve_png,
     pr_curves,
     xyxy_to_xywh,
 )
+from visionpipe.tasks.pr_curves import f1_confidence_png, pr_curve_png
 
 EXACT = 1e-12
 NAMES = ["a", "b", "c"]

@@ -10,7 +10,8 @@ import tensorflow as tf
 from visionpipe.data import records
 from visionpipe.data.example import Example
 from visionpipe.data.pipeline import model_dataset
-from visionpipe.tasks.detection import DetectionTask, confusion, errors_per_image, match_share
+from visionpipe.tasks.detection import confusion, errors_per_image, match_share
+from visionpipe.tasks.registry import task_for
 
 
 def _truth(boxes, classes):
@@ -46,7 +47,7 @@ def test_evaluate_ignores_difficult_boxes():
 
     found_one = [_pred([[0, 0, 10, 10]], [0], [0.9])]
     truth = _truth([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0])
-    task, cfg = DetectionTask(), EvaluateConfig()
+    task, cfg = task_for("yolo", "detection"), EvaluateConfig()
     regular = task.evaluate([truth], found_one, ["a"], cfg)
     flagged = task.evaluate([{**truth, "difficult": np.array([False, True])}], found_one,
                             ["a"], cfg)
@@ -74,7 +75,9 @@ def test_batches_pad_box_lists_with_minus_one(tmp_path):
     records.write_manifest(tmp_path, {"task": "detection", "class_names": ["a", "b"],
                                       "image_size": [32, 32],
                                       "splits": {"train": {"count": count, "shards": shards}}})
-    batches = list(model_dataset(tmp_path, "train", DetectionTask().to_model_io(2), 3))
+    task = task_for("yolo", "detection")
+    batches = list(model_dataset(tmp_path, "train", task.to_model_io(2), 3,
+                                 padding=task.padding_values()))
     (x1, y1), (_, y2) = batches
     assert x1.shape == (3, 32, 32, 3) and x1.dtype == tf.float32
     assert y1["boxes"].shape == (3, 3, 4) and y1["classes"].shape == (3, 3)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionpipe.data.sources.image_folder import fit_to_size, load_folder, load_image
+from visionpipe.data.sources.image_folder import load_folder, load_image
 from visionpipe.errors import DataError
+from visionpipe.geometry import fit_to_size
 
 
 def _save(path, img: Image.Image, **kwargs):

@@ -11,7 +11,7 @@ from visionpipe.data import records
 from visionpipe.data.example import Example
 from visionpipe.data.pipeline import cache_mode, decoded_bytes, model_dataset
 from visionpipe.errors import ParamsError
-from visionpipe.tasks import get_task
+from visionpipe.tasks.registry import get_task
 
 N, SIZE = 37, 16
 

@@ -6,7 +6,7 @@ import keras
 import pytest
 
 from visionpipe.config import TrainConfig
-from visionpipe.stages.train import learning_rate, make_optimizer
+from visionpipe.training import learning_rate, make_optimizer
 
 STEPS = 10  # steps per epoch
 

@@ -11,16 +11,17 @@ import keras
 import numpy as np
 import pytest
 
-from visionpipe.config import TrainConfig
-from visionpipe.models.saving import load_model
-from visionpipe.stages.checkpoints import (
+from visionpipe.callbacks import Diverged, DivergenceGuard
+from visionpipe.checkpoints import (
     STATE_FILE,
     Checkpoints,
     EpochCheckpoint,
     ResumableEarlyStopping,
     restore_weights,
 )
-from visionpipe.stages.train import Diverged, DivergenceGuard, divergence_message
+from visionpipe.config import TrainConfig
+from visionpipe.models.saving import load_model
+from visionpipe.stages.train import divergence_message
 
 
 class _PoisonAtEpoch(keras.callbacks.Callback):

@@ -8,11 +8,10 @@ import pytest
 import tensorflow as tf
 
 from visionpipe.config import NMSConfig
-from visionpipe.data.sources.image_folder import fit_boxes
 from visionpipe.errors import ModelError, ParamsError
+from visionpipe.geometry import boxes_to_input, fit_boxes, fit_images
 from visionpipe.models.registry import create_model, known_families, parse_architecture
 from visionpipe.models.yolo import YOLOParams, detect, raw_outputs, set_nms
-from visionpipe.serving import boxes_to_input, fit_images
 
 TINY = {"variant": "n", "width_multiplier": 0.25}  # 8-16-32-64 channels
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
+from visionpipe.config import TrainConfig
 from visionpipe.data.records import read_manifest, shard_paths
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -63,15 +65,15 @@ def cache_mode(cache: str, nbytes: int, limit_mb: int) -> str:
 def model_dataset(data_dir: Path, split: str, to_model_io: Callable, batch_size: int, *,
                   shuffle: bool = False, shuffle_buffer: int = 10000, seed: int = 0,
                   cache: str = "memory", cache_file: str | Path | None = None,
-                  deterministic: bool = True) -> tf.data.Dataset:
+                  deterministic: bool = True, padding=None) -> tf.data.Dataset:
     """Batches of (inputs, targets) for ``fit``/``evaluate``: parallel decode, cache, shuffle,
     batch, prefetch.
 
     ``cache``: ``memory``, ``disk`` (``cache_file``, a path prefix TensorFlow writes its
     cache files under) or ``none`` (decode every epoch). ``deterministic=False`` lets the
     parallel decoding hand out records as they finish rather than in stored order.
-    Targets of varying length (detection's boxes) are padded per batch with the
-    ``padding_values`` attribute of ``to_model_io``, when it has one."""
+    Targets of varying length (detection's boxes) are padded per batch with ``padding`` (the
+    task's ``padding_values()``; None: plain batches)."""
     # The manifest's count as the dataset's cardinality: Keras then knows the epoch's length
     # (a progress bar with ETA from the first epoch, no "ran out of data" warning), and a
     # split with fewer or more records than its manifest says fails instead of training on.
@@ -89,7 +91,43 @@ def model_dataset(data_dir: Path, split: str, to_model_io: Callable, batch_size:
         raise ValueError(f"cache must be memory, disk or none, not {cache!r}")
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    padding = getattr(to_model_io, "padding_values", None)
     ds = (ds.batch(batch_size) if padding is None
           else ds.padded_batch(batch_size, padding_values=padding))
     return ds.prefetch(AUTOTUNE)
+
+
+def with_image_shape(to_model_io, size: tuple[int, int]):
+    """``to_model_io`` with the images' static shape set (train and val images are all
+    ``size``): a detector lays out its anchors from it."""
+
+    def fn(rec):
+        return to_model_io({**rec, "image": tf.ensure_shape(rec["image"], (*size, 3))})
+
+    return fn
+
+
+def input_dataset(data_dir: Path, split: str, io, t: TrainConfig, seed: int, cache_dir: Path,
+                  padding=None):
+    """The train stage's input pipeline for one split (the train split shuffled with the
+    seed), with the model's cache and determinism params; returns it and the cache mode
+    ``auto`` resolved to. A disk cache goes under ``cache_dir``; ``padding``: the task's
+    padding_values()."""
+    cache = cache_mode(t.cache, decoded_bytes(read_manifest(data_dir), split),
+                       t.cache_limit_mb)
+    ds = model_dataset(data_dir, split, io, t.batch_size, shuffle=split == "train",
+                       shuffle_buffer=t.shuffle_buffer, seed=seed, cache=cache,
+                       cache_file=cache_dir / split, deterministic=t.deterministic_input,
+                       padding=padding)
+    return ds, cache
+
+
+def test_arrays(data_dir: Path, targets: Callable[[dict], object]
+                ) -> tuple[np.ndarray, list, list[str]]:
+    """Test images as float32 (N, H, W, 3), ``targets(record)`` (the task's ground truth)
+    and the id of each image."""
+    images, truths, ids = [], [], []
+    for rec in record_dataset(data_dir, "test").as_numpy_iterator():
+        images.append(rec["image"])
+        truths.append(targets(rec))
+        ids.append(rec["id"].decode())
+    return np.stack(images).astype(np.float32), truths, ids

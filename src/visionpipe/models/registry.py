@@ -23,13 +23,16 @@ class Family:
     builder: Callable[..., Any]
     tiny: Mapping[str, Any]
     tiny_input: tuple[int, int] = (32, 32)
+    # What the family hands its task (the task's Hooks class, e.g. a detector's losses and
+    # decoding); None for models that Keras' compile and predict serve as they are.
+    hooks: Any = None
 
 
 _FAMILIES: dict[str, Family] = {}
 
 
 def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
-             tiny_input: tuple[int, int] = (32, 32)) -> Callable:
+             tiny_input: tuple[int, int] = (32, 32), hooks: Any = None) -> Callable:
     """Register ``builder(input_shape, num_classes, p)`` as family ``name``; ``tiny`` is the
     architecture tests build (on ``tiny_input`` images), required so no family goes untested."""
     if not dataclasses.is_dataclass(params):
@@ -37,7 +40,7 @@ def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
 
     def wrap(builder: Callable) -> Callable:
         _FAMILIES[name] = Family(name=name, task=task, params=params, builder=builder,
-                                 tiny=dict(tiny), tiny_input=tuple(tiny_input))
+                                 tiny=dict(tiny), tiny_input=tuple(tiny_input), hooks=hooks)
         return builder
 
     return wrap

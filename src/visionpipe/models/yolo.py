@@ -16,9 +16,11 @@ import numpy as np
 from visionpipe.config import NMSConfig, spec
 from visionpipe.errors import ModelError
 from visionpipe.models.registry import register
+from visionpipe.tasks.detection import DetectorHooks
 
 STRIDE = 32  # the coarsest feature map (P5) is the input over 32
 BOX_FORMAT = "xyxy"  # absolute pixels, as prepare stores them
+BOX_CHANNELS = 64  # raw head: 4 sides x 16 distance bins (DFL), then the class scores
 # Channels and C2f blocks of the backbone's four stages: keras-cv's YOLOv8 presets xs, s and
 # m (ultralytics' n, s and m scaled the same way).
 VARIANTS = {
@@ -80,10 +82,34 @@ def nms_layer(nms: NMSConfig):
         confidence_threshold=nms.confidence_threshold, max_detections=nms.max_detections)
 
 
+class YOLOHooks(DetectorHooks):
+    """What the detection task needs from a YOLOv8 model (the functions below)."""
+
+    def compile(self, model, optimizer, architecture: YOLOParams) -> None:
+        compile_detector(model, optimizer, architecture)
+
+    def set_nms(self, model, nms: NMSConfig) -> None:
+        set_nms(model, nms)
+
+    def detect(self, model, images: np.ndarray, batch_size: int) -> list[dict]:
+        return detect(model, images, batch_size)
+
+    def decode(self, model, raw: dict, images) -> dict:
+        return decode(model, raw, images)
+
+    def flatten(self, raw: dict):
+        import tensorflow as tf
+
+        return tf.concat([raw["boxes"], raw["classes"]], axis=-1)
+
+    def class_scores(self, flat: np.ndarray) -> np.ndarray:
+        return flat[..., BOX_CHANNELS:]
+
+
 # Tiny: 8-16-32-64 channels, one C2f block per stage; sides must be multiples of 32.
 @register("yolo", task="detection", params=YOLOParams,
           tiny={"variant": "n", "width_multiplier": 0.25, "depth_multiplier": 0.1},
-          tiny_input=(32, 32))
+          tiny_input=(32, 32), hooks=YOLOHooks())
 def build(input_shape: tuple[int, int, int], num_classes: int, p: YOLOParams):
     """A YOLOv8 detector with random weights (nothing is downloaded)."""
     check_input_size(input_shape)

@@ -2,73 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import time
-
-import keras
 import numpy as np
-import tensorflow as tf
 
 from visionpipe import plots
 from visionpipe.config import Params
+from visionpipe.cost import flops_per_image, latency_ms, machine
 from visionpipe.data import records
-from visionpipe.data.pipeline import record_dataset
-from visionpipe.headline import TEST_METRICS, baseline, headline
+from visionpipe.data.pipeline import test_arrays
+from visionpipe.headline import baseline, headline, test_metrics
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
 from visionpipe.stages.common import measure_co2
-from visionpipe.tasks import get_task
+from visionpipe.tasks.registry import task_for
 from visionpipe.tracking.carbon import combine, read_report
 from visionpipe.tracking.stage_logs import log_evaluate, log_stage
-
-
-def flops_per_image(model: keras.Model, input_shape: tuple[int, ...]) -> int:
-    """Floating-point operations of one forward pass on one image (TF profiler count)."""
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
-    fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec((1, *input_shape), tf.float32))
-    frozen = convert_variables_to_constants_v2(fn)
-    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    opts["output"] = "none"
-    info = tf.compat.v1.profiler.profile(graph=frozen.graph,
-                                         run_meta=tf.compat.v1.RunMetadata(), cmd="op",
-                                         options=opts)
-    return int(info.total_float_ops)
-
-
-def latency_ms(model: keras.Model, images: np.ndarray, samples: int, warmup: int) -> dict:
-    """Mean and median wall time of a compiled forward pass on one image (batch of 1)."""
-    fn = tf.function(lambda x: model(x, training=False))
-    n = len(images)
-    for i in range(warmup):
-        _to_numpy(fn(images[i % n][None]))
-    times = []
-    for i in range(samples):
-        x = images[i % n][None]
-        start = time.perf_counter()
-        _to_numpy(fn(x))
-        times.append((time.perf_counter() - start) * 1000.0)
-    return {"mean": float(np.mean(times)), "median": float(np.median(times)),
-            "samples": samples, "batch_size": 1}
-
-
-def _to_numpy(outputs):
-    """Wait for every output of a forward pass (one tensor, or a detector's dict of them)."""
-    return tf.nest.map_structure(lambda t: t.numpy(), outputs)
-
-
-def test_arrays(data_dir, task) -> tuple[np.ndarray, list, list[str]]:
-    """Test images as float32 (N, H, W, 3), the task's ground truth and the id per image."""
-    images, truths, ids = [], [], []
-    for rec in record_dataset(data_dir, "test").as_numpy_iterator():
-        images.append(rec["image"])
-        truths.append(task.targets(rec))
-        ids.append(rec["id"].decode())
-    return np.stack(images).astype(np.float32), truths, ids
 
 
 def co2_summary(stages: list[dict]) -> dict:
@@ -96,9 +43,9 @@ def evaluate_lines(model_name: str, metrics: dict, layout: Layout) -> str:
     """The task's headline test metrics beside the baseline, and where the plots are."""
     test = metrics["test"]
     figures = headline(metrics)
-    names = TEST_METRICS[metrics["task"]]
+    names = test_metrics(metrics["task"])
     shown = ", ".join(f"{n} {figures[n]:.4f}" for n in names if n in figures)
-    base = baseline(test)
+    base = baseline(test, metrics["task"])
     if base is not None:
         shown += f" (baseline {test['baseline'].get('name', 'trivial')}: {base:.4f})"
     latency = figures.get("latency_ms")
@@ -113,15 +60,13 @@ def evaluate_lines(model_name: str, metrics: dict, layout: Layout) -> str:
 def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
     """Test metrics, plots and cost of one model (everything but CO2)."""
     cfg = params.model(model_name)
-    task = get_task(cfg.task)
+    task = task_for(cfg.family, cfg.task)
     model_path = layout.model_file(model_name)
-    model = load_model(model_path)
-    if hasattr(task, "evaluation_model"):  # e.g. a detector's NMS from evaluate.nms
-        model = task.evaluation_model(model, params.evaluate)
+    model = task.evaluation_model(load_model(model_path), params.evaluate)
     data_dir = layout.prepared(cfg.task)
     manifest = records.read_manifest(data_dir)
     names = manifest["class_names"]
-    images, truths, ids = test_arrays(data_dir, task)
+    images, truths, ids = test_arrays(data_dir, task.targets)
     outputs = task.predict(model, images, params.evaluate.batch_size,
                            params.evaluate.tile_overlap)
     test = task.evaluate(np.asarray(truths), outputs, names, params.evaluate)
@@ -147,8 +92,7 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
         "flops_per_image": flops_per_image(model, inputs.shape[1:]),
         "model_file_bytes": model_path.stat().st_size,
         "latency_ms_per_image": latency_ms(model, inputs, ev.latency_samples, ev.latency_warmup),
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "cores": _cores(), "gpu": bool(tf.config.list_physical_devices("GPU"))},
+        "machine": machine(),
     }
     metrics = {
         "model": model_name,
@@ -161,8 +105,3 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
         "cost": cost,
     }
     return metrics
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from visionpipe import geometry
 from visionpipe.config import Params, PrepareConfig
 from visionpipe.console import progress
 from visionpipe.data import archive, records
@@ -48,7 +49,7 @@ def resize(example: Example, size: tuple[int, int]) -> Example:
     th, tw = size
     out = Example(id=example.id, label=example.label, box_labels=example.box_labels,
                   difficult=example.difficult,
-                  image=image_folder.fit_to_size(example.image, (th, tw), "stretch"))
+                  image=geometry.fit_to_size(example.image, (th, tw), "stretch"))
     if example.mask is not None:
         out.mask = np.asarray(Image.fromarray(example.mask).resize((tw, th), Image.NEAREST))
     if example.boxes is not None:
@@ -138,11 +139,11 @@ _VOC_ALTERNATIVE = ("or set prepare.detection.source: voc and put the images and
 def fit_detection(example: Example, size: tuple[int, int], policy: str,
                   tally: tfds_source.BoxTally) -> Example:
     """``example`` at ``size`` as ``_voc_splits`` fits it: the image by ``policy`` (pad:
-    letterbox), the boxes moved with it by ``fit_boxes`` and clipped to the image. A box left
-    without area (only a sub-pixel box can be, at float32) is dropped and listed in
+    letterbox), the boxes moved with it by ``geometry.fit_boxes`` and clipped to the image. A
+    box left without area (only a sub-pixel box can be, at float32) is dropped and listed in
     ``tally``."""
     hw = example.image.shape[:2]
-    boxes = np.clip(image_folder.fit_boxes(example.boxes, hw, size, policy), 0,
+    boxes = np.clip(geometry.fit_boxes(example.boxes, hw, size, policy), 0,
                     np.array([size[1], size[0]] * 2, np.float32))
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     if not keep.all():
@@ -153,7 +154,7 @@ def fit_detection(example: Example, size: tuple[int, int], policy: str,
                                  f"{size[0]}")
         tally.boxes -= int((~keep).sum())
         tally.images_without_objects += bool(len(keep)) and not keep.any()
-    return Example(id=example.id, image=image_folder.fit_to_size(example.image, size, policy),
+    return Example(id=example.id, image=geometry.fit_to_size(example.image, size, policy),
                    boxes=boxes[keep], box_labels=np.asarray(example.box_labels,
                                                             np.int32)[keep],
                    difficult=None if example.difficult is None else example.difficult[keep])
@@ -179,7 +180,7 @@ def _catalog_splits(cfg: PrepareConfig, seed: int, task: str):
         for ex in progress(tfds_source.iter_split(builder, split, tally), total=count,
                        desc=f"prepare {task}/read {split}", unit="img"):
             if task == "classification":
-                ex.image = image_folder.fit_to_size(ex.image, size, cfg.resize)
+                ex.image = geometry.fit_to_size(ex.image, size, cfg.resize)
             elif task == "detection":
                 ex = fit_detection(ex, size, cfg.resize, tally)
             else:
@@ -255,8 +256,8 @@ def _voc_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
             continue
         hw = image.shape[:2]
         examples.append(Example(
-            id=sample.id, image=image_folder.fit_to_size(image, size, cfg.resize),
-            boxes=np.clip(image_folder.fit_boxes(sample.boxes, hw, size, cfg.resize), 0,
+            id=sample.id, image=geometry.fit_to_size(image, size, cfg.resize),
+            boxes=np.clip(geometry.fit_boxes(sample.boxes, hw, size, cfg.resize), 0,
                           np.array([size[1], size[0]] * 2, np.float32)),
             box_labels=sample.class_ids.astype(np.int32), difficult=sample.difficult))
     source = {"kind": "voc", "name": folder.name, "path": cfg.path, "seed": seed,

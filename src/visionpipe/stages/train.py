@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import math
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import keras
 
 from visionpipe import atomic
+from visionpipe.callbacks import Diverged, DivergenceGuard, EpochLine, LearningRateLogger
+from visionpipe.checkpoints import (
+    Checkpoints,
+    EpochCheckpoint,
+    ResumableEarlyStopping,
+    State,
+    fingerprint,
+    restore_weights,
+)
 from visionpipe.config import Params, TrainConfig
-from visionpipe.console import epoch_line, fit_verbosity, is_verbose
+from visionpipe.console import fit_verbosity, is_verbose
 from visionpipe.data import records
-from visionpipe.data.pipeline import cache_mode, decoded_bytes, model_dataset
+from visionpipe.data.pipeline import input_dataset, with_image_shape
 from visionpipe.distribute import (
     Distribution,
     check_jit,
@@ -31,82 +38,11 @@ from visionpipe.errors import ParamsError, TrainingDivergedError
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.models.saving import load_model
-from visionpipe.stages.checkpoints import (
-    Checkpoints,
-    EpochCheckpoint,
-    ResumableEarlyStopping,
-    State,
-    fingerprint,
-    restore_weights,
-)
 from visionpipe.stages.common import measure_co2, set_seed
-from visionpipe.tasks import get_task
+from visionpipe.tasks.registry import task_for
 from visionpipe.tracking.mlflow_runs import RunLogger
 from visionpipe.tracking.stage_logs import log_train
-
-
-def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
-    """The learning rate or per-step schedule named by ``cfg.lr_schedule``."""
-    lr, total = cfg.learning_rate, cfg.epochs * steps_per_epoch
-    schedules = keras.optimizers.schedules
-    if cfg.lr_schedule == "step":
-        return schedules.ExponentialDecay(lr, cfg.step_epochs * steps_per_epoch,
-                                          cfg.step_factor, staircase=True)
-    if cfg.lr_schedule == "cosine":
-        return schedules.CosineDecay(lr, total, alpha=cfg.min_learning_rate / lr)
-    if cfg.lr_schedule == "warmup_cosine":
-        warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        return schedules.CosineDecay(0.0, max(1, total - warmup),
-                                     alpha=cfg.min_learning_rate / lr, warmup_target=lr,
-                                     warmup_steps=warmup)
-    return lr
-
-
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """The optimizer named in params, with its learning rate (schedule) and weight decay."""
-    lr = learning_rate(cfg, steps_per_epoch)
-    wd = cfg.weight_decay or None
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, weight_decay=wd)
-    if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
-    return keras.optimizers.Adam(lr, weight_decay=wd)
-
-
-class LearningRateLogger(keras.callbacks.Callback):
-    """Puts the learning rate each epoch started with into the logs (history.csv)."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = self._rate
-
-
-class Diverged(Exception):
-    """Raised inside ``fit`` by :class:`DivergenceGuard`, before any epoch-end callback."""
-
-    def __init__(self, epoch: int, step: int, loss: float):
-        super().__init__(f"loss {loss} at epoch {epoch}, step {step}")
-        self.epoch, self.step, self.loss = epoch, step, loss
-
-
-class DivergenceGuard(keras.callbacks.Callback):
-    """Stops training at the first batch whose loss is NaN or infinite.
-
-    It raises rather than setting ``stop_training``: Keras would still end the epoch and let
-    ModelCheckpoint overwrite ``last.keras`` with the broken weights. Raising keeps the last
-    complete epoch's checkpoint as it was.
-    """
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch + 1
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = float((logs or {}).get("loss", 0.0))
-        if not math.isfinite(loss):
-            raise Diverged(self._epoch, batch + 1, loss)
+from visionpipe.training import dtype_policy, make_optimizer
 
 
 def divergence_message(model_name: str, cfg: TrainConfig, exc: Diverged, folder: Path,
@@ -145,56 +81,6 @@ def write_history(path: Path, history: dict[str, list[float]]) -> None:
     atomic.write_text(path, buf.getvalue())
 
 
-def with_image_shape(to_model_io, size: tuple[int, int]):
-    """``to_model_io`` with the images' static shape set (train and val images are all
-    ``size``): a detector lays out its anchors from it."""
-    import tensorflow as tf
-
-    def fn(rec):
-        return to_model_io({**rec, "image": tf.ensure_shape(rec["image"], (*size, 3))})
-
-    if hasattr(to_model_io, "padding_values"):
-        fn.padding_values = to_model_io.padding_values
-    return fn
-
-
-@contextlib.contextmanager
-def dtype_policy(name: str):
-    """Layers built inside compute in ``name`` (mixed_bfloat16: bfloat16 maths, float32
-    variables); the global policy is float32 again afterwards, for the caller's models."""
-    keras.mixed_precision.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
-
-
-def input_dataset(data_dir: Path, split: str, io, t: TrainConfig, seed: int, cache_dir: Path):
-    """The train stage's input pipeline for one split (the train split shuffled with the
-    seed), with the model's cache and determinism params; returns it and the cache mode
-    ``auto`` resolved to. A disk cache goes under ``cache_dir``."""
-    cache = cache_mode(t.cache, decoded_bytes(records.read_manifest(data_dir), split),
-                       t.cache_limit_mb)
-    ds = model_dataset(data_dir, split, io, t.batch_size, shuffle=split == "train",
-                       shuffle_buffer=t.shuffle_buffer, seed=seed, cache=cache,
-                       cache_file=cache_dir / split, deterministic=t.deterministic_input)
-    return ds, cache
-
-
-def compile_model(model: keras.Model, task, optimizer, t: TrainConfig, architecture,
-                  num_classes: int) -> None:
-    """Compile as training does: the task's loss and metrics (a detector compiles itself),
-    with ``t.jit_compile``. Under mixed_float16 Keras wraps the optimizer in a
-    LossScaleOptimizer itself."""
-    if hasattr(task, "compile"):  # a model with its own losses (a detector)
-        task.compile(model, optimizer, architecture)  # "auto" is Keras' compile default
-        if t.jit_compile != "auto":  # it takes no jit_compile; the model's setter does
-            model.jit_compile = t.jit_compile
-    else:
-        model.compile(optimizer=optimizer, loss=task.loss(t, num_classes),
-                      metrics=task.metrics(num_classes), jit_compile=t.jit_compile)
-
-
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Train ``model_name``; write model.keras, model.json, checkpoints/ and history.csv.
 
@@ -221,7 +107,7 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
 
         tf.config.experimental.enable_op_determinism()
     set_seed(params.seed)
-    task = get_task(cfg.task)
+    task = task_for(cfg.family, cfg.task)
     train_dir, val_dir = layout.augmented(cfg.task), layout.prepared(cfg.task)
     manifest = records.read_manifest(train_dir)
     val_manifest = records.read_manifest(val_dir)
@@ -229,8 +115,9 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
     h, w = manifest["image_size"]
     io = with_image_shape(task.to_model_io(len(names)), (h, w))
     cache_dir = Path(tempfile.mkdtemp(prefix=f"visionpipe-cache-{model_name}-"))
-    train_ds, _ = input_dataset(train_dir, "train", io, t, params.seed, cache_dir)
-    val_ds, _ = input_dataset(val_dir, "val", io, t, params.seed, cache_dir)
+    padding = task.padding_values()
+    train_ds, _ = input_dataset(train_dir, "train", io, t, params.seed, cache_dir, padding)
+    val_ds, _ = input_dataset(val_dir, "val", io, t, params.seed, cache_dir, padding)
 
     steps_per_epoch = math.ceil(manifest["counts"]["train"] / t.batch_size)
     if t.class_weights is not None and len(t.class_weights) != len(names):
@@ -239,8 +126,8 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
                           f"{len(names)} in class order ({', '.join(names)})")
     with dist.scope(), dtype_policy(t.precision):
         model = create_model(cfg.family, (h, w, 3), len(names), architecture)
-        compile_model(model, task, make_optimizer(t, steps_per_epoch), t, architecture,
-                      len(names))
+        # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer itself.
+        task.compile(model, make_optimizer(t, steps_per_epoch), t, architecture, len(names))
     jit_compile = bool(model.jit_compile)  # what Keras made of "auto"
     check_jit(dist, jit_compile, f"models.{model_name}.train.jit_compile")
     write_summary(model, out.model_summary(model_name))
@@ -364,18 +251,3 @@ def write_summary(model: keras.Model, path: Path) -> None:
     atomic.write_text(path, "\n".join(lines) + "\n")
     if is_verbose():
         print("\n".join(lines), flush=True)
-
-
-class EpochLine(keras.callbacks.Callback):
-    """One line per epoch (when output is not a terminal): epoch from 1, metrics, time."""
-
-    def __init__(self, model_name: str, epochs: int):
-        super().__init__()
-        self.model_name, self.epochs = model_name, epochs
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        print(epoch_line(self.model_name, epoch + 1, self.epochs, dict(logs or {}),
-                         time.perf_counter() - self._start), flush=True)

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from visionpipe.config import EvaluateConfig, TrainConfig
+from visionpipe.tasks.base import Task, scores_serving
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -68,10 +69,16 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
     }
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """Softmax over classes; labels are one-hot so label smoothing works."""
 
     name = "classification"
+    headline_metrics = ("accuracy", "macro_f1")
+    agreement_key = "label_agreement"
+    served_outputs = {"scores": "float32 [batch, classes], softmax probabilities",
+                      "class_id": "int32 [batch]", "class_name": "string [batch]"}
+    predicts_folders = True
+    size_independent_targets = True
 
     def to_model_io(self, num_classes: int):
         """Map a parsed record to (float image in 0..255, one-hot label)."""
@@ -90,7 +97,7 @@ class ClassificationTask:
         return [keras.metrics.CategoricalAccuracy(name="accuracy")]
 
     def predict(self, model: keras.Model, images: np.ndarray, batch_size: int,
-                overlap: float = 0.0) -> np.ndarray:
+                overlap: float) -> np.ndarray:
         """Class probabilities for test images at the model's size."""
         return model.predict(images, batch_size=batch_size, verbose=0)
 
@@ -107,15 +114,15 @@ class ClassificationTask:
         """How closely another runtime's outputs follow the Keras model's: label agreement."""
         return {"label_agreement": float((reference.argmax(1) == other.argmax(1)).mean())}
 
-    def primary_agreement(self) -> str:
-        """The agreement key that export parity thresholds apply to."""
-        return "label_agreement"
+    def serving_function(self, model, size, policy: str, class_names):
+        """Scores, the best class id and its name."""
 
-    def serving_outputs(self, scores: tf.Tensor, images: tf.Tensor, class_names) -> dict:
-        """What the SavedModel returns: scores, the best class id and its name."""
-        class_id = tf.argmax(scores, axis=-1, output_type=tf.int32)
-        return {"scores": scores, "class_id": class_id,
-                "class_name": tf.gather(tf.constant(class_names), class_id)}
+        def outputs(scores, images):
+            class_id = tf.argmax(scores, axis=-1, output_type=tf.int32)
+            return {"scores": scores, "class_id": class_id,
+                    "class_name": tf.gather(tf.constant(class_names), class_id)}
+
+        return scores_serving(model, size, policy, outputs)
 
     def plots(self, images: np.ndarray, ids: list[str], y_true: np.ndarray,
               outputs: np.ndarray, class_names: list[str], out_dir: Path,

@@ -4,10 +4,10 @@ Each of N items (a test image, or a sampled pixel) with softmax scores (N, K) is
 predictions, one per class: "class k, with confidence ``scores[i, k]``". That prediction is a
 true positive (TP) when the item's true class is k and a false positive (FP) otherwise; every
 item is one truth instance of its own class. Nothing is ignored and nothing is matched by
-overlap, so the result is detection's :class:`~visionpipe.tasks.detection_metrics.PRCurves`
+overlap, so the result is a :class:`~visionpipe.tasks.pr_curves.PRCurves` like detection's,
 with ``iou_threshold`` None, drawn by the same
-:func:`~visionpipe.tasks.detection_metrics.pr_curve_png` and
-:func:`~visionpipe.tasks.detection_metrics.f1_confidence_png`.
+:func:`~visionpipe.tasks.pr_curves.pr_curve_png` and
+:func:`~visionpipe.tasks.pr_curves.f1_confidence_png`.
 
 The conventions are those of :func:`~visionpipe.tasks.detection_metrics.pr_curves`:
 
@@ -32,11 +32,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from visionpipe.errors import DataError
-from visionpipe.tasks.detection_metrics import (
+from visionpipe.tasks.pr_curves import (
     RECALL_POINTS,
     PRCurves,
-    _prf,
     coco_interpolated_precision,
+    f1_confidence_png,
+    pr_curve_png,
+    precision_recall_f1,
 )
 
 CURVE_ENTRIES = 4_000_000  # default cap on K x T, the size of each per-class array
@@ -120,12 +122,13 @@ def one_vs_rest_curves(y_true: np.ndarray, scores: np.ndarray, class_names: Sequ
 
     confidence, first = _threshold_grid(scores, max_thresholds)
     tp, fp = _class_counts(first, y_true, len(confidence))  # (K, T) each
-    precision, recall, f1 = _prf(tp.sum(axis=0), fp.sum(axis=0), int(instances.sum()))
+    precision, recall, f1 = precision_recall_f1(tp.sum(axis=0), fp.sum(axis=0),
+                                                int(instances.sum()))
     class_prf = np.full((3, num_classes, len(confidence)), np.nan)
     interpolated = np.full((num_classes, len(RECALL_POINTS)), np.nan)
     order = np.argsort(-scores, axis=0, kind="stable")  # per class: score, then item order
     for k in range(num_classes):
-        class_prf[:, k] = _prf(tp[k], fp[k], int(instances[k]))
+        class_prf[:, k] = precision_recall_f1(tp[k], fp[k], int(instances[k]))
         if instances[k]:
             ranked = is_tp[order[:, k], k]
             interpolated[k] = coco_interpolated_precision(ranked, ~ranked, int(instances[k]))
@@ -142,8 +145,6 @@ def one_vs_rest_pngs(y_true: np.ndarray, scores: np.ndarray, class_names: Sequen
     """``pr_curve.png`` and ``f1_curve.png`` in ``out_dir`` from :func:`one_vs_rest_curves`;
     ``what`` says in the titles what was counted (e.g. "one-vs-rest, 500 test images")."""
     from pathlib import Path
-
-    from visionpipe.tasks.detection_metrics import f1_confidence_png, pr_curve_png
 
     curves = one_vs_rest_curves(y_true, scores, class_names)
     out_dir = Path(out_dir)

@@ -5,17 +5,25 @@ The model sees them as keras-cv's dense format: per image ``boxes`` (n, 4) and `
 (n,), padded with -1 to the most boxes of any image in the batch. Evaluation decodes the
 detector's outputs with ``evaluate.nms`` and scores them with COCO mAP and precision/recall at
 the F1-best confidence (:mod:`visionpipe.tasks.detection_metrics`).
+
+The task knows no detector: a detection family registers a :class:`DetectorHooks` (its own
+losses, box decoding and raw outputs; :class:`visionpipe.models.yolo.YOLOHooks`), and the
+task reaches the model only through it.
 """
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from visionpipe.config import EvaluateConfig
+from visionpipe.geometry import boxes_to_input, fit_images
 from visionpipe.tasks import detection_metrics as dm
+from visionpipe.tasks.base import Task
+from visionpipe.tasks.pr_curves import f1_confidence_png, pr_curve_png
 
 CONFUSION_IOU = 0.5  # a detection and a truth box of any class pair up at this IoU or more
 PAD = -1.0  # keras-cv's marker of "no box"
@@ -78,7 +86,7 @@ def detections_png(images: list[np.ndarray], truths: list[dict], predictions: li
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from visionpipe.plots import PALETTE, _save, labelled_gallery_png
+    from visionpipe.plots import PALETTE, labelled_gallery_png, save_figure
 
     if not images:
         return labelled_gallery_png([], [], path, empty="no test image has a detection error")
@@ -105,45 +113,90 @@ def detections_png(images: list[np.ndarray], truths: list[dict], predictions: li
                     va="bottom", bbox={"facecolor": colour, "alpha": 0.8, "pad": 0.5,
                                        "linewidth": 0})
         ax.set_title(caption, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-class DetectionTask:
-    """Boxes with classes; the model is a detector of :mod:`visionpipe.models.yolo`."""
+class DetectorHooks(abc.ABC):
+    """What a detection family supplies: its losses, its box decoding and its raw outputs.
+
+    Decoded detections are per image ``boxes`` (n, 4) xyxy in the model's input pixels,
+    ``class_ids`` (n,) and ``scores`` (n,), best first."""
+
+    @abc.abstractmethod
+    def compile(self, model, optimizer, architecture) -> None:
+        """Compile with the family's own losses (weighted as ``architecture`` says)."""
+
+    @abc.abstractmethod
+    def set_nms(self, model, nms) -> None:
+        """Decode with the thresholds of ``nms`` (an NMSConfig) from now on."""
+
+    @abc.abstractmethod
+    def detect(self, model, images: np.ndarray, batch_size: int) -> list[dict]:
+        """Decoded detections per image, with the model's current NMS."""
+
+    @abc.abstractmethod
+    def decode(self, model, raw, images) -> dict:
+        """Inside a tf.function: raw outputs -> ``boxes`` (batch, max, 4), ``classes``,
+        ``confidence`` (padded with -1) and ``num_detections`` (batch,)."""
+
+    @abc.abstractmethod
+    def flatten(self, raw) -> tf.Tensor:
+        """The model's call outputs as one tensor (batch, anchors, channels): the raw head
+        that exported formats are compared on."""
+
+    @abc.abstractmethod
+    def class_scores(self, flat: np.ndarray) -> np.ndarray:
+        """The class-score channels (..., num_classes) of :meth:`flatten`'s output."""
+
+
+class DetectionTask(Task):
+    """Boxes with classes; the family's :class:`DetectorHooks` trains and decodes."""
 
     name = "detection"
+    headline_metrics = ("map_50", "map_50_95")
+    agreement_key = "anchor_agreement"
+    served_outputs = {
+        "boxes": "float32 [batch, max_detections, 4]: x_min, y_min, x_max, y_max in the input "
+                 "image's own pixels, best first; -1 after num_detections",
+        "scores": "float32 [batch, max_detections], confidence of each box",
+        "class_id": "int32 [batch, max_detections] (-1: no box)",
+        "class_name": "string [batch, max_detections] ('' : no box)",
+        "num_detections": "int32 [batch], boxes kept by export.nms",
+        "serving_fixed_size": "scores: float32 [batch, anchors, channels + classes], the raw "
+                              "head outputs (the family's box channels, then class scores)"}
+    parity_on_fixed_signature = True
+    Hooks = DetectorHooks
 
     def to_model_io(self, num_classes: int):
         """Map a parsed record to (float image in 0..255, {boxes, classes}); batches pad the
-        box lists with -1 (``padding_values``, read by the input pipeline)."""
+        box lists with -1 (padding_values)."""
 
         def fn(rec):
             return (tf.cast(rec["image"], tf.float32),
                     {"boxes": tf.cast(rec["boxes"], tf.float32),
                      "classes": tf.cast(rec["box_labels"], tf.float32)})
 
-        fn.padding_values = (0.0, {"boxes": PAD, "classes": PAD})
         return fn
 
-    def compile(self, model, optimizer, architecture) -> None:
-        """The detector's own losses (box and class), weighted as the architecture says."""
-        from visionpipe.models.yolo import compile_detector
+    def padding_values(self):
+        """Images need none; box lists pad with -1, keras-cv's marker of "no box"."""
+        return (0.0, {"boxes": PAD, "classes": PAD})
 
-        compile_detector(model, optimizer, architecture)
+    def compile(self, model, optimizer, cfg, architecture, num_classes: int) -> None:
+        """The detector's own losses (box and class), weighted as the architecture says."""
+        self.hooks.compile(model, optimizer, architecture)  # "auto" is Keras' compile default
+        if cfg.jit_compile != "auto":  # the detector's compile takes no jit_compile
+            model.jit_compile = cfg.jit_compile
 
     def evaluation_model(self, model, cfg: EvaluateConfig):
         """The model decoding with ``evaluate.nms`` (mAP wants nearly every box)."""
-        from visionpipe.models.yolo import set_nms
-
-        set_nms(model, cfg.nms)
+        self.hooks.set_nms(model, cfg.nms)
         return model
 
     def predict(self, model, images: np.ndarray, batch_size: int,
-                overlap: float = 0.0) -> list[dict]:
+                overlap: float) -> list[dict]:
         """Detections per test image: boxes (xyxy pixels), class ids and scores."""
-        from visionpipe.models.yolo import detect
-
-        return detect(model, images, batch_size)
+        return self.hooks.detect(model, images, batch_size)
 
     def targets(self, rec: dict) -> dict:
         """The ground truth of one parsed numpy record: boxes, class ids, difficult flags."""
@@ -178,8 +231,8 @@ class DetectionTask:
         truths = list(truths)
         curves = dm.pr_curves(truths, outputs, class_names,
                               max_detections=cfg.nms.max_detections)
-        pr = dm.pr_curve_png(curves, out_dir / "pr_curve.png")
-        f1 = dm.f1_confidence_png(curves, out_dir / "f1_curve.png")
+        pr = pr_curve_png(curves, out_dir / "pr_curve.png")
+        f1 = f1_confidence_png(curves, out_dir / "f1_curve.png")
         confidence = curves.best().get("confidence")
         names = [*class_names, "background"]
         per_image = [confusion([t], [p], len(class_names), confidence)
@@ -202,46 +255,42 @@ class DetectionTask:
 
     # ------------------------------------------------------------------ export
 
-    confidence = 0.25  # export.nms.confidence_threshold, set by configure_export
+    confidence = 0.25  # export.nms.confidence_threshold, set by export_model
 
-    def configure_export(self, model, nms) -> None:
+    def export_model(self, model, cfg):
         """Decode with ``export.nms`` (what the exported files keep) from now on."""
-        from visionpipe.models.yolo import set_nms
-
-        set_nms(model, nms)
-        self.confidence = nms.confidence_threshold
+        self.hooks.set_nms(model, cfg.nms)
+        self.confidence = cfg.nms.confidence_threshold
+        return model
 
     def forward(self, model, images: np.ndarray) -> np.ndarray:
-        """The raw head outputs per anchor (N, anchors, 64 + classes) that formats share."""
-        from visionpipe.models.yolo import raw_outputs
+        """The raw head outputs per anchor (N, anchors, channels) that formats share."""
+        fn = tf.function(lambda x: self.fixed_outputs(model(x, training=False)))
+        return np.concatenate([fn(tf.constant(images[i:i + 64], tf.float32)).numpy()
+                               for i in range(0, len(images), 64)])
 
-        return raw_outputs(model, images)
+    def fixed_outputs(self, outputs):
+        """The detector's raw head as one tensor (the family's flatten)."""
+        return self.hooks.flatten(outputs)
 
     def agreement(self, reference: np.ndarray, other: np.ndarray) -> dict:
         """Of the anchors either runtime scores at least the export confidence for some
         class, the share where both do and pick the same class (1.0 when there are none)."""
-        ref, oth = reference[..., 64:], other[..., 64:]
+        ref, oth = self.hooks.class_scores(reference), self.hooks.class_scores(other)
         ref_on, oth_on = ref.max(-1) >= self.confidence, oth.max(-1) >= self.confidence
         either = ref_on | oth_on
         same = ref_on & oth_on & (ref.argmax(-1) == oth.argmax(-1))
         share = float(same.sum() / either.sum()) if either.any() else 1.0
         return {"anchor_agreement": share, "anchors_compared": int(either.sum())}
 
-    def primary_agreement(self) -> str:
-        """The agreement key that export parity thresholds apply to."""
-        return "anchor_agreement"
-
     def serving_function(self, model, size, policy: str, class_names):
         """``serving_default`` of the SavedModel: uint8 images of any size -> detections in
         that image's own pixels (letterboxed or stretched inside, as prepare did)."""
-        from visionpipe.models.yolo import decode
-        from visionpipe.serving import boxes_to_input, fit_images
-
         names = tf.constant([*class_names, ""])  # -1 (padding) reads the empty name
 
         def serve(images):
             x = fit_images(images, size, policy)
-            out = decode(model, model(x, training=False), x)
+            out = self.hooks.decode(model, model(x, training=False), x)
             class_id = tf.cast(out["classes"], tf.int32)
             return {"boxes": boxes_to_input(tf.cast(out["boxes"], tf.float32),
                                             tf.shape(images)[1:3], size, policy),
@@ -258,9 +307,6 @@ class DetectionTask:
         mapped back) against the Keras model on ``as_prepared`` (the same images resized as
         prepare resizes them), its boxes mapped back the same way: the share of detections
         that pair up (same class, IoU >= MATCH_IOU)."""
-        from visionpipe.models.yolo import detect
-        from visionpipe.serving import boxes_to_input
-
         big = enlarged.shape[1:3]
         fn = tf.saved_model.load(str(saved)).signatures["serving_default"]
         out = fn(images=tf.constant(enlarged, tf.uint8))
@@ -268,7 +314,7 @@ class DetectionTask:
                    "class_ids": out["class_id"][i, :n].numpy().astype(np.int64),
                    "scores": out["scores"][i, :n].numpy()}
                   for i, n in enumerate(out["num_detections"].numpy())]
-        keras_dets = detect(model, as_prepared, 64)
+        keras_dets = self.hooks.detect(model, as_prepared, 64)
         for det in keras_dets:
             det["boxes"] = boxes_to_input(tf.constant(det["boxes"].reshape(-1, 4)),
                                           tf.constant(big), size, policy).numpy()

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras import ops
 
 from visionpipe.config import EvaluateConfig, TrainConfig
+from visionpipe.tasks.base import Task, scores_serving
 
 EPS = 1e-7
 CONFUSION_ROWS = 5000  # pixels sampled for the `dvc plots` confusion rows
@@ -186,10 +187,16 @@ def gallery_tile(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.n
                            overlay(image, pred.astype(np.uint8))], axis=1)
 
 
-class SegmentationTask:
+class SegmentationTask(Task):
     """Per-pixel softmax over classes; masks stay class ids (sparse) through the pipeline."""
 
     name = "segmentation"
+    headline_metrics = ("mean_iou", "mean_dice")
+    agreement_key = "mask_iou"
+    served_outputs = {"scores": "float32 [batch, H, W, classes] at the model's size, softmax "
+                                "per pixel",
+                      "mask": "int32 [batch, height, width], class id per pixel at the input "
+                              "image's own size"}
 
     def to_model_io(self, num_classes: int):
         """Map a parsed record to (float image in 0..255, int32 class-id mask)."""
@@ -210,7 +217,7 @@ class SegmentationTask:
                                       name="mean_iou")]
 
     def predict(self, model: keras.Model, images: np.ndarray, batch_size: int,
-                overlap: float = 0.25) -> np.ndarray:
+                overlap: float) -> np.ndarray:
         """Scores per pixel; images larger than the model's input go through tiles."""
         size = tuple(int(d) for d in model.inputs[0].shape[1:3])
         if tuple(images.shape[1:3]) == size:
@@ -235,16 +242,15 @@ class SegmentationTask:
         return {"pixel_agreement": float((a == b).mean()),
                 "mask_iou": mean_iou(a, b, reference.shape[-1])}
 
-    def primary_agreement(self) -> str:
-        """The agreement key that export parity thresholds apply to."""
-        return "mask_iou"
+    def serving_function(self, model, size, policy: str, class_names):
+        """Scores at the model's size, and the mask at the input image's own size (scores
+        resized bilinearly, then the best class per pixel)."""
 
-    def serving_outputs(self, scores: tf.Tensor, images: tf.Tensor, class_names) -> dict:
-        """What the SavedModel returns: scores at the model's size, and the mask at the input
-        image's own size (scores resized bilinearly, then the best class per pixel)."""
-        size = tf.shape(images)[1:3]
-        full = tf.image.resize(scores, size, method="bilinear")
-        return {"scores": scores, "mask": tf.argmax(full, axis=-1, output_type=tf.int32)}
+        def outputs(scores, images):
+            full = tf.image.resize(scores, tf.shape(images)[1:3], method="bilinear")
+            return {"scores": scores, "mask": tf.argmax(full, axis=-1, output_type=tf.int32)}
+
+        return scores_serving(model, size, policy, outputs)
 
     def plots(self, images: np.ndarray, ids: list[str], y_true: np.ndarray,
               outputs: np.ndarray, class_names: list[str], out_dir: Path,

@@ -521,7 +521,7 @@ class RunLogger:
     def register(self, metrics: dict, parity: dict) -> None:
         """Register the logged model as a new version of visionpipe-<model>, tagged with its
         test metrics and parity verdict, and give the best passing version the champion alias."""
-        from visionpipe.headline import TEST_METRICS, test_figures
+        from visionpipe.headline import test_figures, test_metrics
 
         def register():
             import mlflow
@@ -530,7 +530,7 @@ class RunLogger:
             name = f"visionpipe-{self.model_name}"
             tags = {f"test.{k}": v for k, v in numeric(metrics.get("test", {})).items()}
             tags.update({f"cost.{k}": v for k, v in numeric(metrics.get("cost", {})).items()})
-            if metrics.get("task") in TEST_METRICS:
+            if test_metrics(metrics.get("task")):
                 tags.update({k: v for k, v in test_figures(metrics).items()
                              if k.startswith("test_")})
             tags["export.parity_passed"] = parity.get("passed")
@@ -593,9 +593,9 @@ class RunLogger:
 
 def champion_key(task: str) -> str:
     """The version tag models are ranked by: the task's headline test metric, unrounded."""
-    from visionpipe.headline import TEST_METRICS
+    from visionpipe.headline import primary
 
-    return f"test.{TEST_METRICS[task][0]}"
+    return f"test.{primary(task)}"
 
 
 def update_champion(client, name: str, task: str) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from visionpipe.data import records
-from visionpipe.headline import TEST_METRICS, test_figures
+from visionpipe.headline import test_figures, test_metrics
 from visionpipe.models.saving import load_model
 from visionpipe.tracking.mlflow_runs import (
     PIPELINE_STAGES,
@@ -52,7 +52,7 @@ def train_headline(run: RunLogger) -> dict[str, float]:
 def evaluate_headline(metrics: dict) -> dict[str, float]:
     """headline() with the test metrics named test_<name> (test_accuracy, test_macro_f1,
     ...); its rounded co2_g is left to co2_grams."""
-    if metrics.get("task") not in TEST_METRICS:
+    if not test_metrics(metrics.get("task")):
         return {}
     return {k: v for k, v in test_figures(metrics).items() if k != "co2_g"}
 

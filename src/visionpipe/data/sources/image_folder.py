@@ -11,27 +11,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from visionpipe.data.example import Example
+from visionpipe.data.sources.files import Skipped, display_path
 from visionpipe.errors import DataError
-
-RESIZE_POLICIES = ("stretch", "pad", "crop")
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A file that was not used, and why."""
-
-    path: str
-    reason: str
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "reason": self.reason}
+from visionpipe.geometry import fit_to_size
 
 
 def to_uint8_rgb(img: Image.Image) -> np.ndarray:
@@ -76,55 +64,6 @@ def load_image(path: Path) -> np.ndarray:
     return decode(path, lambda img: to_uint8_rgb(ImageOps.exif_transpose(img)))
 
 
-def resize_geometry(hw: tuple[int, int], size: tuple[int, int], policy: str
-                    ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Where ``fit_to_size`` puts an image of (height, width) ``hw``: the size it is resized
-    to, and the (top, left) of that resized image in the output (negative when cropped)."""
-    th, tw = size
-    h, w = hw
-    if policy == "stretch":
-        return (th, tw), (0, 0)
-    if policy == "pad":
-        scale = min(th / h, tw / w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        return (nh, nw), ((th - nh) // 2, (tw - nw) // 2)
-    if policy == "crop":
-        scale = max(th / h, tw / w)
-        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-        return (nh, nw), (-((nh - th) // 2), -((nw - tw) // 2))
-    raise ValueError(f"unknown resize policy {policy!r}; known: {', '.join(RESIZE_POLICIES)}")
-
-
-def fit_to_size(image: np.ndarray, size: tuple[int, int], policy: str) -> np.ndarray:
-    """``image`` at (height, width) by ``policy``: stretch, pad (letterbox) or centre crop."""
-    th, tw = size
-    h, w = image.shape[:2]
-    if (h, w) == (th, tw):
-        return image
-    (nh, nw), (top, left) = resize_geometry((h, w), size, policy)
-    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    if policy == "pad":
-        out = np.zeros((th, tw, 3), np.uint8)
-        out[top:top + nh, left:left + nw] = resized
-        return out
-    return resized[-top:-top + th, -left:-left + tw]
-
-
-def fit_boxes(boxes: np.ndarray, hw: tuple[int, int], size: tuple[int, int], policy: str
-              ) -> np.ndarray:
-    """Boxes ``[x_min, y_min, x_max, y_max]`` in pixels of an (height, width) ``hw`` image,
-    moved to where ``fit_to_size(image, size, policy)`` puts those pixels (not clipped)."""
-    h, w = hw
-    (nh, nw), (top, left) = resize_geometry(hw, size, policy)
-    scale = np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
-    offset = np.array([left, top, left, top], np.float32)
-    return np.asarray(boxes, np.float32).reshape(-1, 4) * scale + offset
-
-
-def _display(root: Path, shown_root: str, path: Path) -> str:
-    return os.path.join(shown_root, path.relative_to(root).as_posix())
-
-
 def scan(root: Path, shown_root: str | None = None) -> tuple[list[str], list[tuple[Path, int]],
                                                               list[Skipped]]:
     """Class names (sorted sub-folder names), (file, class index) pairs, and loose files.
@@ -139,7 +78,7 @@ def scan(root: Path, shown_root: str | None = None) -> tuple[list[str], list[tup
     if not class_dirs:
         raise DataError(f"{shown}: no class sub-folders; expected {shown}/<class>/<image> "
                         "with one sub-folder per class")
-    loose = [Skipped(_display(root, shown, p), "not inside a class folder")
+    loose = [Skipped(display_path(root, shown, p), "not inside a class folder")
              for p in sorted(root.iterdir()) if p.is_file()]
     files: list[tuple[Path, int]] = []
     for index, folder in enumerate(class_dirs):
@@ -165,7 +104,7 @@ def load_folder(root: Path, image_size: tuple[int, int], policy: str,
         try:
             image = fit_to_size(load_image(path), image_size, policy)
         except DataError as exc:
-            skipped.append(Skipped(_display(root, shown, path), str(exc)))
+            skipped.append(Skipped(display_path(root, shown, path), str(exc)))
             continue
         examples.append(Example(id=path.relative_to(root).as_posix(), image=image, label=label))
     counts = np.bincount([ex.label for ex in examples], minlength=len(names))

@@ -41,22 +41,22 @@ import numpy as np
 from PIL import Image
 
 from visionpipe.data.example import Example
-from visionpipe.data.sources.image_folder import Skipped, _display, decode, load_image
+from visionpipe.data.sources.files import (
+    MAX_LISTED,
+    Skipped,
+    display_path,
+    image_extensions,
+    list_folder,
+)
+from visionpipe.data.sources.image_folder import decode, load_image
 from visionpipe.errors import DataError
 
-MAX_LISTED = 20  # problems listed in one error; the rest are counted
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
 class MaskFormatError(DataError):
     """A readable mask whose pixel format cannot hold class values (colour, 16-bit, alpha)."""
-
-
-def image_extensions() -> frozenset[str]:
-    """Lower-case file extensions (with the dot) of every format PIL can open."""
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                     if fmt in Image.OPEN)
 
 
 def _mask_values(mask_values: Mapping[int, str]) -> tuple[list[int], list[str]]:
@@ -80,30 +80,6 @@ def _mask_values(mask_values: Mapping[int, str]) -> tuple[list[int], list[str]]:
     if wrong:
         raise DataError("mask_values: " + "; ".join(wrong))
     return [int(v) for v in values], names
-
-
-def _list_folder(folder: Path, kind: str, root: Path, shown: str, extensions: frozenset[str],
-                 problems: list[str], skipped: list[Skipped]) -> dict[str, Path]:
-    """``stem -> file`` for the image files directly in ``folder``; the rest to ``skipped``."""
-    by_stem: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.is_dir():
-            skipped.append(Skipped(_display(root, shown, path),
-                                   f"folder inside {folder.name}/ is not read; put the {kind}s "
-                                   f"directly in {folder.name}/"))
-        elif path.suffix.lower() not in extensions:
-            skipped.append(Skipped(_display(root, shown, path),
-                                   f"not an image file (extension {path.suffix or 'none'!r})"))
-        else:
-            by_stem.setdefault(path.stem, []).append(path)
-    for stem, paths in by_stem.items():
-        if len(paths) > 1:
-            shown_paths = ", ".join(_display(root, shown, p) for p in paths)
-            problems.append(f"{shown_paths}: {len(paths)} {kind}s share the name {stem!r}; keep "
-                            f"one {kind} per name")
-    return {stem: paths[0] for stem, paths in by_stem.items()}
 
 
 def _uniform_alpha(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -220,16 +196,16 @@ def load_pairs(root: Path, mask_values: Mapping[int, str], *, images: str = "ima
 
     extensions = image_extensions()
     skipped: list[Skipped] = []
-    image_files = _list_folder(root / images, "image", root, shown, extensions, problems,
+    image_files = list_folder(root / images, "image", root, shown, extensions, problems,
                                skipped)
-    mask_files = _list_folder(root / masks, "mask", root, shown, extensions, problems, skipped)
+    mask_files = list_folder(root / masks, "mask", root, shown, extensions, problems, skipped)
     for stem, path in sorted(image_files.items()):
         if stem not in mask_files:
-            problems.append(f"{_display(root, shown, path)}: image without a mask; looked for "
+            problems.append(f"{display_path(root, shown, path)}: image without a mask; looked for "
                             f"{shown}/{masks}/{stem}.* (any image extension)")
     for stem, path in sorted(mask_files.items()):
         if stem not in image_files:
-            problems.append(f"{_display(root, shown, path)}: mask without an image; looked for "
+            problems.append(f"{display_path(root, shown, path)}: mask without an image; looked for "
                             f"{shown}/{images}/{stem}.* (any image extension)")
     stems = sorted(set(image_files) & set(mask_files))
     if not stems:
@@ -241,8 +217,8 @@ def load_pairs(root: Path, mask_values: Mapping[int, str], *, images: str = "ima
     iterator = progress(stems) if progress else stems
     for stem in iterator:
         image_path, mask_path = image_files[stem], mask_files[stem]
-        shown_image, shown_mask = (_display(root, shown, image_path),
-                                   _display(root, shown, mask_path))
+        shown_image, shown_mask = (display_path(root, shown, image_path),
+                                   display_path(root, shown, mask_path))
         image = mask = None
         try:
             image = load_image(image_path)

@@ -45,8 +45,14 @@ from defusedxml import (
     ExternalReferenceForbidden,
 )
 
-from visionpipe.data.sources.image_folder import Skipped, _display, decode
-from visionpipe.data.sources.mask_folder import MAX_LISTED, _list_folder, image_extensions
+from visionpipe.data.sources.files import (
+    MAX_LISTED,
+    Skipped,
+    display_path,
+    image_extensions,
+    list_folder,
+)
+from visionpipe.data.sources.image_folder import decode
 from visionpipe.errors import DataError
 
 _REFUSED = ("is refused for safety (entity expansion and external references can exhaust "
@@ -227,17 +233,17 @@ def _list_annotations(folder: Path, root: Path, shown: str, same_folder: bool,
         if path.name.startswith(".") or (same_folder and suffix != ".xml"):
             continue  # in a shared folder, the image listing reports everything else
         if path.is_dir():
-            skipped.append(Skipped(_display(root, shown, path),
+            skipped.append(Skipped(display_path(root, shown, path),
                                    f"folder inside {folder.name}/ is not read; put the .xml "
                                    f"files directly in {folder.name}/"))
         elif suffix != ".xml":
-            skipped.append(Skipped(_display(root, shown, path), "not a VOC annotation file "
+            skipped.append(Skipped(display_path(root, shown, path), "not a VOC annotation file "
                                    f"(extension {path.suffix or 'none'!r}, expected .xml)"))
         else:
             by_stem.setdefault(path.stem, []).append(path)
     for stem, paths in by_stem.items():
         if len(paths) > 1:
-            names = ", ".join(_display(root, shown, p) for p in paths)
+            names = ", ".join(display_path(root, shown, p) for p in paths)
             problems.append(f"{names}: {len(paths)} annotation files share the name {stem!r}; "
                             "keep one per image")
     return {stem: paths[0] for stem, paths in by_stem.items()}
@@ -337,7 +343,7 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
     same_folder = images_dir.resolve() == annotations_dir.resolve()
     extensions = image_extensions()
     skipped: list[Skipped] = []
-    images = _list_folder(images_dir, "image", root, shown, extensions, problems, skipped)
+    images = list_folder(images_dir, "image", root, shown, extensions, problems, skipped)
     if same_folder:  # the annotations beside the images are not stray files
         skipped = [s for s in skipped if not s.path.lower().endswith(".xml")]
     xmls = _list_annotations(annotations_dir, root, shown, same_folder, problems, skipped)
@@ -351,13 +357,14 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
     for stem, path in sorted(images.items()):
         if stem not in xmls:
             counts["images_without_annotation"] += 1
-            skipped.append(Skipped(_display(root, shown, path), "no annotation file; looked for "
-                                   f"{shown_xmls}/{stem}.xml (an image without objects needs "
-                                   "an annotation file with no <object>)"))
+            skipped.append(Skipped(display_path(root, shown, path),
+                                   f"no annotation file; looked for {shown_xmls}/{stem}.xml (an "
+                                   "image without objects needs an annotation file with no "
+                                   "<object>)"))
     for stem, path in sorted(xmls.items()):
         if stem not in images:
             counts["annotations_without_image"] += 1
-            skipped.append(Skipped(_display(root, shown, path), "no image for this annotation; "
+            skipped.append(Skipped(display_path(root, shown, path), "no image for this annotation; "
                                    f"looked for {shown_images}/{stem}.* (any image extension)"))
     stems = sorted(set(images) & set(xmls))
     if not stems and not problems:
@@ -370,8 +377,8 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
     unknown: Counter = Counter()  # objects per unknown class name
     unknown_files: Counter = Counter()  # files per unknown class name
     for stem in stems:
-        shown_image = _display(root, shown, images[stem])
-        shown_xml = _display(root, shown, xmls[stem])
+        shown_image = display_path(root, shown, images[stem])
+        shown_xml = display_path(root, shown, xmls[stem])
         try:
             ann = parse_annotation(xmls[stem], shown=shown_xml)
         except DataError as exc:
@@ -407,7 +414,7 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
     samples: list[VocSample] = []
     dropped: list[str] = []
     for stem, ann, width, height in usable:
-        kept = _boxes(ann, width, height, _display(root, shown, xmls[stem]), counts, dropped)
+        kept = _boxes(ann, width, height, display_path(root, shown, xmls[stem]), counts, dropped)
         boxes = np.array([box for _, box in kept], np.float32).reshape(-1, 4)
         class_ids = np.array([ids[obj.name] for obj, _ in kept], np.int64)
         difficult = np.array([obj.difficult for obj, _ in kept], bool)

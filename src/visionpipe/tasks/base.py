@@ -1,0 +1,152 @@
+"""The task interface: what every task must decide, and what it may change.
+
+A task (classification, segmentation, detection) owns what differs between them: the model's
+inputs and targets, loss and metrics, test metrics, plots, the agreement that export parity is
+judged on and what the SavedModel serves. Stages call these methods unconditionally, so a
+misspelt override fails loudly instead of quietly taking a default (keras-hub's ``Task``,
+ultralytics' ``BaseTrainer``). A task knows no model family: a family whose models need more
+than Keras' ``compile``/``predict`` (a detector's own losses and box decoding) hands the task an
+object of the task's ``Hooks`` class when it registers (:mod:`visionpipe.models.registry`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from visionpipe.errors import ModelError
+
+
+class Task(abc.ABC):
+    """Base class of every task; subclasses are listed in :mod:`visionpipe.tasks.registry`."""
+
+    name: ClassVar[str]
+    # Test metrics of reports/metrics/<model>.json that make the model's headline; the first
+    # ranks models (higher is better) and is what the task's baseline is compared on.
+    headline_metrics: ClassVar[tuple[str, ...]]
+    # The key of agreement() that export parity thresholds (min_agreement) apply to.
+    agreement_key: ClassVar[str]
+    # What the SavedModel's serving_default returns, for export.json and the model card.
+    served_outputs: ClassVar[dict[str, str]]
+    # Whether `visionpipe predict` runs this task's exports on a folder of images.
+    predicts_folders: ClassVar[bool] = False
+    # Whether the targets stay valid when images are resized (a class label does; masks and
+    # boxes move): the benchmark's image-size scaling needs it.
+    size_independent_targets: ClassVar[bool] = False
+    # The SavedModel signature export parity is measured on: serving_default when it returns
+    # the model's scores, else the fixed-size signature of raw outputs (formats.FIXED_SIGNATURE).
+    parity_on_fixed_signature: ClassVar[bool] = False
+    # The class a family of this task must hand over (None: the task needs nothing from it).
+    Hooks: ClassVar[type | None] = None
+
+    def __init__(self, hooks: Any = None):
+        hooks_class = type(self).Hooks
+        if hooks_class is not None and not isinstance(hooks, hooks_class):
+            raise ModelError(f"a {self.name} model family must register with hooks=<a "
+                             f"{hooks_class.__name__}> (got {type(hooks).__name__}); see "
+                             "docs/extending.md")
+        if hooks_class is None and hooks is not None:
+            raise ModelError(f"the {self.name} task takes no family hooks (got "
+                             f"{type(hooks).__name__})")
+        self.hooks = hooks
+
+    # ------------------------------------------------------------ what a task must decide
+
+    @abc.abstractmethod
+    def to_model_io(self, num_classes: int) -> Callable[[dict], tuple]:
+        """A function mapping one parsed record (tensors) to the model's (inputs, targets)."""
+
+    @abc.abstractmethod
+    def targets(self, rec: dict) -> Any:
+        """The ground truth of one parsed numpy record, as evaluate() takes it."""
+
+    @abc.abstractmethod
+    def predict(self, model, images: np.ndarray, batch_size: int, overlap: float) -> Any:
+        """The model's outputs on test images (float32 pixels), as evaluate() takes them."""
+
+    @abc.abstractmethod
+    def evaluate(self, truths, outputs, class_names: list[str], cfg) -> dict:
+        """Test metrics; ``per_class`` (a mapping of class -> scores) and ``baseline`` (what a
+        trivial model scores) where the task has them."""
+
+    @abc.abstractmethod
+    def plots(self, images: np.ndarray, ids: list[str], truths, outputs,
+              class_names: list[str], out_dir: Path, cfg) -> list[Path]:
+        """Write the task's plots into ``out_dir``; returns their paths."""
+
+    @abc.abstractmethod
+    def agreement(self, reference: np.ndarray, other: np.ndarray) -> dict:
+        """How closely another runtime's forward() outputs follow the Keras model's; holds
+        ``agreement_key``."""
+
+    @abc.abstractmethod
+    def serving_function(self, model, size: tuple[int, int], policy: str,
+                         class_names: list[str]) -> Callable:
+        """The SavedModel's ``serving_default``: uint8 images of any size -> the outputs
+        ``served_outputs`` describes."""
+
+    # -------------------------------------------------------------- what a task may change
+
+    def padding_values(self) -> Any:
+        """Padding of to_model_io()'s outputs when batching (None: they never need it)."""
+        return None
+
+    def loss(self, cfg, num_classes: int):
+        """The training loss; a task whose models bring their own overrides compile()."""
+        raise NotImplementedError(f"the {self.name} task defines neither loss() nor compile()")
+
+    def metrics(self, num_classes: int) -> list:
+        """Metrics fit reports every epoch."""
+        return []
+
+    def compile(self, model, optimizer, cfg, architecture, num_classes: int) -> None:
+        """Compile for training with the task's loss and metrics and ``cfg.jit_compile``."""
+        model.compile(optimizer=optimizer, loss=self.loss(cfg, num_classes),
+                      metrics=self.metrics(num_classes), jit_compile=cfg.jit_compile)
+
+    def evaluation_model(self, model, cfg):
+        """The model as evaluate runs it (``cfg``: the evaluate params)."""
+        return model
+
+    def export_model(self, model, cfg):
+        """The model as export writes it (``cfg``: the export params)."""
+        return model
+
+    def forward(self, model, images: np.ndarray) -> np.ndarray:
+        """The outputs every exported format is compared on (one array per image batch)."""
+        return model.predict(images, batch_size=64, verbose=0)
+
+    def fixed_outputs(self, outputs):
+        """The model's call outputs as one tensor: the fixed-size signature's ``scores``."""
+        return outputs
+
+    def resized_input_check(self, model, saved: Path, enlarged: np.ndarray,
+                            as_prepared: np.ndarray, size, policy: str, ex) -> dict:
+        """SavedModel fed ``enlarged`` images (resizing in the graph) against the Keras model
+        fed ``as_prepared``, the same images resized the way prepare resizes them (PIL)."""
+        from visionpipe.serving import SavedModelRunner
+
+        served = SavedModelRunner(saved).predict(enlarged)
+        keras_out = model.predict(as_prepared, batch_size=64, verbose=0)
+        agreement = self.agreement(keras_out, served)
+        diff = float(np.max(np.abs(keras_out.astype(np.float64) - served)))
+        return {"input_size": list(enlarged.shape[1:3]), "resize": policy,
+                "max_abs_diff": diff, **agreement,
+                "thresholds": {"max_abs_diff": None, self.agreement_key: ex.resize_min_agreement},
+                "passed": bool(agreement[self.agreement_key] >= ex.resize_min_agreement)}
+
+
+def scores_serving(model, size: tuple[int, int], policy: str,
+                   outputs: Callable[[Any, Any], dict]) -> Callable:
+    """A ``serving_default`` for models whose call returns scores: images resized inside as
+    prepare resizes them, then ``outputs(scores, images)``."""
+    from visionpipe.geometry import fit_images
+
+    def serve(images):
+        return outputs(model(fit_images(images, size, policy), training=False), images)
+
+    return serve
