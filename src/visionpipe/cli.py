@@ -10,6 +10,7 @@ from visionpipe import __version__
 from visionpipe.config import PREDICT_FORMATS
 from visionpipe.console import VERBOSE_ENV, quiet_native_logs, set_verbose
 from visionpipe.errors import VisionpipeError
+from visionpipe.tasks.registry import task_names
 
 STAGES = {
     "prepare": ("task", "Write train/val/test TFRecord shards and manifest.json for a task "
@@ -34,6 +35,8 @@ COMMANDS = {
     "summary": (None, "One table of every model in params from reports/: task, headline "
                       "test metric beside its baseline, parameters, latency, CO2 in grams, "
                       "training time, kept/run epochs and the export verdict."),
+    "schema": (None, "Print the JSON Schema of params.yaml (what params.schema.json holds, "
+                     "for editors): `visionpipe schema > params.schema.json`."),
 }
 
 
@@ -50,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         if target is None:
             pass
         elif target == "task":
-            p.add_argument("--task", required=True,
-                           choices=("classification", "segmentation", "detection"),
+            p.add_argument("--task", required=True, choices=task_names(),
                            help="which task's data (a key of the prepare/augment params)")
         else:
             p.add_argument("--model", required=True,
@@ -131,6 +133,11 @@ def run_stage(args: argparse.Namespace) -> None:
         return
     if args.stage == "benchmark":
         benchmark(args)
+        return
+    if args.stage == "schema":
+        from visionpipe.config.schema import params_json_schema_text
+
+        sys.stdout.write(params_json_schema_text())
         return
     params = load_params(args.params)
     if args.stage == "summary":

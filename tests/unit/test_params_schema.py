@@ -14,7 +14,7 @@ from visionpipe.config.schema import params_json_schema_text
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "params.schema.json"
-REGENERATE = "python -m visionpipe.config > params.schema.json"
+REGENERATE = "visionpipe schema > params.schema.json"
 
 
 def _validator() -> jsonschema.Draft202012Validator:

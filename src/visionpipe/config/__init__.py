@@ -3,7 +3,7 @@
 Every error names the key (dotted path), the value found and what is allowed, on one line.
 
 - :mod:`~visionpipe.config.schema`: the sections as pydantic dataclasses, and the JSON Schema
-  of params.yaml generated from them (``python -m visionpipe.config > params.schema.json``).
+  of params.yaml generated from them (``visionpipe schema > params.schema.json``).
 - :mod:`~visionpipe.config.rules`: checks across fields and sections, per-task rules.
 - :mod:`~visionpipe.config.loader`: reading the YAML, pydantic's errors as one line.
 - :mod:`~visionpipe.config.families`: ``spec`` fields of the model families' stdlib

@@ -337,7 +337,7 @@ SCHEMA_HEADER = {
     "$id": "params.schema.json",
     "title": "visionpipe params.yaml",
     "description": "Generated from visionpipe.config.schema; regenerate with "
-                   "`python -m visionpipe.config > params.schema.json`. "
+                   "`visionpipe schema > params.schema.json`. "
                    "models.<name>.architecture is checked per family by "
                    "visionpipe.models.registry (the fields of the family's params dataclass).",
 }
