@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from visionpipe.config import TrainConfig
+from visionpipe.cost import flops_per_image
 from visionpipe.data.sources.shapes import CLASS_NAMES, generate_example
 from visionpipe.errors import ModelError, ParamsError
 from visionpipe.models.registry import (
@@ -19,9 +20,7 @@ from visionpipe.models.registry import (
     parse_architecture,
 )
 from visionpipe.models.saving import load_model
-from visionpipe.stages.evaluate import flops_per_image
-from visionpipe.stages.train import compile_model
-from visionpipe.tasks import get_task
+from visionpipe.tasks.registry import task_for
 
 # Shapes images hold every target any task reads (label, mask, boxes); masks count the
 # background as class 0.
@@ -43,9 +42,8 @@ def _batch(family: Family, task) -> tuple[np.ndarray, object]:
                           "mask": tf.TensorSpec(family.tiny_input, tf.uint8),
                           "boxes": tf.TensorSpec((None, 4), tf.float32),
                           "box_labels": tf.TensorSpec((None,), tf.int32)})
-    to_model_io = task.to_model_io(NUM_CLASSES)
-    ds = ds.map(to_model_io)
-    padding = getattr(to_model_io, "padding_values", None)
+    ds = ds.map(task.to_model_io(NUM_CLASSES))
+    padding = task.padding_values()
     ds = ds.batch(BATCH) if padding is None else ds.padded_batch(BATCH, padding_values=padding)
     x, y = next(iter(ds))
     return x.numpy(), keras.tree.map_structure(lambda t: t.numpy(), y)
@@ -77,9 +75,9 @@ def test_family_trains_saves_loads_and_predicts_identically(family, tmp_path):
     fam = get_family(family)
     architecture = parse_architecture(family, fam.tiny, f"models.{family}.architecture")
     model = create_model(family, (*fam.tiny_input, 3), NUM_CLASSES, architecture)
-    task = get_task(fam.task)
-    compile_model(model, task, keras.optimizers.Adam(1e-3),
-                  TrainConfig(batch_size=BATCH, jit_compile=False), architecture, NUM_CLASSES)
+    task = task_for(family, fam.task)  # the task with the hooks the family hands over
+    task.compile(model, keras.optimizers.Adam(1e-3),
+                 TrainConfig(batch_size=BATCH, jit_compile=False), architecture, NUM_CLASSES)
     # One step: tracing the train step would cost more than the step (YOLO's loss: 70 s
     # traced against 7 s eager); the traced path is what the pipeline tests run.
     model.run_eagerly = True
