@@ -268,7 +268,7 @@ def inference_rate(fn, batch: np.ndarray, seconds: float, repeats: int) -> dict:
         for _ in range(calls):
             fn(batch)
         rates.append(calls * len(batch) / (time.perf_counter() - start))
-    return {"images_per_s": _median(rates), "batch_size": int(len(batch)), "calls": calls,
+    return {"images_per_s": _median(rates), "batch_size": len(batch), "calls": calls,
             "repeats": rates}
 
 

@@ -52,6 +52,7 @@ Also checked: the top-level ``plots:`` of dvc.yaml compare every model of params
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 from functools import cache
 from pathlib import Path
@@ -254,10 +255,8 @@ class CliRun:
         for n in self.tree.body:
             if isinstance(n, ast.Assign) and len(n.targets) == 1 \
                     and isinstance(n.targets[0], ast.Name):
-                try:
+                with contextlib.suppress(ValueError):
                     self.constants[n.targets[0].id] = ast.literal_eval(n.value)
-                except ValueError:
-                    pass
         self.namespace = {"stage": stage}  # what parse_args returns, as far as we know it
         self.imports = Imports(f"src/{PACKAGE}/cli.py ({stage})")
         self.seen: set[str] = set()
@@ -271,7 +270,8 @@ class CliRun:
             return
         self.seen.add(key)
         self.called.append(name)
-        env = {a.arg: v for a, v in zip(node.args.posonlyargs + node.args.args, values)}
+        params = node.args.posonlyargs + node.args.args
+        env = {a.arg: v for a, v in zip(params, values, strict=False)}
         self.block(node.body, env)
 
     def block(self, statements: list[ast.stmt], env: dict) -> bool:
@@ -286,7 +286,7 @@ class CliRun:
                     taken = [stmt.body, stmt.orelse] if test is UNKNOWN else \
                         [stmt.body] if test else [stmt.orelse]
                 # A list, not a generator: every branch taken must be walked.
-                if all([self.block(branch, env) for branch in taken]):  # noqa: C419
+                if all([self.block(branch, env) for branch in taken]):
                     return True
             elif isinstance(stmt, (ast.Return, ast.Raise)):
                 self.scan(stmt, env)
@@ -360,7 +360,7 @@ class CliRun:
             return UNKNOWN
         if isinstance(node, ast.Dict):
             out = {}
-            for key, item in zip(node.keys, node.values):
+            for key, item in zip(node.keys, node.values, strict=True):
                 item = v(item, env)
                 if key is None and isinstance(item, dict):
                     out.update(item)
@@ -509,7 +509,7 @@ def test_every_stage_runs_its_cli_command():
 
 def test_closure_follows_the_code():
     """Spot checks of the walk itself (a failure here is this test's fault, not dvc.yaml's)."""
-    assert CLI == f"{PACKAGE}.cli" and ENTRY in CliRun("prepare").functions
+    assert f"{PACKAGE}.cli" == CLI and ENTRY in CliRun("prepare").functions
     prepare, _, _ = stage_closure("prepare")
     assert {f"src/{PACKAGE}/cli.py", f"src/{PACKAGE}/stages/prepare.py"} <= set(prepare)
     assert not {f"src/{PACKAGE}/stages/train.py", f"src/{PACKAGE}/data/augment.py"} & set(prepare)

@@ -156,7 +156,7 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     report = {
         "model": model_name,
         "task": cfg.task,
-        "samples": int(len(pixels)),
+        "samples": len(pixels),
         "agreement_key": task.agreement_key,
         "formats": report_formats,
     }

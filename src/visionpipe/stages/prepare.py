@@ -118,9 +118,9 @@ def remap_mask(mask: np.ndarray, values: dict[int, str], where: str) -> np.ndarr
     bad = ~valid[mask]
     if bad.any():
         found, counts = np.unique(mask[bad], return_counts=True)
-        raise DataError(f"{where}: mask values {dict(zip(found.tolist(), counts.tolist()))} "
-                        f"(value: pixels) are not in mask_values {values}; add them to "
-                        "prepare.segmentation.mask_values")
+        shown = dict(zip(found.tolist(), counts.tolist(), strict=True))
+        raise DataError(f"{where}: mask values {shown} (value: pixels) are not in mask_values "
+                        f"{values}; add them to prepare.segmentation.mask_values")
     return table[mask]
 
 

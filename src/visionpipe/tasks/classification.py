@@ -65,7 +65,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
                       for i, name in enumerate(class_names)},
         "baseline": {"name": "majority_class", "class": class_names[majority],
                      "accuracy": float((y_true == majority).mean())},
-        "num_test_images": int(len(y_true)),
+        "num_test_images": len(y_true),
     }
 
 

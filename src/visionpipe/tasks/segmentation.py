@@ -113,7 +113,7 @@ def segmentation_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: lis
         "baseline": {"name": "majority_class", "class": class_names[majority],
                      "accuracy": float(np.trace(base) / base.sum()),
                      "mean_iou": float(np.nanmean(base_iou))},
-        "num_test_images": int(len(y_true)),
+        "num_test_images": len(y_true),
         "num_test_pixels": int(cm.sum()),
     }
 

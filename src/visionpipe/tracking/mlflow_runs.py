@@ -265,7 +265,7 @@ class RunLogger:
             return self.client.create_experiment(
                 self.experiment, artifact_location=artifact_location(self.layout,
                                                                      self.experiment))
-        except Exception:  # noqa: BLE001 - a parallel run may have just created it
+        except Exception:  # a parallel run may have just created it
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
                 raise

@@ -77,7 +77,7 @@ def prepare_builder(builder, *, name: str, task_key: str, catalog: bool = False,
     _tfds().disable_progress_bar()  # prepare draws its own bar per split
     try:
         builder.download_and_prepare()
-    except Exception as exc:  # TFDS raises many kinds of error for "no network"
+    except Exception as exc:  # noqa: BLE001 - TFDS raises many kinds of error for "no network"
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise SourceUnavailableError(
             f"{_setting(task_key, name, catalog)}TFDS dataset '{name}' is not available in "
@@ -185,7 +185,7 @@ def iter_split(builder, split: str, tally: BoxTally | None = None) -> Iterator[E
 
 
 def _has_boxes(feats) -> bool:
-    objects = feats["objects"] if "objects" in feats else None
+    objects = feats["objects"] if "objects" in feats else None  # noqa: SIM401 - no .get on FeaturesDict
     return (objects is not None and "bbox" in objects and "label" in objects
             and hasattr(objects["label"], "names"))
 
