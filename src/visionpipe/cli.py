@@ -10,7 +10,7 @@ from visionpipe import __version__
 from visionpipe.config import PREDICT_FORMATS
 from visionpipe.console import VERBOSE_ENV, quiet_native_logs, set_verbose
 from visionpipe.errors import VisionpipeError
-from visionpipe.tasks.registry import task_names
+from visionpipe.tasks.catalog import task_names
 
 STAGES = {
     "prepare": ("task", "Write train/val/test TFRecord shards and manifest.json for a task "

@@ -27,7 +27,9 @@ under ``if TYPE_CHECKING:``. Handled: ``import visionpipe.x [as y]``, ``from vis
 y`` where ``y`` is a submodule (else an attribute of ``x``), relative imports, and
 ``import_module`` / ``importlib.import_module`` / ``__import__`` with a literal string. A module
 that imports with a computed name (a registry of ``"visionpipe.pkg.module:Class"`` strings) reaches
-every module named by a whole string constant in it; if it names none, the test fails.
+every module named by a whole string constant in it or in a package module it imports (the
+registry's table, e.g. ``tasks/catalog.py``, which itself reaches nothing: the params check and
+the CLI read task names from it without pulling in the tasks); if it names none, the test fails.
 
 Packages: importing ``visionpipe.data.records`` runs ``visionpipe/__init__.py`` and
 ``visionpipe/data/__init__.py``, so those count too (and their imports are followed), but an
@@ -228,8 +230,9 @@ def module_imports(module: str) -> Imports:
                 found.name(arg.value, node.lineno)
             else:
                 dynamic = True
-    if dynamic:
-        named = {m.group(1) for n in ast.walk(tree) if isinstance(n, ast.Constant)
+    if dynamic:  # the registry's strings: in the module, or in a table it imports
+        trees = [tree, *(parse(m) for m in sorted(found.modules) if m in package_modules())]
+        named = {m.group(1) for t in trees for n in ast.walk(t) if isinstance(n, ast.Constant)
                  and isinstance(n.value, str) and (m := MODULE_STRING.match(n.value))}
         named = {n for n in named if n in package_modules()}
         if not named:

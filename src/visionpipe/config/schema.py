@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field, Strict, TypeAdapter
 from pydantic.dataclasses import dataclass
 
 from visionpipe.errors import ParamsError
-from visionpipe.tasks.registry import task_names
+from visionpipe.tasks.catalog import task_names
 
 # extra="forbid": an unknown key is an error, never silently ignored.
 CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -30,7 +30,7 @@ Float = Annotated[float, Strict()]  # accepts integers (returned as floats), rej
 Bool = Annotated[bool, Strict()]  # rejects 1, "yes"
 Str = Annotated[str, Strict(), Field(min_length=1)]
 
-# Literal of the registered task names: visionpipe.tasks.registry lists them without importing
+# Literal of the registered task names: visionpipe.tasks.catalog lists them without importing
 # TensorFlow, so a new task needs no edit here.
 TaskName = Literal[task_names()]  # type: ignore[valid-type]
 TASKS: tuple[str, ...] = task_names()

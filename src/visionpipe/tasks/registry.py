@@ -1,8 +1,8 @@
-"""Task registry: task name -> its :class:`~visionpipe.tasks.base.Task` class.
+"""Task registry: task name -> its :class:`~visionpipe.tasks.base.Task` class and objects.
 
-Names are listed here without importing the task modules (they import TensorFlow), so the
-params check, the CLI's choices and ``visionpipe --help`` stay fast. ``get_task`` imports the
-class on first use and checks that it is a Task of that name.
+The table of names lives in :mod:`visionpipe.tasks.catalog` (no imports: the params check and
+the CLI read names there). ``task_class`` imports a task's module on first use and checks that
+it holds a Task of that name.
 """
 
 from __future__ import annotations
@@ -10,19 +10,9 @@ from __future__ import annotations
 from importlib import import_module
 
 from visionpipe.errors import ModelError
+from visionpipe.tasks.catalog import TASKS, task_names
 
-# name -> "module:Class". A new task is one module under visionpipe/tasks/ plus one line here
-# (docs/extending.md).
-TASKS: dict[str, str] = {
-    "classification": "visionpipe.tasks.classification:ClassificationTask",
-    "segmentation": "visionpipe.tasks.segmentation:SegmentationTask",
-    "detection": "visionpipe.tasks.detection:DetectionTask",
-}
-
-
-def task_names() -> tuple[str, ...]:
-    """Every registered task name, in registry order."""
-    return tuple(TASKS)
+__all__ = ["TASKS", "get_task", "task_class", "task_for", "task_names"]
 
 
 def task_class(name: str) -> type:
