@@ -8,7 +8,7 @@ TensorFlow start-up to a suite that must stay under 20 minutes.
 
 The U-Net's default quality (mean IoU 0.993, docs/results.md) is not rerun here: it
 would add about 3 minutes. Its stages are tested on membrane in
-tests/unit/test_segmentation_membrane.py."""
+tests/pipeline/test_segmentation_membrane.py."""
 
 from __future__ import annotations
 
