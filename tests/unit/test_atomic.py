@@ -67,8 +67,8 @@ ALLOWED = {
         "shards go into the temporary folder of fresh_dir (prepare, augment)",
     ("data/archive.py", "safe_extract", "extractall"):
         "into a temporary folder renamed into place when complete",
-    ("stages/export.py", "_write_keras", "save"): "inside export's fresh_dir folder",
-    ("stages/export.py", "write", "write_bytes"): "inside export's fresh_dir folder",
+    ("formats.py", "_write_keras", "save"): "inside export's fresh_dir folder",
+    ("formats.py", "write", "write_bytes"): "inside export's fresh_dir folder",
     ("checkpoints.py", "on_epoch_end", "save"):
         "Checkpoints.save, which writes through atomic_path",
     ("tracking/mlflow_runs.py", "_sqlite_creation_lock", "open"): "a lock file, never read",
