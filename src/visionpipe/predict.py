@@ -19,7 +19,6 @@ from visionpipe.data import records
 from visionpipe.data.sources.image_folder import Skipped, load_image
 from visionpipe.errors import DataError, ModelError
 from visionpipe.serving import FILES, open_runner, predict_images, read_meta
-from visionpipe.tasks.registry import task_class, task_names
 
 PREDICTIONS_FILE = "predictions.json"
 
@@ -55,11 +54,13 @@ def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str
     """Predict every image under ``input_dir``; write predictions.json (one record per image,
     plus every skipped file with its reason) and, with ``render``, labelled copies."""
     meta = read_meta(export_dir)
-    task = meta.get("task")
-    if task not in task_names() or not task_class(task).predicts_folders:
-        able = [n for n in task_names() if task_class(n).predicts_folders]
-        raise ModelError(f"{export_dir}: a {task} export; predict handles "
-                         f"{', '.join(able)} exports so far")
+    if "visionpipe_predict" not in meta:
+        raise ModelError(f"{export_dir}: export.json does not say whether visionpipe predict "
+                         "runs this export (an export of an older visionpipe); rerun `dvc repro "
+                         "export@<model>`")
+    if not meta["visionpipe_predict"]:
+        raise ModelError(f"{export_dir}: a {meta.get('task')} export; visionpipe predict does "
+                         "not run those yet (load saved_model with tf.saved_model.load)")
     runner = open_runner(export_dir, fmt, meta)
     names, size, policy = meta["class_names"], tuple(meta["image_size"]), meta["resize"]
     images, used, skipped = [], [], []

@@ -140,3 +140,20 @@ def test_the_private_name_check_can_fail():
                      "export._archive(1)\n")
     assert private_imports(tree, "visionpipe.benchmark") == [
         "2: from visionpipe.plots import _save", "3: export._archive"]
+
+
+def test_predict_reads_from_export_json_whether_it_runs_an_export(tmp_path):
+    """predict imports no task code: export.json says (visionpipe_predict, from the task)."""
+    import json
+
+    from visionpipe.errors import ModelError
+    from visionpipe.predict import predict_folder
+
+    meta = {"model": "unet", "task": "segmentation", "formats": {}}
+    (tmp_path / "export.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"an older visionpipe\); rerun `dvc repro export@"):
+        predict_folder(tmp_path, tmp_path, tmp_path / "out", "saved_model", 1, False)
+    (tmp_path / "export.json").write_text(json.dumps({**meta, "visionpipe_predict": False}))
+    with pytest.raises(ModelError, match="a segmentation export; visionpipe predict does not"):
+        predict_folder(tmp_path, tmp_path, tmp_path / "out", "saved_model", 1, False)
+    assert [n for n in task_names() if task_class(n).predicts_folders] == ["classification"]

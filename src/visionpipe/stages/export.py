@@ -177,6 +177,7 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         "formats": {fmt: {"path": FILES[fmt], "input": INPUTS[fmt]} for fmt in formats},
         "outputs": task.served_outputs,
         "dataset": {"name": manifest["source"].get("name"), "checksum": manifest["checksum"]},
+        "visionpipe_predict": task.predicts_folders,  # read by `visionpipe predict`
         "visionpipe_version": __version__,
     })
     return report
