@@ -11,7 +11,8 @@ from visionpipe.config import NMSConfig
 from visionpipe.errors import ModelError, ParamsError
 from visionpipe.geometry import boxes_to_input, fit_boxes, fit_images
 from visionpipe.models.registry import create_model, known_families, parse_architecture
-from visionpipe.models.yolo import YOLOParams, detect, raw_outputs, set_nms
+from visionpipe.models.yolo import BOX_CHANNELS, YOLOParams, detect, set_nms
+from visionpipe.tasks.registry import task_for
 
 TINY = {"variant": "n", "width_multiplier": 0.25}  # 8-16-32-64 channels
 
@@ -67,11 +68,17 @@ def test_image_size_must_be_a_multiple_of_32(size, suggestion):
     assert "prepare.detection.image_size" in msg and suggestion in msg
 
 
+def raw_outputs(model, images):
+    """The raw head per anchor as export compares formats on it (the detection task's
+    forward, through YOLOHooks.flatten)."""
+    return task_for("yolo", "detection").forward(model, images)
+
+
 def test_raw_outputs_hold_one_row_per_anchor(tiny, images):
     raw = raw_outputs(tiny, images)
     # Anchors at strides 8, 16 and 32 of a 64x96 image: 8*12 + 4*6 + 2*3.
     assert raw.shape == (4, 96 + 24 + 6, 64 + 3)
-    scores = raw[..., 64:]
+    scores = raw[..., BOX_CHANNELS:]
     assert np.all((scores >= 0) & (scores <= 1))  # sigmoid class scores
 
 
@@ -85,7 +92,7 @@ def test_nms_from_params_bounds_what_is_kept(tiny, images):
     set_nms(tiny, NMSConfig(iou_threshold=0.5, confidence_threshold=0.999,
                             max_detections=100))
     strict = detect(tiny, images, 4)
-    best = raw_outputs(tiny, images)[..., 64:].max(axis=(1, 2))
+    best = raw_outputs(tiny, images)[..., BOX_CHANNELS:].max(axis=(1, 2))
     for det, top in zip(strict, best, strict=True):
         assert np.all(det["scores"] >= 0.999)
         assert (len(det["scores"]) == 0) == (top < 0.999)

@@ -156,16 +156,3 @@ def unpad(decoded: dict) -> list[dict]:
 def detect(model, images: np.ndarray, batch_size: int) -> list[dict]:
     """Detections per image (see :func:`unpad`) with the model's current NMS."""
     return unpad(model.predict(images, batch_size=batch_size, verbose=0))
-
-
-def raw_outputs(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The network's own outputs per anchor, before decoding: (N, anchors, 64 + classes),
-    64 box-distance logits then the class scores (what exported formats are compared on)."""
-    import tensorflow as tf
-
-    fn = tf.function(lambda x: model(x, training=False))
-    parts = []
-    for start in range(0, len(images), batch_size):
-        out = fn(tf.constant(images[start:start + batch_size], tf.float32))
-        parts.append(tf.concat([out["boxes"], out["classes"]], axis=-1).numpy())
-    return np.concatenate(parts)
