@@ -29,9 +29,11 @@ STAGES = {
 COMMANDS = {
     "log": ("model", "Replay a model's run into MLflow from its local files (after the "
                      "backend was unreachable); prints the new run id."),
-    "predict": ("model", "Run an exported model on a folder of images: "
-                         "OUTPUT/predictions.json (one record per image) and labelled copies "
-                         "in OUTPUT/rendered/. Needs only models/<model>/export/."),
+    "predict": ("model", "Run an exported model on a folder of images, in batches: "
+                         "OUTPUT/predictions.json (one record per image: class; masks with "
+                         "class shares; boxes in the image's pixels), OUTPUT/rendered/ copies, "
+                         "OUTPUT/masks/ (segmentation), OUTPUT/coco_results.json (detection). "
+                         "Needs only models/<model>/export/."),
     "summary": (None, "One table of every model in params from reports/: task, headline "
                       "test metric beside its baseline, parameters, latency, CO2 in grams, "
                       "training time, kept/run epochs and the export verdict."),
@@ -69,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 "else saved_model)")
             p.add_argument("--export-dir", type=Path, default=None,
                            help="the export folder (default: ROOT/models/MODEL/export)")
+            p.add_argument("--conf", type=unit_float, default=None, metavar="C",
+                           help="detection: keep boxes scoring at least C (default: "
+                                "predict.confidence)")
+            p.add_argument("--iou", type=unit_float, default=None, metavar="T",
+                           help="detection: NMS drops boxes overlapping a kept one by T or "
+                                "more (default: predict.iou)")
+            p.add_argument("--max-det", type=positive_int, default=None, metavar="N",
+                           help="detection: at most N boxes per image (default: "
+                                "predict.max_detections)")
+            p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                           help="images in memory at once (default: predict.batch_size)")
     add_benchmark(sub)
     return parser
 
@@ -76,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
 BENCHMARK = ("Measure training, input-pipeline and inference speed of the models in params "
              "against an in-memory ideal, a naive pipeline and a matmul peak; writes "
              "reports/benchmark.json and reports/benchmark.png.")
+
+
+def unit_float(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..1")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is less than 1")
+    return value
 
 
 def add_project_args(p: argparse.ArgumentParser, holds: str) -> None:

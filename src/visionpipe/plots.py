@@ -10,9 +10,10 @@ import matplotlib
 matplotlib.use("Agg")  # headless: stages run under DVC with no display
 import matplotlib.pyplot as plt
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from visionpipe.atomic import atomic_path
+from visionpipe.drawing import PALETTE, overlay  # noqa: F401 (TODO: importers -> drawing)
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -105,24 +106,3 @@ def image_grid(tiles: list[np.ndarray], columns: int, path: Path, *, scale: int 
     return path
 
 
-PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-                    [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]], np.uint8)
-
-
-def overlay(image: np.ndarray, mask: np.ndarray | None = None,
-            boxes: np.ndarray | None = None, box_labels: np.ndarray | None = None) -> np.ndarray:
-    """The image with a half-transparent class mask and class-coloured box outlines."""
-    out = image.copy()
-    if mask is not None:
-        colours = PALETTE[mask % len(PALETTE)]
-        fg = mask > 0
-        out[fg] = (0.5 * out[fg] + 0.5 * colours[fg]).astype(np.uint8)
-    if boxes is not None and len(boxes):
-        pil = Image.fromarray(out)
-        draw = ImageDraw.Draw(pil)
-        labels = box_labels if box_labels is not None else np.zeros(len(boxes), int)
-        for (x0, y0, x1, y1), lab in zip(boxes, labels, strict=True):
-            colour = tuple(int(c) for c in PALETTE[(int(lab) + 1) % len(PALETTE)])
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour)
-        out = np.asarray(pil)
-    return out

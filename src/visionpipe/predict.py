@@ -3,24 +3,57 @@
 Reads only the export folder (``export.json`` and the chosen format's file) through
 :mod:`visionpipe.serving`; no training code, params of the model or dataset are needed, so
 it runs where only ``models/<model>/export/`` was pulled.
+
+Every format runs at the model's input size; the resizing, the tiling of a segmentation
+model trained on crops and the decoding of a detector's raw head happen here, the same way for
+every format (and the way the SavedModel's ``serving_default`` does them inside its graph).
+Images stream through in batches: memory holds one batch of images, whatever the folder's
+size. What each task writes:
+
+- labels (classification): class, score and top-k per image; ``rendered/`` copies with a
+  banner.
+- masks (segmentation): ``masks/<file>.png`` (class id per pixel, at the image's own size),
+  ``rendered/<file>.png`` (the mask over the image) and each class's share of the pixels.
+- boxes (detection): boxes in the image's own pixels with class and score, ``rendered/``
+  copies with the boxes drawn, and ``coco_results.json`` (COCO's results format).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from visionpipe import box_decoding
 from visionpipe.atomic import atomic_path
+from visionpipe.console import progress
 from visionpipe.data import records
 from visionpipe.data.sources.image_folder import Skipped, load_image
+from visionpipe.drawing import draw_detections, overlay
 from visionpipe.errors import DataError, ModelError
-from visionpipe.serving import FILES, open_runner, predict_images, read_meta
+from visionpipe.geometry import fit_images, resize_geometry
+from visionpipe.serving import FILES, open_runner, read_meta
+from visionpipe.tiling import sliding_window
 
 PREDICTIONS_FILE = "predictions.json"
+COCO_FILE = "coco_results.json"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line and ``predict`` in params.yaml decide."""
+
+    top_k: int = 3
+    render: bool = True
+    confidence: float = 0.25
+    iou: float = 0.7
+    max_detections: int = 100
+    batch_size: int = 16
 
 
 def list_files(input_dir: Path, exclude: Path | None = None) -> list[Path]:
@@ -49,10 +82,176 @@ def render_label(image: np.ndarray, text: str) -> Image.Image:
     return canvas
 
 
-def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str, top_k: int,
-                   render: bool) -> dict:
-    """Predict every image under ``input_dir``; write predictions.json (one record per image,
-    plus every skipped file with its reason) and, with ``render``, labelled copies."""
+def kind_of(meta: dict) -> str:
+    """What the export predicts, from the outputs export.json lists: boxes, masks or labels."""
+    outputs = meta.get("outputs") or {}
+    if "boxes" in outputs:
+        return "boxes"
+    if "mask" in outputs:
+        return "masks"
+    return "labels"
+
+
+def batches(files: list[Path], input_dir: Path, size: int, skipped: list[Skipped]
+            ) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """(relative path, uint8 RGB image) in lists of ``size``; unreadable files go to
+    ``skipped`` with their reason. A progress bar counts files on a terminal."""
+    chunk: list[tuple[str, np.ndarray]] = []
+    for path in progress(files, desc="predict", unit="image"):
+        rel = path.relative_to(input_dir).as_posix()
+        try:
+            chunk.append((rel, load_image(path)))
+        except DataError as exc:
+            skipped.append(Skipped(rel, str(exc)))
+            continue
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _save(image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp,
+                                                                                  format="PNG")
+
+
+class Predictor:
+    """One export's runner and the geometry export.json records, for one output kind."""
+
+    def __init__(self, export_dir: Path, fmt: str, meta: dict, options: Options,
+                 output_dir: Path):
+        self.runner = open_runner(export_dir, fmt, meta)
+        self.meta, self.options, self.out = meta, options, output_dir
+        self.names = list(meta["class_names"])
+        self.size = tuple(int(d) for d in meta["image_size"])
+        self.policy = meta["resize"]
+        # A segmentation model trained on crops sees images at prepare's size, in tiles.
+        self.scale = tuple(int(d) for d in meta.get("scale") or self.size)
+        self.overlap = float(meta.get("tile_overlap", 0.25))
+        self.kind = kind_of(meta)
+        self.coco: list[dict] = []
+        if self.kind == "boxes":
+            self.decoder = self._checked_decoder(export_dir)
+
+    def _checked_decoder(self, export_dir: Path) -> dict:
+        try:
+            return box_decoding.check_decoder(self.meta.get("decoder"))
+        except ValueError as exc:
+            raise ModelError(f"{Path(export_dir) / 'export.json'}: {exc}") from None
+
+    def fitted(self, images: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+        """Each image resized to ``size`` as prepare resized the training images (images of
+        one shape go through together)."""
+        out: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape[:2], []).append(i)
+        for indices in groups.values():
+            batch = np.stack([images[i] for i in indices])
+            fit = fit_images(batch, size, self.policy).numpy().astype(np.uint8)
+            for i, image in zip(indices, fit, strict=True):
+                out[i] = image
+        return out
+
+    def raw(self, images: list[np.ndarray]) -> np.ndarray:
+        """The format's outputs for images already at the model's size."""
+        return self.runner.predict(np.stack(images))
+
+    def run(self, chunk: list[tuple[str, np.ndarray]], start: int) -> list[dict]:
+        """Records of one batch (``start``: the index of its first image among those read)."""
+        rels, images = [r for r, _ in chunk], [im for _, im in chunk]
+        base = [{"file": rel, "height": int(im.shape[0]), "width": int(im.shape[1])}
+                for rel, im in chunk]
+        if self.kind == "boxes":
+            return self._boxes(rels, images, base, start)
+        if self.kind == "masks":
+            return self._masks(rels, images, base)
+        return self._labels(rels, images, base)
+
+    def _labels(self, rels, images, base) -> list[dict]:
+        scores = self.raw(self.fitted(images, self.size))
+        k = min(self.options.top_k, len(self.names))
+        records_ = []
+        for rec, rel, image, row in zip(base, rels, images, scores, strict=True):
+            order = np.argsort(-row, kind="stable")[:k]
+            rec.update(class_id=int(order[0]), class_name=self.names[order[0]],
+                       score=float(row[order[0]]),
+                       top_k=[{"class_name": self.names[i], "score": float(row[i])}
+                              for i in order])
+            if self.options.render:
+                _save(render_label(image, f"{rec['class_name']} {rec['score']:.2f}"),
+                      self.out / "rendered" / f"{rel}.png")
+            records_.append(rec)
+        return records_
+
+    def _masks(self, rels, images, base) -> list[dict]:
+        import tensorflow as tf
+
+        fitted = self.fitted(images, self.scale)
+        if self.scale == self.size:
+            scores = list(self.raw(fitted))
+        else:
+            scores = [sliding_window(lambda tiles: self.raw(list(tiles.astype(np.uint8))),
+                                     image, self.size, self.overlap, self.options.batch_size)
+                      for image in fitted]
+        for rec, rel, image, s in zip(base, rels, images, scores, strict=True):
+            full = tf.image.resize(s[None].astype(np.float32), image.shape[:2],
+                                   method="bilinear")
+            mask = tf.argmax(full[0], axis=-1).numpy().astype(np.uint8)
+            counts = np.bincount(mask.ravel(), minlength=len(self.names))
+            rec["class_shares"] = {n: round(float(c) / mask.size, 6)
+                                   for n, c in zip(self.names, counts, strict=True)}
+            rec["mask"] = f"masks/{rel}.png"
+            _save(mask, self.out / rec["mask"])
+            if self.options.render:
+                _save(overlay(image, mask), self.out / "rendered" / f"{rel}.png")
+        return base
+
+    def _boxes(self, rels, images, base, start: int) -> list[dict]:
+        o = self.options
+        raw = self.raw(self.fitted(images, self.size))
+        found = box_decoding.decode_raw(raw, self.size, confidence=o.confidence, iou=o.iou,
+                                        max_detections=o.max_detections, decoder=self.decoder)
+        for i, (rec, rel, image, det) in enumerate(zip(base, rels, images, found,
+                                                       strict=True)):
+            boxes = to_image_pixels(det["boxes"], image.shape[:2], self.size, self.policy)
+            rec["image_id"] = start + i
+            rec["detections"] = [
+                {"class_id": int(k), "class_name": self.names[int(k)], "score": float(s),
+                 "box": [round(float(v), 2) for v in b]}
+                for b, k, s in zip(boxes, det["class_ids"], det["scores"], strict=True)]
+            self.coco.extend(
+                {"image_id": start + i, "category_id": int(k),
+                 "bbox": [round(float(b[0]), 2), round(float(b[1]), 2),
+                          round(float(b[2] - b[0]), 2), round(float(b[3] - b[1]), 2)],
+                 "score": round(float(s), 5)}
+                for b, k, s in zip(boxes, det["class_ids"], det["scores"], strict=True))
+            if o.render:
+                labels = [f"{self.names[int(k)]} {s:.2f}" for k, s in
+                          zip(det["class_ids"], det["scores"], strict=True)]
+                _save(draw_detections(image, boxes, det["class_ids"], labels),
+                      self.out / "rendered" / f"{rel}.png")
+        return base
+
+
+def to_image_pixels(boxes: np.ndarray, hw: tuple[int, int], size: tuple[int, int],
+                    policy: str) -> np.ndarray:
+    """Boxes in the model's input pixels back in the pixels of the (height, width) ``hw``
+    image they came from (the inverse of prepare's ``fit_boxes``), clipped to it."""
+    (nh, nw), (top, left) = resize_geometry(hw, size, policy)
+    h, w = hw
+    scale = np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+    offset = np.array([left, top, left, top], np.float32)
+    out = (np.asarray(boxes, np.float32).reshape(-1, 4) - offset) / scale
+    return np.clip(out, 0, np.array([w, h, w, h], np.float32))
+
+
+def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str,
+                   options: Options) -> dict:
+    """Predict every image under ``input_dir`` in batches; write predictions.json (one record
+    per image, plus every skipped file with its reason) and what the task renders."""
     meta = read_meta(export_dir)
     if "visionpipe_predict" not in meta:
         raise ModelError(f"{export_dir}: export.json does not say whether visionpipe predict "
@@ -61,55 +260,59 @@ def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str
     if not meta["visionpipe_predict"]:
         raise ModelError(f"{export_dir}: a {meta.get('task')} export; visionpipe predict does "
                          "not run those yet (load saved_model with tf.saved_model.load)")
-    runner = open_runner(export_dir, fmt, meta)
-    names, size, policy = meta["class_names"], tuple(meta["image_size"]), meta["resize"]
-    images, used, skipped = [], [], []
-    for path in list_files(input_dir, exclude=output_dir):  # an output inside the input
-        rel = path.relative_to(input_dir).as_posix()
-        try:
-            images.append(load_image(path))
-            used.append(rel)
-        except DataError as exc:
-            skipped.append(Skipped(rel, str(exc)))
-    if not images:
+    files = list_files(input_dir, exclude=output_dir)  # an output inside the input
+    output_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(export_dir, fmt, meta, options, output_dir)
+    predictions: list[dict] = []
+    skipped: list[Skipped] = []
+    for chunk in batches(files, input_dir, options.batch_size, skipped):
+        predictions.extend(predictor.run(chunk, len(predictions)))
+    if not predictions:
         raise DataError(f"{input_dir}: no image could be read ({len(skipped)} file(s) skipped"
                         + (f", e.g. {skipped[0].path}: {skipped[0].reason}" if skipped else "")
                         + "); pass a folder of JPEG/PNG/BMP/GIF images")
-    scores = predict_images(runner, images, size, policy)
-    k = min(top_k, len(names))
-    predictions = []
-    for rel, image, row in zip(used, images, scores, strict=True):
-        order = np.argsort(-row, kind="stable")[:k]
-        predictions.append({
-            "file": rel, "height": int(image.shape[0]), "width": int(image.shape[1]),
-            "class_id": int(order[0]), "class_name": names[order[0]],
-            "score": float(row[order[0]]),
-            "top_k": [{"class_name": names[i], "score": float(row[i])} for i in order]})
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if render:
-        for rec, image in zip(predictions, images, strict=True):
-            with atomic_path(output_dir / "rendered" / f"{rec['file']}.png") as tmp:
-                render_label(image, f"{rec['class_name']} {rec['score']:.2f}").save(tmp)
     result = {
         "model": meta.get("model"), "task": meta["task"], "format": fmt,
         "model_file": str(Path(export_dir) / FILES[fmt]), "input": str(input_dir),
-        "class_names": names, "count": len(predictions),
+        "class_names": predictor.names, "count": len(predictions),
         "skipped": {"count": len(skipped), "items": [s.to_dict() for s in skipped]},
-        "predictions": predictions,
     }
+    if predictor.kind == "boxes":
+        records.write_json(output_dir / COCO_FILE, predictor.coco)
+        result["thresholds"] = {"confidence": options.confidence, "iou": options.iou,
+                                "max_detections": options.max_detections}
+        result["detections"] = len(predictor.coco)
+        result["coco"] = {"results": COCO_FILE,
+                          "categories": [{"id": i, "name": n}
+                                         for i, n in enumerate(predictor.names)]}
+    result["predictions"] = predictions
     records.write_json(output_dir / PREDICTIONS_FILE, result)
     return result
+
+
+def options_from(args, settings) -> Options:
+    """Flags over ``predict`` in params.yaml."""
+    def pick(flag, key):
+        value = getattr(args, flag, None)
+        return getattr(settings, key) if value is None else value
+
+    return Options(top_k=settings.top_k, render=settings.render,
+                   confidence=pick("conf", "confidence"), iou=pick("iou", "iou"),
+                   max_detections=pick("max_det", "max_detections"),
+                   batch_size=pick("batch_size", "batch_size"))
 
 
 def run(args, params_predict) -> None:
     """The CLI command: resolve the export folder and format, predict, print a summary."""
     export_dir = args.export_dir or args.root / "models" / args.model / "export"
     fmt = args.format or params_predict.format
-    result = predict_folder(export_dir, args.input, args.output, fmt, params_predict.top_k,
-                            params_predict.render)
+    result = predict_folder(export_dir, args.input, args.output, fmt,
+                            options_from(args, params_predict))
     skipped = result["skipped"]
-    print(f"predicted {result['count']} image(s) with {fmt} ({result['model_file']}); "
-          f"wrote {args.output / PREDICTIONS_FILE}")
+    found = (f" ({result['detections']} detection(s) at confidence >= "
+             f"{result['thresholds']['confidence']})" if "detections" in result else "")
+    print(f"predicted {result['count']} image(s){found} with {fmt} ({result['model_file']}); "
+          f"wrote {args.output / PREDICTIONS_FILE}", flush=True)
     if skipped["count"]:
         print(f"skipped {skipped['count']} file(s) that are not readable images:",
               file=sys.stderr)

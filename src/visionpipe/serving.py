@@ -4,8 +4,9 @@ This module imports TensorFlow, NumPy and (for ONNX) onnxruntime, never Keras or
 code, so `visionpipe predict` works where only ``models/<model>/export/`` was pulled.
 
 Every exported format takes raw RGB pixels as uint8. The SavedModel's ``serving_default``
-takes any size and resizes inside the graph with :func:`fit_images`; the TFLite and ONNX files
-take the model's own size, and callers resize with the same function first.
+takes any size and resizes inside the graph with :func:`fit_images`; its ``serving_fixed_size``
+(what :func:`open_runner` runs), the TFLite and ONNX files take the model's own size and
+return the model's outputs there, and callers resize with the same function first.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import tensorflow as tf
 
 from visionpipe.config import PREDICT_FORMATS
 from visionpipe.errors import ModelError
-from visionpipe.geometry import fit_images
 
 META_FILE = "export.json"
+# The SavedModel signature taking uint8 at the model's size and returning its raw outputs
+# as "scores" (the TFLite files are converted from it).
+FIXED_SIGNATURE = "serving_fixed_size"
 # Format -> file or folder inside the export directory.
 FILES = {"keras": "model.keras", "saved_model": "saved_model", "tflite": "model.tflite",
          "tflite_dynamic": "model_dynamic_int8.tflite", "tflite_int8": "model_int8.tflite",
@@ -42,9 +45,8 @@ def read_meta(export_dir: Path) -> dict:
 
 
 class SavedModelRunner:
-    """The SavedModel's ``serving_default``: uint8 images of any size in, ``scores`` out."""
-
-    any_size = True
+    """A SavedModel signature's ``scores`` for uint8 images (``serving_default``: any size;
+    ``serving_fixed_size``: the model's size)."""
 
     def __init__(self, path: Path, signature: str = "serving_default"):
         self.fn = tf.saved_model.load(str(path)).signatures[signature]
@@ -55,8 +57,6 @@ class SavedModelRunner:
 
 class TFLiteRunner:
     """A .tflite file, one image per invoke as on a device; int8 outputs are dequantised."""
-
-    any_size = False
 
     def __init__(self, path: Path | None = None, content: bytes | None = None):
         import warnings
@@ -85,8 +85,6 @@ class TFLiteRunner:
 class OnnxRunner:
     """An ONNX file through onnxruntime on the CPU."""
 
-    any_size = False
-
     def __init__(self, path: Path):
         try:
             import onnxruntime as ort
@@ -101,7 +99,8 @@ class OnnxRunner:
 
 
 def open_runner(export_dir: Path, fmt: str, meta: dict | None = None):
-    """A runner for format ``fmt`` of the export in ``export_dir``; errors say what to do."""
+    """A runner of format ``fmt`` of the export in ``export_dir``: uint8 images at the model's
+    size in, the model's outputs out; errors say what to do."""
     meta = meta if meta is not None else read_meta(export_dir)
     if fmt not in RUNNABLE:
         raise ModelError(f"format {fmt!r} cannot be run by predict; choose one of "
@@ -113,25 +112,7 @@ def open_runner(export_dir: Path, fmt: str, meta: dict | None = None):
                          f"{', '.join(exported) or 'none'}); add it to export.formats in "
                          "params.yaml and run `dvc repro`, or pick one of those")
     if fmt == "saved_model":
-        return SavedModelRunner(path)
+        return SavedModelRunner(path, FIXED_SIGNATURE)
     if fmt == "onnx":
         return OnnxRunner(path)
     return TFLiteRunner(path)
-
-
-def predict_images(runner, images: list[np.ndarray], size: tuple[int, int], policy: str,
-                   batch_size: int = 32) -> np.ndarray:
-    """Scores for uint8 RGB images of any sizes: same-size runs are batched together."""
-    scores: list[np.ndarray | None] = [None] * len(images)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.shape[:2], []).append(i)
-    for shape, indices in groups.items():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            batch = np.stack([images[i] for i in chunk])
-            if not runner.any_size and shape != tuple(size):
-                batch = fit_images(batch, size, policy).numpy().astype(np.uint8)
-            for i, row in zip(chunk, runner.predict(batch), strict=True):
-                scores[i] = row
-    return np.stack(scores)

@@ -203,7 +203,7 @@ def test_rendered_label_is_drawn_on_top():
 
 
 def test_predict_skips_its_own_output_inside_the_input(project, tmp_path):
-    from visionpipe.predict import predict_folder
+    from visionpipe.predict import Options, predict_folder
 
     params, layout = project
     _train("mlp", params, layout)
@@ -217,8 +217,8 @@ def test_predict_skips_its_own_output_inside_the_input(project, tmp_path):
     test = list(records.read_split(layout.prepared("classification"), "test"))[:3]
     for ex in test:
         Image.fromarray(ex.image).save(images / f"{ex.id}.png")
-    first = predict_folder(out, images, images / "pred", "tflite", 2, True)
-    second = predict_folder(out, images, images / "pred", "tflite", 2, True)
+    first = predict_folder(out, images, images / "pred", "tflite", Options(top_k=2))
+    second = predict_folder(out, images, images / "pred", "tflite", Options(top_k=2))
     assert first["count"] == second["count"] == 3 and second["skipped"]["count"] == 0
     assert [p["file"] for p in second["predictions"]] == sorted(f"{ex.id}.png" for ex in test)
     assert [p["class_id"] for p in second["predictions"]] == [

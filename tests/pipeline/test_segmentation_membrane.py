@@ -16,7 +16,8 @@ from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model
 from visionpipe.serving import FILES
 from visionpipe.stages import augment, evaluate, export, prepare, train
-from visionpipe.tasks.segmentation import SegmentationTask, mean_iou, sliding_window, tile_starts
+from visionpipe.tasks.segmentation import SegmentationTask, mean_iou
+from visionpipe.tiling import sliding_window, tile_starts
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,8 @@ from visionpipe.tasks.segmentation import (
     SegmentationTask,
     mean_iou,
     segmentation_metrics,
-    sliding_window,
-    tile_starts,
 )
+from visionpipe.tiling import sliding_window, tile_starts
 
 NAMES = ["bg", "a", "b"]
 
@@ -127,6 +126,30 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model(shape):
     tiled = sliding_window(_pointwise, image, (64, 64), overlap=0.25, batch_size=7)
     assert tiled.shape == (*shape, 3)
     np.testing.assert_allclose(tiled, _pointwise(image), atol=1e-5)
+
+
+def test_serving_tiles_a_crop_trained_model_as_evaluate_does():
+    """The SavedModel's in-graph tiling (training scale larger than the model) blends the same
+    tiles with the same weights as sliding_window: a model whose outputs depend on where a
+    pixel sits in its tile (a U-Net with padding) shows any misplaced tile or weight."""
+    import tensorflow as tf
+
+    from visionpipe.models.registry import create_model, get_family
+    from visionpipe.tasks.segmentation import tiled_scores
+
+    model = create_model("unet", (32, 32, 3), 3, get_family("unet").tiny)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 72, 56, 3)).astype(np.float32)
+    graph = tiled_scores(model, (32, 32), (72, 56), 0.25)(tf.constant(images)).numpy()
+    host = np.stack([sliding_window(lambda b: model(b, training=False).numpy(), image,
+                                    (32, 32), 0.25) for image in images])
+    assert graph.shape == (2, 72, 56, 3)
+    np.testing.assert_allclose(graph, host, atol=1e-5)
+    serve = SegmentationTask().serving_function(model, (32, 32), "stretch", NAMES,
+                                                scale=(72, 56), overlap=0.25)
+    out = serve(tf.constant(images[:1].astype(np.uint8)))
+    assert out["scores"].shape == (1, 72, 56, 3) and out["mask"].shape == (1, 72, 56)
+    with pytest.raises(ValueError, match="tiles of 32x32 do not fit images of 16x56"):
+        tiled_scores(model, (32, 32), (16, 56), 0.25)
 
 
 def test_remap_mask_maps_values_in_order_and_names_unknown_ones():

@@ -147,13 +147,13 @@ def test_predict_reads_from_export_json_whether_it_runs_an_export(tmp_path):
     import json
 
     from visionpipe.errors import ModelError
-    from visionpipe.predict import predict_folder
+    from visionpipe.predict import Options, predict_folder
 
     meta = {"model": "unet", "task": "segmentation", "formats": {}}
     (tmp_path / "export.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match=r"an older visionpipe\); rerun `dvc repro export@"):
-        predict_folder(tmp_path, tmp_path, tmp_path / "out", "saved_model", 1, False)
+        predict_folder(tmp_path, tmp_path, tmp_path / "out", "saved_model", Options())
     (tmp_path / "export.json").write_text(json.dumps({**meta, "visionpipe_predict": False}))
     with pytest.raises(ModelError, match="a segmentation export; visionpipe predict does not"):
-        predict_folder(tmp_path, tmp_path, tmp_path / "out", "saved_model", 1, False)
-    assert [n for n in task_names() if task_class(n).predicts_folders] == ["classification"]
+        predict_folder(tmp_path, tmp_path, tmp_path / "out", "saved_model", Options())
+    assert [n for n in task_names() if task_class(n).predicts_folders] == list(task_names())

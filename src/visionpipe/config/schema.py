@@ -275,6 +275,12 @@ class PredictConfig:
     format: PredictFormat = "saved_model"
     top_k: Int = Field(3, ge=1, le=1000)  # classes listed per image, best first
     render: Bool = True  # draw the prediction onto a copy of each image
+    # Detection: boxes scoring at least this are kept (--conf); a box overlapping a kept one
+    # by this IoU or more is dropped (--iou); at most this many per image (--max-det).
+    confidence: Float = Field(0.25, ge=0, le=1)
+    iou: Float = Field(0.7, gt=0, le=1)
+    max_detections: Int = Field(100, ge=1, le=10000)
+    batch_size: Int = Field(16, ge=1, le=4096)  # images in memory at once (--batch-size)
 
 
 @dataclass(frozen=True, config=CONFIG)

@@ -11,12 +11,13 @@ from visionpipe.console import progress
 from visionpipe.data import records
 from visionpipe.data.augment import augment_example
 from visionpipe.data.example import Example
+from visionpipe.drawing import overlay
 from visionpipe.layout import Layout
 from visionpipe.stages.common import fresh_dir
 
 
 def _tile(ex: Example):
-    return plots.overlay(ex.image, ex.mask, ex.boxes, ex.box_labels)
+    return overlay(ex.image, ex.mask, ex.boxes, ex.box_labels)
 
 
 def run(params: Params, task: str, layout: Layout) -> dict:

@@ -165,6 +165,7 @@ class DetectionTask(Task):
         "serving_fixed_size": "scores: float32 [batch, anchors, channels + classes], the raw "
                               "head outputs (the family's box channels, then class scores)"}
     parity_on_fixed_signature = True
+    predicts_folders = True
     Hooks = DetectorHooks
 
     def to_model_io(self, num_classes: int):

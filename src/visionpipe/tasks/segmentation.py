@@ -15,7 +15,9 @@ import tensorflow as tf
 from keras import ops
 
 from visionpipe.config import EvaluateConfig, TrainConfig
+from visionpipe.geometry import fit_images
 from visionpipe.tasks.base import Task, scores_serving
+from visionpipe.tiling import sliding_window, tile_starts, tile_weights
 
 EPS = 1e-7
 CONFUSION_ROWS = 5000  # pixels sampled for the `dvc plots` confusion rows
@@ -118,49 +120,31 @@ def segmentation_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: lis
     }
 
 
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles covering ``length`` with at least ``overlap`` shared; the last
-    tile ends at the edge."""
-    if length <= tile:
-        return [0]
-    stride = max(1, int(tile * (1.0 - overlap)))
-    starts = list(range(0, length - tile, stride))
-    return [*starts, length - tile]
-
-
-def _taper(size: int) -> np.ndarray:
-    """Weights that fall towards a tile's edges, where a model sees the least context."""
-    ramp = np.minimum(np.arange(size) + 0.5, size - np.arange(size) - 0.5) / (size / 2)
-    return np.clip(ramp, 0.05, 1.0)
-
-
-def sliding_window(predict, image: np.ndarray, tile: tuple[int, int], overlap: float = 0.25,
-                   batch_size: int = 16) -> np.ndarray:
-    """Scores (H, W, K) for one image of any size from a model taking ``tile``-sized inputs.
-
-    Overlapping tiles are predicted in batches and blended with weights that taper towards
-    each tile's edges, so seams do not show. An image smaller than a tile is padded by
-    reflection and the result cropped back.
-    """
-    th, tw = tile
-    h, w = image.shape[:2]
-    ph, pw = max(0, th - h), max(0, tw - w)
-    if ph or pw:
-        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-    H, W = image.shape[:2]
-    weight = np.outer(_taper(th), _taper(tw))[..., None]
-    acc, norm = None, np.zeros((H, W, 1), np.float64)
+def tiled_scores(model, tile: tuple[int, int], scale: tuple[int, int], overlap: float):
+    """A graph function: float images (N, *scale, 3) -> scores (N, *scale, K) from the model's
+    ``tile``-sized outputs on overlapping tiles, blended with :func:`tile_weights` (the graph
+    twin of :func:`visionpipe.tiling.sliding_window`; the tile grid is fixed by ``scale``)."""
+    th, tw = (int(d) for d in tile)
+    H, W = (int(d) for d in scale)
+    if th > H or tw > W:
+        raise ValueError(f"tiles of {th}x{tw} do not fit images of {H}x{W}")
     spots = [(y, x) for y in tile_starts(H, th, overlap) for x in tile_starts(W, tw, overlap)]
-    for i in range(0, len(spots), batch_size):
-        chunk = spots[i:i + batch_size]
-        batch = np.stack([image[y:y + th, x:x + tw] for y, x in chunk]).astype(np.float32)
-        out = np.asarray(predict(batch), np.float64)
-        if acc is None:
-            acc = np.zeros((H, W, out.shape[-1]), np.float64)
-        for (y, x), scores in zip(chunk, out, strict=True):
-            acc[y:y + th, x:x + tw] += scores * weight
-            norm[y:y + th, x:x + tw] += weight
-    return (acc / norm)[:h, :w].astype(np.float32)
+    weight = tile_weights((th, tw)).astype(np.float32)
+    norm = np.zeros((H, W, 1), np.float32)
+    for y, x in spots:
+        norm[y:y + th, x:x + tw] += weight
+
+    def fn(images):
+        n = tf.shape(images)[0]
+        batch = tf.concat([images[:, y:y + th, x:x + tw] for y, x in spots], axis=0)
+        scores = tf.cast(model(batch, training=False), tf.float32)
+        total = 0.0
+        for i, (y, x) in enumerate(spots):
+            part = scores[i * n:(i + 1) * n] * weight
+            total += tf.pad(part, [[0, 0], [y, H - y - th], [x, W - x - tw], [0, 0]])
+        return total / norm
+
+    return fn
 
 
 def pixel_sample(y_true: np.ndarray, scores: np.ndarray, limit: int = CURVE_PIXELS,
@@ -179,7 +163,7 @@ def pixel_sample(y_true: np.ndarray, scores: np.ndarray, limit: int = CURVE_PIXE
 
 def gallery_tile(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """image | ground truth | prediction, side by side, masks drawn over the image."""
-    from visionpipe.plots import overlay
+    from visionpipe.drawing import overlay
 
     image = np.clip(image, 0, 255).astype(np.uint8)
     gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
@@ -193,8 +177,10 @@ class SegmentationTask(Task):
     name = "segmentation"
     headline_metrics = ("mean_iou", "mean_dice")
     agreement_key = "mask_iou"
-    served_outputs = {"scores": "float32 [batch, H, W, classes] at the model's size, softmax "
-                                "per pixel",
+    predicts_folders = True
+    served_outputs = {"scores": "float32 [batch, H, W, classes], softmax per pixel, at the "
+                                "model's size (trained on crops: at prepare's image_size, "
+                                "tiled)",
                       "mask": "int32 [batch, height, width], class id per pixel at the input "
                               "image's own size"}
 
@@ -242,15 +228,27 @@ class SegmentationTask(Task):
         return {"pixel_agreement": float((a == b).mean()),
                 "mask_iou": mean_iou(a, b, reference.shape[-1])}
 
-    def serving_function(self, model, size, policy: str, class_names):
-        """Scores at the model's size, and the mask at the input image's own size (scores
-        resized bilinearly, then the best class per pixel)."""
+    def serving_function(self, model, size, policy: str, class_names, scale=None,
+                         overlap: float = 0.25):
+        """Scores at the scale the model was trained on, and the mask at the input image's own
+        size (scores resized bilinearly, then the best class per pixel). A model trained on
+        crops (``scale``: prepare's image_size, larger than the model's ``size``) sees the
+        image resized to ``scale`` and cut into overlapping tiles blended as evaluate blends
+        them (:mod:`visionpipe.tiling`); otherwise the image is resized to ``size``."""
 
         def outputs(scores, images):
             full = tf.image.resize(scores, tf.shape(images)[1:3], method="bilinear")
             return {"scores": scores, "mask": tf.argmax(full, axis=-1, output_type=tf.int32)}
 
-        return scores_serving(model, size, policy, outputs)
+        scale = tuple(int(d) for d in (scale or size))
+        if scale == tuple(size):
+            return scores_serving(model, size, policy, outputs)
+        tiled = tiled_scores(model, size, scale, overlap)
+
+        def serve(images):
+            return outputs(tiled(fit_images(images, scale, policy)), images)
+
+        return serve
 
     def plots(self, images: np.ndarray, ids: list[str], y_true: np.ndarray,
               outputs: np.ndarray, class_names: list[str], out_dir: Path,
