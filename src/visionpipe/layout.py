@@ -18,6 +18,10 @@ class Layout:
     def prepare_report(self, task: str) -> Path:
         return self.root / "reports" / "prepare" / f"{task}.json"
 
+    def data_stats(self, task: str) -> Path:
+        """What prepare's splits hold (data/stats.py): stats.json, class_balance.json, plots/."""
+        return self.root / "reports" / "prepare" / task
+
     def augmented(self, task: str) -> Path:
         return self.root / "data" / "augmented" / task
 

@@ -81,12 +81,20 @@ def example_input(run: RunLogger) -> np.ndarray:
     return first.image[None].astype(np.float32)
 
 
+def log_data_stats(run: RunLogger) -> None:
+    """What prepare drew of the task's dataset (reports/prepare/<task>/: stats.json,
+    class_balance.json, plots/*.png) as the run's ``data/`` artifacts. Read from reports/:
+    prepare writes them with data/prepared/<task>, which train already depends on."""
+    run.log_files([run.layout.data_stats(run.cfg.task)], "data", "dataset stats")
+
+
 def log_train(run: RunLogger, model=None, *, live_epochs: bool = False) -> None:
-    """Params, dataset, per-epoch metrics (unless logged live), history, CO2 of training, the
-    model, and the kept epoch's figures (linked to the model)."""
+    """Params, dataset and its stats, per-epoch metrics (unless logged live), history, CO2 of
+    training, the model, and the kept epoch's figures (linked to the model)."""
     layout, name = run.layout, run.model_name
     run.log_params(run.run_params())
     run.log_dataset()
+    log_data_stats(run)
     if not live_epochs:
         run.log_history(layout.history(name))
     run.log_files([layout.history(name), layout.model_meta(name)], "train", "history")
