@@ -54,9 +54,17 @@ def _check_prepare(task: str, cfg: PrepareConfig) -> None:
     if cfg.source == "voc" and task != "detection":
         raise ParamsError(f"params.yaml: {key}.source = 'voc': PASCAL VOC boxes are "
                           f"detection data, not {task}")
-    if cfg.class_names is not None and cfg.source != "voc":
+    if cfg.source in ("yolo", "coco") and task != "detection":
+        raise ParamsError(f"params.yaml: {key}.source = {cfg.source!r}: "
+                          f"{'YOLO txt' if cfg.source == 'yolo' else 'COCO JSON'} boxes are "
+                          f"detection data, not {task}")
+    if cfg.source == "coco" and not cfg.annotations_file:
+        raise ParamsError(f"params.yaml: {key}.annotations_file = None: expected the COCO "
+                          "instances JSON inside path (e.g. annotations/instances_default.json) "
+                          "when source is 'coco'")
+    if cfg.class_names is not None and cfg.source not in ("voc", "yolo"):
         _fail(f"{key}.class_names", list(cfg.class_names), "null: a class list is read "
-              "from the data for sources other than voc")
+              "from the data for sources other than voc and yolo")
     if task == "detection" and cfg.resize == "crop":
         _fail(f"{key}.resize", cfg.resize, "'pad' (letterbox, keeps the aspect ratio) or "
               "'stretch' for detection: a crop would cut boxes")

@@ -78,20 +78,28 @@ class SplitSizes:
 class PrepareConfig:
     """prepare.<task>: where a task's data comes from and how it is split and stored."""
 
-    source: Literal["shapes", "tfds", "folder", "pairs", "voc"] = "shapes"
+    source: Literal["shapes", "tfds", "folder", "pairs", "voc", "yolo", "coco"] = "shapes"
     tfds_name: Str | None = None
     tfds_data_dir: Str | None = None
     # folder: one sub-folder per class; pairs: path/<images_dir>/<name>.png with
     # path/<masks_dir>/<name>.png; voc: path/<images_dir>/<name>.jpg with PASCAL VOC XML
-    # path/<annotations_dir>/<name>.xml. Relative paths start at the project root; a .zip or
-    # .tar(.gz) is extracted first. dvc.yaml lists it as prepare's dependency, so it must exist
-    # even for the other sources.
+    # path/<annotations_dir>/<name>.xml; yolo: path/<images_dir>/[<split>/]<name>.jpg with
+    # path/<labels_dir>/[<split>/]<name>.txt and path/<data_yaml>; coco:
+    # path/<images_dir>/<file_name> with path/<annotations_file>. Relative paths start at the
+    # project root; a .zip or .tar(.gz) is extracted first. dvc.yaml lists it as prepare's
+    # dependency, so it must exist even for the other sources.
     path: Str = "data/raw"
     images_dir: Str = Field("images", json_schema_extra=tasks("segmentation", "detection"))
     masks_dir: Str = Field("masks", json_schema_extra=tasks("segmentation"))
     annotations_dir: Str = Field("annotations", json_schema_extra=tasks("detection"))
-    # Detection from voc: the classes, in id order (an object of another class is an error);
-    # null: the sorted names found in the annotation files.
+    # yolo: the label files' folder beside images_dir, and the ultralytics data.yaml (names,
+    # nc) inside path.
+    labels_dir: Str = Field("labels", json_schema_extra=tasks("detection"))
+    data_yaml: Str = Field("data.yaml", json_schema_extra=tasks("detection"))
+    # coco: the instances JSON inside path (e.g. annotations/instances_default.json).
+    annotations_file: Str | None = Field(None, json_schema_extra=tasks("detection"))
+    # Detection from voc (or yolo without a data.yaml): the classes, in id order (an object of
+    # another class is an error); null: the sorted names found (voc) or data.yaml's (yolo).
     class_names: tuple[Str, ...] | None = Field(None, min_length=1,
                                                 json_schema_extra=tasks("detection"))
     # Segmentation from pairs or tfds: mask pixel value -> class name, e.g. {255: cell,

@@ -17,9 +17,13 @@ from visionpipe.console import progress
 from visionpipe.data import archive, records
 from visionpipe.data.example import Example
 from visionpipe.data.sources import image_folder, tfds_source
+from visionpipe.data.sources.files import Skipped, reason_kind
 from visionpipe.errors import DataError
 from visionpipe.layout import Layout
 from visionpipe.stages.common import fresh_dir
+
+# Detection sources read from files: the same checks, counts and records for each.
+BOX_SOURCES = ("voc", "yolo", "coco")
 
 # What each task keeps of an Example; the rest is not written.
 TASK_TARGETS = {"classification": ("label",), "segmentation": ("mask",),
@@ -138,7 +142,7 @@ _VOC_ALTERNATIVE = ("or set prepare.detection.source: voc and put the images and
 
 def fit_detection(example: Example, size: tuple[int, int], policy: str,
                   tally: tfds_source.BoxTally) -> Example:
-    """``example`` at ``size`` as ``_voc_splits`` fits it: the image by ``policy`` (pad:
+    """``example`` at ``size`` as ``_box_splits`` fits it: the image by ``policy`` (pad:
     letterbox), the boxes moved with it by ``geometry.fit_boxes`` and clipped to the image. A
     box left without area (only a sub-pixel box can be, at float32) is dropped and listed in
     ``tally``."""
@@ -205,13 +209,14 @@ def _pairs_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
     from visionpipe.data.sources import mask_folder
 
     folder = archive.source_folder(cfg.path, root)
-    names, examples, skipped = mask_folder.load_pairs(
+    names, examples, skipped, counts = mask_folder.load_pairs_counted(
         folder, cfg.mask_values, images=cfg.images_dir, masks=cfg.masks_dir,
         shown_root=cfg.path,
         progress=lambda files: progress(files, desc=f"prepare {task}/read", unit="pair"))
     examples = [resize(ex, cfg.image_size) for ex in examples]
-    source = {"kind": "pairs", "name": folder.name, "path": cfg.path,
-              "pairs": len(examples) + len(skipped), "seed": seed}
+    # pairs found, not pairs + skipped files: a pair with both files unreadable is one pair,
+    # and stray files beside the pairs are none
+    source = {"kind": "pairs", "name": folder.name, "path": cfg.path, **counts, "seed": seed}
     return source, names, _resplit(examples, cfg, seed, task), [s.to_dict() for s in skipped]
 
 
@@ -233,38 +238,66 @@ def _folder_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
         folder, tuple(cfg.image_size), cfg.resize, shown_root=cfg.path,
         progress=lambda files: progress(files, desc=f"prepare {task}/read", unit="file"))
     source = {"kind": "folder", "name": folder.name, "path": cfg.path,
-              "files": len(examples) + len(skipped), "seed": seed}
+              "files": len(examples) + len(skipped), "samples": len(examples), "seed": seed}
     return source, names, _resplit(examples, cfg, seed, task), [s.to_dict() for s in skipped]
 
 
-def _voc_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
-    """PASCAL VOC folders: images at their stored orientation (the boxes' frame), fitted to
-    image_size by ``resize`` (pad: letterbox) with the boxes moved to match."""
-    from visionpipe.data.sources import voc
+def _load_boxes(cfg: PrepareConfig, folder: Path):
+    """The detection source's BoxDataset: VOC XML, YOLO txt or COCO JSON under ``folder``."""
+    if cfg.source == "voc":
+        from visionpipe.data.sources import voc
 
+        return voc.load_voc(folder / cfg.images_dir, folder / cfg.annotations_dir,
+                            cfg.class_names, shown_root=cfg.path)
+    if cfg.source == "yolo":
+        from visionpipe.data.sources import yolo_txt
+
+        return yolo_txt.load_yolo(folder, images=cfg.images_dir, labels=cfg.labels_dir,
+                                  data_yaml=cfg.data_yaml, class_names=cfg.class_names,
+                                  shown_root=cfg.path)
+    from visionpipe.data.sources import coco
+
+    return coco.load_coco(folder / cfg.annotations_file, folder / cfg.images_dir, root=folder,
+                          shown_root=cfg.path)
+
+
+def _box_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
+    """Detection files (VOC, YOLO, COCO): images at their stored orientation (the boxes'
+    frame), fitted to image_size by ``resize`` (pad: letterbox) with the boxes moved to match.
+
+    The loaders read image headers only; an image whose pixels then fail to decode is skipped
+    here and the dataset's counts are taken again from the samples written (a truncated JPEG
+    once left the report one sample and its boxes above the records)."""
     folder = archive.source_folder(cfg.path, root)
-    data = voc.load_voc(folder / cfg.images_dir, folder / cfg.annotations_dir, cfg.class_names,
-                        shown_root=cfg.path)
+    data = _load_boxes(cfg, folder)
     size = tuple(cfg.image_size)
-    skipped, examples = list(data.skipped), []
+    limit = np.array([size[1], size[0]] * 2, np.float32)
+    kept, unreadable, examples = [], [], []
     for sample in progress(data.samples, desc=f"prepare {task}/read", unit="image"):
         try:
             image = image_folder.decode(sample.image, image_folder.to_uint8_rgb)
         except DataError as exc:  # the header read, the pixels did not
-            skipped.append(image_folder.Skipped(f"{cfg.path}/{cfg.images_dir}/"
-                                                f"{sample.image.name}", str(exc)))
+            unreadable.append(Skipped(sample.shown_image, f"{exc} (its annotation "
+                                      f"{sample.shown_annotation} is not used)",
+                                      reason_kind(str(exc))))
             continue
-        hw = image.shape[:2]
+        boxes = np.clip(geometry.fit_boxes(sample.boxes, image.shape[:2], size, cfg.resize),
+                        0, limit)
+        gone = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if gone.any():  # only a sub-pixel box can lose its area, at float32
+            sample = sample.without(gone, f"no area left at {size[1]}x{size[0]}")
+            boxes = boxes[~gone]
+        kept.append(sample)
         examples.append(Example(
-            id=sample.id, image=geometry.fit_to_size(image, size, cfg.resize),
-            boxes=np.clip(geometry.fit_boxes(sample.boxes, hw, size, cfg.resize), 0,
-                          np.array([size[1], size[0]] * 2, np.float32)),
+            id=sample.id, image=geometry.fit_to_size(image, size, cfg.resize), boxes=boxes,
             box_labels=sample.class_ids.astype(np.int32), difficult=sample.difficult))
-    source = {"kind": "voc", "name": folder.name, "path": cfg.path, "seed": seed,
+    data = data.keep(kept, unreadable)
+    source = {"kind": cfg.source, "name": folder.name, "path": cfg.path, "seed": seed,
+              **({"annotations_file": cfg.annotations_file} if cfg.source == "coco" else {}),
               "annotations": data.counts, "dropped_boxes": data.dropped,
-              "difficult_boxes_kept": int(sum(s.difficult.sum() for s in data.samples))}
+              "difficult_boxes_kept": data.counts["difficult_boxes"]}
     return (source, data.class_names, _resplit(examples, cfg, seed, task),
-            [s.to_dict() for s in skipped])
+            [s.to_dict() for s in data.skipped])
 
 
 def _report_skipped(task: str, skipped: list[dict], report: Path) -> None:
@@ -292,13 +325,14 @@ def run(params: Params, task: str, layout: Layout) -> dict:
         elif cfg.source == "pairs":
             source, names, splits, skipped = _pairs_splits(cfg, params.seed, task,
                                                            layout.root)
-        elif cfg.source == "voc":
-            source, names, splits, skipped = _voc_splits(cfg, params.seed, task, layout.root)
+        elif cfg.source in BOX_SOURCES:
+            source, names, splits, skipped = _box_splits(cfg, params.seed, task, layout.root)
         else:
             source, names, splits = _catalog_splits(cfg, params.seed, task)
         crop = tuple(cfg.crop_size) if cfg.crop_size else None
         per_image = (cfg.image_size[0] // crop[0]) * (cfg.image_size[1] // crop[1]) if crop else 1
         manifest_splits, class_counts, class_pixels = {}, {}, {}
+        written: Counter = Counter()  # examples (before cropping) and boxes, every split
         with fresh_dir(layout.prepared(task)) as out:
             for split, (examples, total) in splits.items():
                 counter: Counter = Counter()
@@ -309,6 +343,8 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                 def kept(examples=examples, counter=counter, pixels=pixels, cut=cut):
                     for ex in examples:
                         ex = keep_targets(ex, task)
+                        written["samples"] += 1
+                        written["boxes"] += 0 if ex.boxes is None else len(ex.boxes)
                         if ex.label is not None:
                             counter[names[ex.label]] += 1
                         if ex.box_labels is not None:  # detection: boxes per class
@@ -330,6 +366,7 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                     class_counts[split] = {n: counter.get(n, 0) for n in names}
                 if pixels.any():
                     class_pixels[split] = dict(zip(names, pixels.tolist(), strict=True))
+            check_counts(task, source, skipped, written)
             warnings = absent_classes(task, names, class_counts, class_pixels)
             manifest = {
                 "task": task,
@@ -343,7 +380,7 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                 "class_counts": class_counts,
                 **({"class_pixels": class_pixels} if class_pixels else {}),
                 "skipped": {"count": len(skipped),
-                            "by_reason": dict(Counter(_reason_kind(x["reason"])
+                            "by_reason": dict(Counter(x.get("kind") or reason_kind(x["reason"])
                                                       for x in skipped)),
                             "items": skipped},
                 "warnings": warnings,
@@ -369,6 +406,31 @@ def run(params: Params, task: str, layout: Layout) -> dict:
     return manifest
 
 
+def declared_counts(source: dict, skipped: list[dict]) -> dict[str, int]:
+    """What the report says was taken from the source: samples (and boxes), from its own
+    counts. Generated and catalog sources state none."""
+    annotations = source.get("annotations") or {}
+    if "samples" in annotations:  # voc, yolo, coco
+        return {"samples": annotations["samples"], "boxes": annotations["boxes"]}
+    if source.get("kind") == "folder":
+        return {"samples": source["files"] - len(skipped)}
+    if source.get("kind") == "pairs":
+        return {"samples": source["pairs"] - source["pairs_unreadable"]}
+    return {}
+
+
+def check_counts(task: str, source: dict, skipped: list[dict], written: Counter) -> None:
+    """The report's counts must be the records written: a mismatch is a bug in prepare (the
+    truncated-JPEG one: a sample counted before its pixels failed to decode), so it stops the
+    stage before anything is kept rather than publish wrong figures."""
+    declared = declared_counts(source, skipped)
+    wrong = {k: (v, written[k]) for k, v in declared.items() if v != written[k]}
+    if wrong:
+        detail = "; ".join(f"{k}: report {a}, written {b}" for k, (a, b) in wrong.items())
+        raise RuntimeError(f"prepare.{task}: the report's counts disagree with the records "
+                           f"written ({detail}); this is a bug in visionpipe, please report it")
+
+
 def absent_classes(task: str, names: list[str], class_counts: dict, class_pixels: dict
                    ) -> list[str]:
     """One line per split missing some class. A class with no training image (classification)
@@ -391,7 +453,3 @@ def absent_classes(task: str, names: list[str], class_counts: dict, class_pixels
                      f"{split} share in prepare.{task}.splits)")
     return lines
 
-
-def _reason_kind(reason: str) -> str:
-    """The reason without its detail: 'corrupt or truncated image: ...' -> before ': '."""
-    return reason.split(": ")[0]

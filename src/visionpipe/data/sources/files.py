@@ -15,15 +15,28 @@ from PIL import Image
 MAX_LISTED = 20  # problems listed in one error; the rest are counted
 
 
+def reason_kind(reason: str) -> str:
+    """A reason without its detail: 'corrupt or truncated image: ...' -> before ': '."""
+    return reason.split(": ")[0]
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """A file that was not used, and why."""
+    """A file that was not used, and why.
+
+    ``kind`` is the reason without the details of this file, what reports count skipped files
+    by (default: the reason up to its first ': ')."""
 
     path: str
     reason: str
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", reason_kind(self.reason))
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "reason": self.reason}
+        return {"path": self.path, "reason": self.reason, "kind": self.kind}
 
 
 def display_path(root: Path, shown_root: str, path: Path) -> str:
@@ -47,10 +60,11 @@ def list_folder(folder: Path, kind: str, root: Path, shown: str, extensions: fro
         if path.is_dir():
             skipped.append(Skipped(display_path(root, shown, path),
                                    f"folder inside {folder.name}/ is not read; put the {kind}s "
-                                   f"directly in {folder.name}/"))
+                                   f"directly in {folder.name}/", "folder not read"))
         elif path.suffix.lower() not in extensions:
             skipped.append(Skipped(display_path(root, shown, path),
-                                   f"not an image file (extension {path.suffix or 'none'!r})"))
+                                   f"not an image file (extension {path.suffix or 'none'!r})",
+                                   "not an image file"))
         else:
             by_stem.setdefault(path.stem, []).append(path)
     for stem, paths in by_stem.items():

@@ -47,6 +47,7 @@ from visionpipe.data.sources.files import (
     display_path,
     image_extensions,
     list_folder,
+    reason_kind,
 )
 from visionpipe.data.sources.image_folder import decode, load_image
 from visionpipe.errors import DataError
@@ -177,6 +178,18 @@ def load_pairs(root: Path, mask_values: Mapping[int, str], *, images: str = "ima
     wraps the iteration over pairs (e.g. tqdm). Raises one DataError listing every problem
     that makes the dataset wrong (see the module docstring).
     """
+    names, examples, skipped, _ = load_pairs_counted(
+        root, mask_values, images=images, masks=masks, shown_root=shown_root,
+        progress=progress)
+    return names, examples, skipped
+
+
+def load_pairs_counted(root: Path, mask_values: Mapping[int, str], *, images: str = "images",
+                       masks: str = "masks", shown_root: str | None = None, progress=None
+                       ) -> tuple[list[str], list[Example], list[Skipped], dict[str, int]]:
+    """:func:`load_pairs`, plus counts taken after decoding: ``pairs`` found, ``samples``
+    (pairs read), ``pairs_unreadable`` (left out because a file of the pair did not decode;
+    ``pairs == samples + pairs_unreadable``)."""
     values, names = _mask_values(mask_values)
     lut = np.zeros(256, np.uint8)
     lut[values] = np.arange(len(values), dtype=np.uint8)
@@ -214,6 +227,7 @@ def load_pairs(root: Path, mask_values: Mapping[int, str], *, images: str = "ima
         raise DataError(_problem_message(shown, images, masks, problems, no_pairs=True))
 
     examples: list[Example] = []
+    unreadable = 0
     iterator = progress(stems) if progress else stems
     for stem in iterator:
         image_path, mask_path = image_files[stem], mask_files[stem]
@@ -223,14 +237,17 @@ def load_pairs(root: Path, mask_values: Mapping[int, str], *, images: str = "ima
         try:
             image = load_image(image_path)
         except DataError as exc:
-            skipped.append(Skipped(shown_image, f"{exc} (its mask {shown_mask} is not used)"))
+            skipped.append(Skipped(shown_image, f"{exc} (its mask {shown_mask} is not used)",
+                                   reason_kind(str(exc))))
         try:
             mask = load_mask(mask_path)
         except MaskFormatError as exc:
             problems.append(f"{shown_mask}: {exc}")
         except DataError as exc:
-            skipped.append(Skipped(shown_mask, f"{exc} (its image {shown_image} is not used)"))
+            skipped.append(Skipped(shown_mask, f"{exc} (its image {shown_image} is not used)",
+                                   reason_kind(str(exc))))
         ok = image is not None and mask is not None
+        unreadable += not ok
         if mask is not None:
             unexpected = _unexpected(mask, values)
             if unexpected:
@@ -255,4 +272,5 @@ def load_pairs(root: Path, mask_values: Mapping[int, str], *, images: str = "ima
         raise DataError(f"{shown}: none of the {len(stems)} image/mask pair(s) could be read "
                         f"({len(skipped)} file(s) skipped, e.g. {skipped[0].path}: "
                         f"{skipped[0].reason}); replace the unreadable files")
-    return names, examples, skipped
+    return names, examples, skipped, {"pairs": len(stems), "samples": len(examples),
+                                      "pairs_unreadable": unreadable}

@@ -32,12 +32,11 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from xml.etree.ElementTree import Element, ParseError
 
 import defusedxml.ElementTree as SafeET
-import numpy as np
 from defusedxml import (
     DefusedXmlException,
     DTDForbidden,
@@ -45,12 +44,21 @@ from defusedxml import (
     ExternalReferenceForbidden,
 )
 
+from visionpipe.data.sources.boxes import (
+    Box,
+    BoxDataset,
+    BoxSample,
+    dropped_lines,
+    make_sample,
+    recount,
+)
 from visionpipe.data.sources.files import (
     MAX_LISTED,
     Skipped,
     display_path,
     image_extensions,
     list_folder,
+    reason_kind,
 )
 from visionpipe.data.sources.image_folder import decode
 from visionpipe.errors import DataError
@@ -85,29 +93,9 @@ class Annotation:
     objects: tuple[VocObject, ...]
 
 
-@dataclass(frozen=True, eq=False)
-class VocSample:
-    """An image and its usable boxes (read-only arrays, one row per box)."""
-
-    id: str               # the shared file stem
-    image: Path
-    annotation: Path
-    width: int            # the image's stored size, as PIL reports it
-    height: int
-    boxes: np.ndarray     # float32 (n, 4): xmin, ymin, xmax, ymax in pixels, inside the image
-    class_ids: np.ndarray  # int64 (n,): index in the dataset's class_names
-    difficult: np.ndarray  # bool (n,)
-
-
-@dataclass(frozen=True)
-class VocDataset:
-    """What ``load_voc`` found: samples in stem order, and what was left out and why."""
-
-    class_names: list[str]
-    samples: list[VocSample]
-    skipped: list[Skipped] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)  # "<xml>: object i 'name' (...): why"
-    counts: dict[str, int] = field(default_factory=dict)
+# What load_voc returns: the sample and dataset shared with the YOLO and COCO sources.
+VocSample = BoxSample
+VocDataset = BoxDataset
 
 
 # --- one annotation file ------------------------------------------------------------------
@@ -235,10 +223,11 @@ def _list_annotations(folder: Path, root: Path, shown: str, same_folder: bool,
         if path.is_dir():
             skipped.append(Skipped(display_path(root, shown, path),
                                    f"folder inside {folder.name}/ is not read; put the .xml "
-                                   f"files directly in {folder.name}/"))
+                                   f"files directly in {folder.name}/", "folder not read"))
         elif suffix != ".xml":
             skipped.append(Skipped(display_path(root, shown, path), "not a VOC annotation file "
-                                   f"(extension {path.suffix or 'none'!r}, expected .xml)"))
+                                   f"(extension {path.suffix or 'none'!r}, expected .xml)",
+                                   "not a VOC annotation file"))
         else:
             by_stem.setdefault(path.stem, []).append(path)
     for stem, paths in by_stem.items():
@@ -262,35 +251,6 @@ def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
         raise DataError(f"class_names: {detail}; give a list of unique class names as they "
                         "appear in <name>, e.g. ['raccoon']")
     return names
-
-
-def _boxes(ann: Annotation, width: int, height: int, shown_xml: str,
-           counts: Counter, dropped: list[str]) -> list[tuple[VocObject, tuple[float, ...]]]:
-    """The objects whose box keeps an area inside the image, with the box clipped to it."""
-    kept = []
-    for index, obj in enumerate(ann.objects, 1):
-        x0, y0, x1, y1 = obj.xmin, obj.ymin, obj.xmax, obj.ymax
-        why = []
-        for lo, hi, axis, side in ((x0, x1, "x", "width"), (y0, y1, "y", "height")):
-            if hi < lo:
-                why.append(f"inverted corners ({axis}max < {axis}min)")
-            elif hi == lo:
-                why.append(f"zero {side}")
-        clipped = (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
-                   min(max(x1, 0.0), width), min(max(y1, 0.0), height))
-        stored = tuple(float(v) for v in np.array(clipped, np.float32))  # as the array holds it
-        if not why and (clipped[2] <= clipped[0] or clipped[3] <= clipped[1]):
-            why.append(f"outside the {width}x{height} image")
-        elif not why and (stored[2] <= stored[0] or stored[3] <= stored[1]):
-            why.append("zero width or height at float32 precision")
-        if why:
-            counts["boxes_dropped"] += 1
-            dropped.append(f"{shown_xml}: object {index} {_quote(obj.name)} "
-                           f"({x0:g}, {y0:g}, {x1:g}, {y1:g}): {', '.join(why)}")
-            continue
-        counts["boxes_clipped"] += clipped != (x0, y0, x1, y1)
-        kept.append((obj, stored))
-    return kept
 
 
 def _folder(root: Path, shown: str, folder: Path) -> str:
@@ -360,12 +320,13 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
             skipped.append(Skipped(display_path(root, shown, path),
                                    f"no annotation file; looked for {shown_xmls}/{stem}.xml (an "
                                    "image without objects needs an annotation file with no "
-                                   "<object>)"))
+                                   "<object>)", "no annotation file"))
     for stem, path in sorted(xmls.items()):
         if stem not in images:
             counts["annotations_without_image"] += 1
             skipped.append(Skipped(display_path(root, shown, path), "no image for this annotation; "
-                                   f"looked for {shown_images}/{stem}.* (any image extension)"))
+                                   f"looked for {shown_images}/{stem}.* (any image extension)",
+                                   "no image for this annotation"))
     stems = sorted(set(images) & set(xmls))
     if not stems and not problems:
         raise DataError(f"{shown}: no image/annotation pairs ({len(images)} image(s) in "
@@ -396,14 +357,15 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
         except DataError as exc:
             counts["images_unreadable"] += 1
             skipped.append(Skipped(shown_image, f"{exc} (its annotation {shown_xml} is not "
-                                                "used)"))
+                                                "used)", reason_kind(str(exc))))
             continue
         if (width, height) != (ann.width, ann.height):
             counts["images_size_mismatch"] += 1
             skipped.append(Skipped(shown_image, f"the image is {width}x{height} but its "
                                    f"annotation {shown_xml} gives <size> {ann.width}x"
                                    f"{ann.height}; the boxes may belong to another resolution: "
-                                   "fix <size> or annotate the image again"))
+                                   "fix <size> or annotate the image again",
+                                   "image size differs from its annotation"))
             continue
         usable.append((stem, ann, width, height))
     if problems:
@@ -411,26 +373,17 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
 
     names_out = wanted if wanted is not None else sorted(found)
     ids = {name: i for i, name in enumerate(names_out)}
-    samples: list[VocSample] = []
-    dropped: list[str] = []
-    for stem, ann, width, height in usable:
-        kept = _boxes(ann, width, height, display_path(root, shown, xmls[stem]), counts, dropped)
-        boxes = np.array([box for _, box in kept], np.float32).reshape(-1, 4)
-        class_ids = np.array([ids[obj.name] for obj, _ in kept], np.int64)
-        difficult = np.array([obj.difficult for obj, _ in kept], bool)
-        for arr in (boxes, class_ids, difficult):
-            arr.setflags(write=False)
-        counts["boxes"] += len(kept)
-        counts["difficult_boxes"] += int(difficult.sum())
-        counts["images_without_objects"] += not kept
-        samples.append(VocSample(id=stem, image=images[stem], annotation=xmls[stem],
-                                 width=width, height=height, boxes=boxes, class_ids=class_ids,
-                                 difficult=difficult))
-    counts["samples"] = len(samples)
+    samples = [make_sample(stem, images[stem], xmls[stem], width, height,
+                           [Box(o.name, o.xmin, o.ymin, o.xmax, o.ymax, o.difficult)
+                            for o in ann.objects], ids,
+                           shown_image=display_path(root, shown, images[stem]),
+                           shown_annotation=display_path(root, shown, xmls[stem]))
+               for stem, ann, width, height in usable]
+    counts = recount(samples, counts)
     if not samples:
         first = skipped[0] if skipped else None
         example = f", e.g. {first.path}: {first.reason}" if first else ""
         raise DataError(f"{shown}: none of the {len(stems)} image/annotation pair(s) could be "
                         f"used ({len(skipped)} file(s) skipped{example}); fix the files named")
-    return VocDataset(class_names=list(names_out), samples=samples, skipped=skipped,
-                      dropped=dropped, counts=dict(counts))
+    return BoxDataset(class_names=list(names_out), samples=samples, skipped=skipped,
+                      dropped=dropped_lines(samples), counts=counts)
