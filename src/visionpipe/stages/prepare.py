@@ -403,6 +403,8 @@ def run(params: Params, task: str, layout: Layout) -> dict:
           + ", ".join(f"{counts[s]} {s}" for s in counts)
           + f" images, {len(names)} classes, {len(skipped)} skipped; "
           f"report: {report.relative_to(layout.root)}", flush=True)
+    from visionpipe.data.stats import describe  # class balance, boxes, masks: data/stats.py
+    describe(layout.prepared(task), task, names, layout.data_stats(task))
     return manifest
 
 
