@@ -202,6 +202,9 @@ class ParityThreshold:
 
     max_abs_diff: Float = Field(1e-4, ge=0)  # largest |output difference| over the samples
     min_agreement: Float = Field(0.99, ge=0, le=1)  # the task's agreement (label agreement)
+    # Detection: how much lower the format's test mAP@.5 may be than the Keras model's, both
+    # decoded with export.nms (box_decoding) on the same images.
+    max_map_drop: Float = Field(0.01, ge=0, le=1, json_schema_extra=tasks("detection"))
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -252,10 +255,12 @@ class EvaluateConfig:
 def _default_parity() -> dict[str, ParityThreshold]:
     # Float formats match to rounding; int8 ones within a few quantisation steps, and full
     # int8 (activations too) may flip a near-tie.
-    return {"keras": ParityThreshold(max_abs_diff=0.0, min_agreement=1.0),
+    return {"keras": ParityThreshold(max_abs_diff=0.0, min_agreement=1.0, max_map_drop=0.0),
             "saved_model": ParityThreshold(), "tflite": ParityThreshold(),
-            "tflite_dynamic": ParityThreshold(max_abs_diff=0.05, min_agreement=0.98),
-            "tflite_int8": ParityThreshold(max_abs_diff=0.1, min_agreement=0.95),
+            "tflite_dynamic": ParityThreshold(max_abs_diff=0.05, min_agreement=0.98,
+                                              max_map_drop=0.02),
+            "tflite_int8": ParityThreshold(max_abs_diff=0.1, min_agreement=0.95,
+                                           max_map_drop=0.03),
             "onnx": ParityThreshold()}
 
 
@@ -265,6 +270,10 @@ class ExportConfig:
 
     formats: tuple[ExportFormat, ...] = Field(("keras", "saved_model", "tflite"), min_length=1)
     parity_samples: Int = Field(200, ge=1)
+    # Detection: parity (and the resized-input check) is judged on the first test images
+    # holding at least this many truth boxes (the whole split when it holds fewer), when
+    # parity_samples images hold fewer.
+    parity_min_boxes: Int = Field(200, ge=1, json_schema_extra=tasks("detection"))
     # Train images that calibrate tflite_int8's activation ranges.
     representative_samples: Int = Field(100, ge=1, le=100000)
     parity: dict[ExportFormat, ParityThreshold] = Field(default_factory=_default_parity)
@@ -331,6 +340,13 @@ class Params:
     def parity(self, name: str, fmt: str) -> ParityThreshold:
         """Format ``fmt``'s thresholds for model ``name``: its own, else export.parity's."""
         return self.model(name).export_parity.get(fmt) or self.export.parity[fmt]
+
+    def parity_key(self, name: str, fmt: str) -> str:
+        """Where :meth:`parity`'s thresholds come from in params.yaml, e.g.
+        ``models.yolo.export_parity.tflite_int8`` or ``export.parity.tflite``."""
+        if fmt in self.model(name).export_parity:
+            return f"models.{name}.export_parity.{fmt}"
+        return f"export.parity.{fmt}"
 
     def prepare_for(self, task: str) -> PrepareConfig:
         """The prepare section of ``task``."""
