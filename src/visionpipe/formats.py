@@ -17,15 +17,29 @@ import tensorflow as tf
 from visionpipe.data import records
 from visionpipe.errors import ModelError
 from visionpipe.models.saving import load_model
-from visionpipe.serving import OnnxRunner, SavedModelRunner, TFLiteRunner
+from visionpipe.serving import FILES, OnnxRunner, SavedModelRunner, TFLiteRunner
 
 FIXED_SIGNATURE = "serving_fixed_size"
+# The raw outputs in parts (a detector's boxes and classes), where the task has them: the
+# source of the full-int8 TFLite file, which then quantises each part on its own scale.
+PARTS_SIGNATURE = "serving_fixed_size_parts"
 # The inputs each format takes, as written in export.json and the model card.
 INPUTS = {"keras": "float32 [batch, H, W, 3], values 0..255",
           "saved_model": "uint8 [batch, any height, any width, 3] (resized inside); "
                          "serving_fixed_size: uint8 [batch, H, W, 3]",
           "tflite": "uint8 [1, H, W, 3]", "tflite_dynamic": "uint8 [1, H, W, 3]",
           "tflite_int8": "uint8 [1, H, W, 3]", "onnx": "uint8 [batch, H, W, 3]"}
+
+
+def format_meta(fmt: str, parts: bool) -> dict:
+    """Format ``fmt``'s entry in export.json (``parts``: the task has quantization_parts)."""
+    meta = {"path": FILES[fmt], "input": INPUTS[fmt]}
+    if parts and fmt == "tflite_int8":
+        meta["outputs"] = ("the raw outputs in parts (signature serving_fixed_size_parts), each "
+                           "uint8 with its own scale and zero point: dequantised and "
+                           "concatenated on the last axis in name order they are "
+                           "serving_fixed_size's scores")
+    return meta
 
 
 def file_size(path: Path) -> int:
@@ -46,9 +60,12 @@ def representative(data_dir: Path, limit: int):
 def write_saved_model(task, model, size, class_names, policy: str, path: Path) -> None:
     """A SavedModel with two signatures over uint8 pixels: ``serving_default`` takes any size
     (resized inside as prepare resizes) and returns the task's outputs (``served_outputs``);
-    ``serving_fixed_size`` takes the model's size and returns scores (the TFLite source)."""
+    ``serving_fixed_size`` takes the model's size and returns scores (the TFLite source).
+    Where the task splits its raw outputs for int8 (``quantization_parts``), a third,
+    ``serving_fixed_size_parts``, returns those parts (the full-int8 file's source)."""
 
     serve = task.serving_function(model, size, policy, class_names)
+    parts = task.quantization_parts(model)
 
     def serve_fixed(images):
         return {"scores": task.fixed_outputs(model(tf.cast(images, tf.float32),
@@ -60,6 +77,10 @@ def write_saved_model(task, model, size, class_names, policy: str, path: Path) -
         tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     archive.add_endpoint(FIXED_SIGNATURE, tf.function(serve_fixed), input_signature=[
         tf.TensorSpec([None, *size, 3], tf.uint8, name="images")])
+    if parts is not None:
+        archive.add_endpoint(PARTS_SIGNATURE, tf.function(
+            lambda images: parts(tf.cast(images, tf.float32))), input_signature=[
+            tf.TensorSpec([None, *size, 3], tf.uint8, name="images")])
     archive.write_out(str(path), verbose=False)
 
 
@@ -73,10 +94,38 @@ def _write_saved_model(*, path: Path, signature: str, **_):
     return SavedModelRunner(path, signature).predict  # written by write_saved_model
 
 
+class PartsTFLiteRunner(TFLiteRunner):
+    """A full-int8 .tflite file whose raw outputs come in parts (a detector's boxes and
+    classes, each quantised on its own scale): each dequantised with its own scale and zero
+    point, then concatenated on the last axis in name order, as ``serving_fixed_size``'s
+    ``scores``."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.signature = self.interp.get_signature_runner(PARTS_SIGNATURE)
+        self.parts = self.signature.get_output_details()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        results = []
+        for image in images:
+            out = self.signature(images=image[None].astype(self.inp["dtype"]))
+            parts = []
+            for name in sorted(out):
+                value = out[name][0].astype(np.float32)
+                scale, zero = self.parts[name]["quantization"]
+                parts.append((value - zero) * scale if scale else value)
+            results.append(np.concatenate(parts, axis=-1))
+        return np.stack(results)
+
+
 def _tflite_writer(quantize: str):
-    def write(*, path: Path, archive: Path, representative, **_):
+    def write(*, path: Path, archive: Path, representative, parts: bool = False, **_):
+        # Full int8 quantises each output on one scale: a task with parts is converted from
+        # them (formats.PARTS_SIGNATURE), so no part loses its resolution to another's range.
+        split = parts and quantize == "full"
+        signature = PARTS_SIGNATURE if split else FIXED_SIGNATURE
         converter = tf.lite.TFLiteConverter.from_saved_model(str(archive),
-                                                             signature_keys=[FIXED_SIGNATURE])
+                                                             signature_keys=[signature])
         if quantize != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights
         if quantize == "full":
@@ -85,11 +134,11 @@ def _tflite_writer(quantize: str):
             converter.inference_input_type = tf.uint8
             converter.inference_output_type = tf.uint8
         path.write_bytes(converter.convert())
-        return TFLiteRunner(path).predict
+        return (PartsTFLiteRunner if split else TFLiteRunner)(path).predict
     return write
 
 
-def _write_onnx(*, model, path: Path, size, **_):
+def _write_onnx(*, model, path: Path, size, fixed_outputs=lambda outputs: outputs, **_):
     try:
         import tf2onnx
     except ImportError:
@@ -100,7 +149,7 @@ def _write_onnx(*, model, path: Path, size, **_):
 
     @tf.function(input_signature=spec)
     def serve(images):
-        return {"scores": model(tf.cast(images, tf.float32), training=False)}
+        return {"scores": fixed_outputs(model(tf.cast(images, tf.float32), training=False))}
 
     tf2onnx.convert.from_function(serve, input_signature=spec, opset=17, output_path=str(path))
     return OnnxRunner(path).predict

@@ -15,6 +15,9 @@ from visionpipe.config import parse_params
 from visionpipe.data import records
 from visionpipe.layout import Layout
 
+FORMATS = ("keras", "saved_model", "tflite", "tflite_int8", "onnx")
+INT8_LIMITS = {"tflite_int8": {"max_abs_diff": 50.0, "min_agreement": 0.6, "max_map_drop": 0.1}}
+
 
 @pytest.fixture(scope="module")
 def detection_run(tmp_path_factory, default_params_dict):
@@ -29,7 +32,10 @@ def detection_run(tmp_path_factory, default_params_dict):
     yolo["architecture"].update(width_multiplier=0.25)
     yolo["train"].update(epochs=2, batch_size=16, warmup_epochs=0.5)
     data["evaluate"].update(latency_samples=2, latency_warmup=1, gallery=6)
-    data["export"]["parity_samples"] = 8
+    data["export"].update(parity_samples=8, parity_min_boxes=30, representative_samples=16)
+    yolo["export_formats"] = list(FORMATS)
+    # A 2-epoch detector: loose int8 limits (the default model's are in params.yaml).
+    yolo["export_parity"] = {fmt: dict(limit) for fmt, limit in INT8_LIMITS.items()}
     params = parse_params(data)
     root = tmp_path_factory.mktemp("detection")
     layout = Layout(root)
@@ -88,12 +94,15 @@ def test_evaluate_writes_curves_confusion_and_gallery(detection_run):
 def test_export_serves_boxes_in_the_input_images_pixels(detection_run):
     params, layout = detection_run
     report = json.loads(layout.export_report("yolo").read_text())
-    assert report["passed"] and set(report["formats"]) == {"keras", "saved_model"}
+    assert report["passed"] and set(report["formats"]) == set(FORMATS)
     assert report["formats"]["keras"]["max_abs_diff"] == 0.0
     assert report["formats"]["saved_model"]["anchor_agreement"] == 1.0
     assert report["resized_input"]["detection_agreement"] >= 0.95
     meta = json.loads((layout.export_dir("yolo") / "export.json").read_text())
     assert meta["task"] == "detection" and "num_detections" in meta["outputs"]
+    assert meta["decoder"] == {"kind": "yolov8_dfl", "box_channels": 64, "strides": [8, 16, 32]}
+    assert meta["nms"] == {"iou_threshold": 0.7, "confidence_threshold": 0.25,
+                           "max_detections": 100}
     served = tf.saved_model.load(str(layout.export_dir("yolo") / "saved_model"))
     image = np.zeros((1, 150, 90, 3), np.uint8)
     image[:, 40:100, 20:70] = 255
@@ -107,3 +116,67 @@ def test_export_serves_boxes_in_the_input_images_pixels(detection_run):
     names = [s.decode() for s in out["class_name"][0].numpy()]
     assert set(names[:n]) <= {"circle", "square", "triangle", "star"}
     assert set(names[n:]) <= {""}
+
+
+@pytest.mark.slow
+def test_export_parity_is_judged_on_enough_boxes_with_map_and_box_agreement(detection_run):
+    params, layout = detection_run
+    report = json.loads(layout.export_report("yolo").read_text())
+    truths = [len(ex.box_labels) for ex in records.read_split(layout.prepared("detection"),
+                                                               "test")]
+    # parity_samples (8) images hold fewer than parity_min_boxes (30): the first n that do.
+    n = int(np.searchsorted(np.cumsum(truths), 30)) + 1
+    assert sum(truths[:8]) < 30 <= sum(truths[:n]) and report["samples"] == n
+    assert report["resized_input"]["images"] == n
+    for fmt, result in report["formats"].items():
+        assert result["images"] == n and result["truth_boxes"] == sum(truths[:n]), fmt
+        assert result["map_50_drop"] == pytest.approx(result["map_50_keras"] - result["map_50"])
+        assert result["failed"] == [] and result["passed"], (fmt, result)
+        key = params.parity_key("yolo", fmt)
+        assert result["limits"] == {
+            "max_abs_diff": {"key": f"{key}.max_abs_diff", "max": params.parity("yolo", fmt)
+                             .max_abs_diff},
+            "box_agreement": {"key": f"{key}.min_agreement",
+                              "min": params.parity("yolo", fmt).min_agreement},
+            "map_50_drop": {"key": f"{key}.max_map_drop",
+                            "max": params.parity("yolo", fmt).max_map_drop}}, fmt
+    assert report["formats"]["tflite_int8"]["limits"]["map_50_drop"]["key"] == (
+        "models.yolo.export_parity.tflite_int8.max_map_drop")
+    for fmt in ("saved_model", "tflite", "onnx"):
+        assert report["formats"][fmt]["box_agreement"] == 1.0
+        assert report["formats"][fmt]["map_50_drop"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_each_exported_raw_head_decodes_to_the_keras_models_detections(detection_run):
+    """Each file run on its own (the formats' runners), its raw head decoded by
+    box_decoding, against keras-cv's own decoding and NMS of the Keras model."""
+    from visionpipe import box_decoding
+    from visionpipe.formats import PartsTFLiteRunner
+    from visionpipe.models.saving import load_model
+    from visionpipe.serving import FILES, open_runner
+    from visionpipe.tasks.detection import match_share
+    from visionpipe.tasks.registry import task_for
+
+    params, layout = detection_run
+    out = layout.export_dir("yolo")
+    meta = json.loads((out / "export.json").read_text())
+    pixels = np.stack([ex.image for ex in records.read_split(layout.prepared("detection"),
+                                                             "test")])
+    task = task_for("yolo", "detection")
+    model = task.export_model(load_model(layout.model_file("yolo")), params.export)
+    expected = task.hooks.detect(model, pixels.astype(np.float32), 32)  # keras-cv decoding
+    nms = meta["nms"]
+    decode = dict(confidence=nms["confidence_threshold"], iou=nms["iou_threshold"],
+                  max_detections=nms["max_detections"], decoder=meta["decoder"])
+    own = box_decoding.decode_raw(task.forward(model, pixels.astype(np.float32)),
+                                  tuple(meta["image_size"]), **decode)
+    assert match_share(expected, own) == (1.0, pytest.approx(0.0, abs=1e-3))
+    for fmt in ("tflite", "tflite_int8", "onnx"):
+        runner = (PartsTFLiteRunner(out / FILES[fmt]) if fmt == "tflite_int8"
+                  else open_runner(out, fmt, meta))
+        raw = runner.predict(pixels)
+        assert raw.shape == (len(pixels), 84, 64 + 4), fmt  # 64x64: 8x8 + 4x4 + 2x2 anchors
+        got = box_decoding.decode_raw(raw, tuple(meta["image_size"]), **decode)
+        share, _ = match_share(expected, got)
+        assert share >= params.parity("yolo", fmt).min_agreement, (fmt, share)

@@ -40,6 +40,14 @@ def test_every_registered_task_is_a_complete_task(name):
         f"{unknown_members(cls)}")
     # It can be trained: its own loss, or a compile of its own.
     assert cls.loss is not Task.loss or cls.compile is not Task.compile
+    # Export parity bounds its agreement, each check by a params key that exists.
+    from visionpipe.config import ParityThreshold
+
+    checks = cls.parity_checks(cls.__new__(cls))
+    assert ("max_abs_diff", "max_abs_diff", "max") in checks
+    assert (cls.agreement_key, "min_agreement", "min") in checks
+    assert all(field in ParityThreshold.__dataclass_fields__ and bound in ("max", "min")
+               for _, field, bound in checks), checks
 
 
 def test_the_misspelling_check_can_fail():

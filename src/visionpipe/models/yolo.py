@@ -105,6 +105,14 @@ class YOLOHooks(DetectorHooks):
     def class_scores(self, flat: np.ndarray) -> np.ndarray:
         return flat[..., BOX_CHANNELS:]
 
+    def raw_decoder(self) -> dict:
+        from visionpipe.box_decoding import DECODER
+
+        return DECODER
+
+    def head_parts(self, model):
+        return head_parts(model)
+
 
 # Tiny: 8-16-32-64 channels, one C2f block per stage; sides must be multiples of 32.
 @register("yolo", task="detection", params=YOLOParams,
@@ -135,6 +143,30 @@ def compile_detector(model, optimizer, p: YOLOParams) -> None:
 def set_nms(model, nms: NMSConfig) -> None:
     """Decode this detector's boxes with the thresholds of ``nms`` from now on."""
     model.prediction_decoder = nms_layer(nms)
+
+
+def head_parts(model):
+    """float32 images -> ``{"boxes": (N, A, 64), "classes": (N, A, K)}``, equal to the model's
+    own outputs but taken from the head's last layers before keras-cv concatenates boxes and
+    classes: joined, a full-int8 file quantises class scores (0..1) on the box logits' scale
+    (tens), about 0.1 per step."""
+    import keras
+    import tensorflow as tf
+
+    levels = sorted({layer.name.removesuffix("_classifier") for layer in model.layers
+                     if layer.name.startswith("yolo_v8_head_")
+                     and layer.name.endswith("_classifier")})
+    outputs = [model.get_layer(f"{level}_{part}").output
+               for part in ("box_3_conv", "classifier") for level in levels]
+    parts = keras.Model(model.inputs, outputs, name=f"{model.name}_head_parts")
+
+    def call(images):
+        flat = [tf.reshape(o, [tf.shape(o)[0], -1, o.shape[-1]])
+                for o in parts(images, training=False)]
+        return {"boxes": tf.concat(flat[:len(levels)], axis=1),
+                "classes": tf.concat(flat[len(levels):], axis=1)}
+
+    return call
 
 
 def decode(model, raw: dict, images) -> dict:

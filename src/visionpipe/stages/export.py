@@ -24,6 +24,7 @@ from visionpipe.formats import (
     INPUTS,
     WRITERS,
     file_size,
+    format_meta,
     representative,
     write_saved_model,
 )
@@ -32,19 +33,20 @@ from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
 from visionpipe.serving import FILES, META_FILE
 from visionpipe.stages.common import fresh_dir, measure_co2
+from visionpipe.tasks.base import judged
 from visionpipe.tasks.registry import task_for
 from visionpipe.tracking.stage_logs import log_export, log_stage
 
 
-def parity(task, reference: np.ndarray, other: np.ndarray, threshold) -> dict:
-    """Max abs difference and the task's agreement measure, against the format's thresholds."""
+def parity(task, reference: np.ndarray, other: np.ndarray, threshold, key: str,
+           truths: list) -> dict:
+    """Max abs difference and the task's parity measures (on the images of ``truths``),
+    each against its limit in ``threshold`` (read from params key ``key``)."""
     diff = float(np.max(np.abs(reference.astype(np.float64) - other.astype(np.float64))))
-    agreement = task.agreement(reference, other)
-    key = task.agreement_key
-    return {"max_abs_diff": diff, **agreement,
-            "thresholds": {"max_abs_diff": threshold.max_abs_diff, key: threshold.min_agreement},
-            "passed": bool(diff <= threshold.max_abs_diff
-                           and agreement[key] >= threshold.min_agreement)}
+    values = {"max_abs_diff": diff, **task.parity_measures(reference, other, truths)}
+    return {**values, **judged(values, {
+        measure: (f"{key}.{field}", bound, getattr(threshold, field))
+        for measure, field, bound in task.parity_checks()})}
 
 
 def run(params: Params, model_name: str, layout: Layout) -> dict:
@@ -74,44 +76,59 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     return report
 
 
-def export_lines(model_name: str, report: dict, layout: Layout) -> str:
-    """One line per format: file, size and parity verdict against its limits."""
-    folder = layout.export_dir(model_name).relative_to(layout.root)
+def _checks(report: dict) -> dict[str, dict]:
+    """Every parity check of a report by name: the formats, then the resized-input check."""
     checks = dict(report["formats"])
     if "resized_input" in report:
-        checks["saved_model (any size)"] = report["resized_input"]
+        checks["saved_model on resized images"] = report["resized_input"]
+    return checks
+
+
+def _measure(check: dict, measure: str, limit: dict) -> str:
+    """``box_agreement 0.9178 (min 0.85)``."""
+    bound = "max" if "max" in limit else "min"
+    return f"{measure} {check[measure]:.4g} ({bound} {limit[bound]:g})"
+
+
+def export_lines(model_name: str, report: dict, layout: Layout) -> str:
+    """One line per format: file, size and parity verdict, each measure against its limit."""
+    folder = layout.export_dir(model_name).relative_to(layout.root)
+    checks = _checks(report)
     width = max(len(n) for n in checks)
     lines = []
     for name, check in checks.items():
-        key = next(k for k in check["thresholds"] if k != "max_abs_diff")
-        limit = check["thresholds"][key]
         verdict = "passed" if check["passed"] else "FAILED"
         size = (f"{human_bytes(check['bytes']):>8}" if "bytes" in check
                 else f"{'':>8}")
         where = f"{folder}/{check['path']}" if "path" in check else "resized in the graph"
+        limits = check["limits"]  # measure -> {"key": params key, "max" or "min": limit}
+        measures = [_measure(check, m, lim) for m, lim in limits.items()]
+        if "max_abs_diff" not in limits and "max_abs_diff" in check:  # reported, unbounded
+            measures.append(f"max_abs_diff {check['max_abs_diff']:.2g}")
+        judged_on = (f" on {check['images']} images, {check['truth_boxes']} boxes"
+                     if "truth_boxes" in check else "")
         lines.append(f"export@{model_name}: {name:<{width}} {size}  parity {verdict}: "
-                     f"{key} {check[key]:.4f} (limit {limit}), "
-                     f"max_abs_diff {check['max_abs_diff']:.2g}  {where}")
+                     f"{', '.join(measures)}{judged_on}  {where}")
     return "\n".join(lines)
 
 
 def _parity_message(report: dict, layout: Layout, model_name: str) -> str:
-    checks = {**report["formats"]}
-    if "resized_input" in report:
-        checks["saved_model on resized images"] = report["resized_input"]
-    failed = {n: f for n, f in checks.items() if not f["passed"]}
-
-    def agreement_key(check):  # the task's agreement, or the resized check's own
-        return next(k for k in check["thresholds"] if k != "max_abs_diff")
-
-    details = "; ".join(
-        f"{n}: max_abs_diff {f['max_abs_diff']:.3g} (limit {f['thresholds']['max_abs_diff']}), "
-        f"{agreement_key(f)} {f[agreement_key(f)]:.4f} "
-        f"(limit {f['thresholds'][agreement_key(f)]})" for n, f in failed.items())
-    return (f"export of {model_name}: parity failed ({details}); see "
-            f"{layout.export_report(model_name)}; loosen export.parity.<format> or "
-            f"models.{model_name}.export_parity.<format> in params.yaml only if that drift is "
-            "acceptable")
+    """Each failed check with its value, its limit and the params key that sets it."""
+    failures = []
+    for name, check in _checks(report).items():
+        if check["passed"]:
+            continue
+        for measure in check["failed"]:
+            limit = check["limits"][measure]
+            bound = "max" if "max" in limit else "min"
+            failures.append(f"{name}: {measure} {check[measure]:.4g} "
+                            f"{'above' if bound == 'max' else 'below'} its limit "
+                            f"{limit[bound]:g} ({limit['key']})")
+    judged_on = next((f" (judged on {c['images']} test images holding {c['truth_boxes']} "
+                      "boxes)" for c in report["formats"].values() if "truth_boxes" in c), "")
+    return (f"export of {model_name}: parity failed{judged_on}: {'; '.join(failures)}. See "
+            f"{layout.export_report(model_name)}; change the named key in params.yaml only if "
+            "that drift is acceptable")
 
 
 def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
@@ -124,15 +141,19 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     data_dir = layout.prepared(cfg.task)
     manifest = records.read_manifest(data_dir)
     policy = manifest.get("resize") or params.prepare_for(cfg.task).resize  # as prepared
-    images, _, _ = test_arrays(data_dir, task.targets)
+    images, truths, _ = test_arrays(data_dir, task.targets)
     size = tuple(int(d) for d in model.inputs[0].shape[1:3])
+    count = task.parity_images(truths, ex.parity_samples, ex)  # a detector's: enough boxes
+    truths = truths[:count]
     # Test images larger than the model's input (segmentation trained on crops): their
     # top-left crop at the model's size.
-    pixels = images[:ex.parity_samples, :size[0], :size[1]].astype(np.uint8)
+    pixels = images[:count, :size[0], :size[1]].astype(np.uint8)
+    del images
     reference = task.forward(model, pixels.astype(np.float32))
     # Where serving_default returns more than scores (a detector's boxes), the SavedModel's
     # parity is measured on the fixed-size signature; resized_input checks serving_default.
     parity_signature = FIXED_SIGNATURE if task.parity_on_fixed_signature else "serving_default"
+    parts = task.quantization_parts(model) is not None  # the int8 file's outputs come apart
 
     report_formats: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="visionpipe-export-") as tmp:
@@ -146,13 +167,15 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
             path = out / FILES[fmt]
             runner = WRITERS[fmt](model=model, path=path, size=size, archive=archive,
                                   forward=task.forward, signature=parity_signature,
+                                  fixed_outputs=task.fixed_outputs, parts=parts,
                                   representative=lambda: representative(
                                       data_dir, ex.representative_samples))
             outputs = runner(pixels)
             report_formats[fmt] = {"path": FILES[fmt], "bytes": file_size(path),
                                    "input": INPUTS[fmt],
                                    **parity(task, reference, outputs,
-                                            params.parity(model_name, fmt))}
+                                            params.parity(model_name, fmt),
+                                            params.parity_key(model_name, fmt), truths)}
     report = {
         "model": model_name,
         "task": cfg.task,
@@ -174,8 +197,9 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         "model": model_name, "family": cfg.family, "task": cfg.task,
         "class_names": manifest["class_names"], "image_size": list(size), "resize": policy,
         "input": "RGB pixels as uint8 0..255",
-        "formats": {fmt: {"path": FILES[fmt], "input": INPUTS[fmt]} for fmt in formats},
+        "formats": {fmt: format_meta(fmt, parts) for fmt in formats},
         "outputs": task.served_outputs,
+        **task.export_meta(ex),  # a detector's decoder and NMS
         "dataset": {"name": manifest["source"].get("name"), "checksum": manifest["checksum"]},
         "visionpipe_predict": task.predicts_folders,  # read by `visionpipe predict`
         "visionpipe_version": __version__,

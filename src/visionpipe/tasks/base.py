@@ -124,6 +124,32 @@ class Task(abc.ABC):
         """The model's call outputs as one tensor: the fixed-size signature's ``scores``."""
         return outputs
 
+    def quantization_parts(self, model) -> Callable | None:
+        """For full-int8 files: float32 images -> the raw outputs as a dict of parts, each
+        quantised on its own scale, whose concatenation on the last axis in name order is
+        fixed_outputs(); None when fixed_outputs is one quantity (one scale fits it)."""
+        return None
+
+    def parity_images(self, truths: list, samples: int, cfg) -> int:
+        """How many test images (of ``truths``) export parity is judged on (``cfg``: the
+        export params)."""
+        return min(samples, len(truths))
+
+    def parity_measures(self, reference: np.ndarray, other: np.ndarray, truths: list) -> dict:
+        """Everything parity reports of another runtime's forward() outputs against the Keras
+        model's on the images of ``truths``; holds each measure of parity_checks()."""
+        return self.agreement(reference, other)
+
+    def parity_checks(self) -> list[tuple[str, str, str]]:
+        """(measure, ParityThreshold field that bounds it, "max" or "min") per parity check."""
+        return [("max_abs_diff", "max_abs_diff", "max"),
+                (self.agreement_key, "min_agreement", "min")]
+
+    def export_meta(self, cfg) -> dict:
+        """Keys export.json holds for this task beyond the common ones (``cfg``: the export
+        params), e.g. how a detector's raw outputs are decoded."""
+        return {}
+
     def resized_input_check(self, model, saved: Path, enlarged: np.ndarray,
                             as_prepared: np.ndarray, size, policy: str, ex) -> dict:
         """SavedModel fed ``enlarged`` images (resizing in the graph) against the Keras model
@@ -135,9 +161,20 @@ class Task(abc.ABC):
         agreement = self.agreement(keras_out, served)
         diff = float(np.max(np.abs(keras_out.astype(np.float64) - served)))
         return {"input_size": list(enlarged.shape[1:3]), "resize": policy,
-                "max_abs_diff": diff, **agreement,
-                "thresholds": {"max_abs_diff": None, self.agreement_key: ex.resize_min_agreement},
-                "passed": bool(agreement[self.agreement_key] >= ex.resize_min_agreement)}
+                "images": len(enlarged), "max_abs_diff": diff, **agreement,
+                **judged(agreement, {self.agreement_key: ("export.resize_min_agreement", "min",
+                                                          ex.resize_min_agreement)})}
+
+
+def judged(values: dict, limits: dict[str, tuple[str, str, float]]) -> dict:
+    """Checks of ``values`` against ``limits`` (measure -> (params key, "max" or "min",
+    limit)): ``thresholds`` (measure -> limit), ``limits`` (measure -> {"key", "max"/"min"}),
+    ``failed`` (the measures outside their limit) and ``passed``."""
+    failed = [m for m, (_, bound, limit) in limits.items()  # NaN fails either bound
+              if not (values[m] <= limit if bound == "max" else values[m] >= limit)]
+    return {"thresholds": {m: limit for m, (_, _, limit) in limits.items()},
+            "limits": {m: {"key": key, bound: limit} for m, (key, bound, limit) in limits.items()},
+            "failed": failed, "passed": not failed}
 
 
 def scores_serving(model, size: tuple[int, int], policy: str,

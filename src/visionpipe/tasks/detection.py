@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from visionpipe import box_decoding
 from visionpipe.config import EvaluateConfig
 from visionpipe.geometry import boxes_to_input, fit_images
 from visionpipe.tasks import detection_metrics as dm
-from visionpipe.tasks.base import Task
+from visionpipe.tasks.base import Task, judged
 from visionpipe.tasks.pr_curves import f1_confidence_png, pr_curve_png
 
 CONFUSION_IOU = 0.5  # a detection and a truth box of any class pair up at this IoU or more
@@ -148,13 +149,24 @@ class DetectorHooks(abc.ABC):
     def class_scores(self, flat: np.ndarray) -> np.ndarray:
         """The class-score channels (..., num_classes) of :meth:`flatten`'s output."""
 
+    @abc.abstractmethod
+    def raw_decoder(self) -> dict:
+        """How :meth:`flatten`'s output decodes outside TensorFlow: the ``decoder`` of
+        :func:`visionpipe.box_decoding.decode_raw`, written into export.json."""
+
+    @abc.abstractmethod
+    def head_parts(self, model):
+        """A callable: float32 images -> ``{"boxes", "classes"}``, :meth:`flatten`'s two
+        parts taken before the model joins them, so that a full-int8 file quantises each on
+        its own scale (box logits span tens, class scores 0..1)."""
+
 
 class DetectionTask(Task):
     """Boxes with classes; the family's :class:`DetectorHooks` trains and decodes."""
 
     name = "detection"
     headline_metrics = ("map_50", "map_50_95")
-    agreement_key = "anchor_agreement"
+    agreement_key = "box_agreement"
     served_outputs = {
         "boxes": "float32 [batch, max_detections, 4]: x_min, y_min, x_max, y_max in the input "
                  "image's own pixels, best first; -1 after num_detections",
@@ -163,7 +175,8 @@ class DetectionTask(Task):
         "class_name": "string [batch, max_detections] ('' : no box)",
         "num_detections": "int32 [batch], boxes kept by export.nms",
         "serving_fixed_size": "scores: float32 [batch, anchors, channels + classes], the raw "
-                              "head outputs (the family's box channels, then class scores)"}
+                              "head outputs (the family's box channels, then class scores); "
+                              "the TFLite and ONNX files return the same (decoder: export.json)"}
     parity_on_fixed_signature = True
     predicts_folders = True
     Hooks = DetectorHooks
@@ -257,12 +270,60 @@ class DetectionTask(Task):
     # ------------------------------------------------------------------ export
 
     confidence = 0.25  # export.nms.confidence_threshold, set by export_model
+    nms = None  # export.nms, set by export_model
+    size: tuple[int, int] | None = None  # the model's input size, set by export_model
 
     def export_model(self, model, cfg):
         """Decode with ``export.nms`` (what the exported files keep) from now on."""
         self.hooks.set_nms(model, cfg.nms)
         self.confidence = cfg.nms.confidence_threshold
+        self.nms = cfg.nms
+        self.size = tuple(int(d) for d in model.inputs[0].shape[1:3])
         return model
+
+    def export_meta(self, cfg) -> dict:
+        """How the raw head of the TFLite and ONNX files (and ``serving_fixed_size``) decodes
+        (:mod:`visionpipe.box_decoding`), and the NMS thresholds the SavedModel applies."""
+        return {"decoder": self.hooks.raw_decoder(),
+                "nms": {"iou_threshold": cfg.nms.iou_threshold,
+                        "confidence_threshold": cfg.nms.confidence_threshold,
+                        "max_detections": cfg.nms.max_detections}}
+
+    def quantization_parts(self, model):
+        """The head's boxes and classes apart (see DetectorHooks.head_parts)."""
+        return self.hooks.head_parts(model)
+
+    def _decode_raw(self, raw: np.ndarray) -> list[dict]:
+        """Detections per image of raw head outputs, decoded in NumPy with ``export.nms``
+        as any runtime's output would be (:func:`visionpipe.box_decoding.decode_raw`)."""
+        nms = self.nms
+        return box_decoding.decode_raw(
+            raw, self.size, confidence=nms.confidence_threshold, iou=nms.iou_threshold,
+            max_detections=nms.max_detections, decoder=self.hooks.raw_decoder())
+
+    def parity_images(self, truths: list, samples: int, cfg) -> int:
+        """``parity_samples`` images, or more: the fewest first test images holding
+        ``parity_min_boxes`` truth boxes (the whole split when it holds fewer)."""
+        counts = np.cumsum([len(t["class_ids"]) for t in truths])
+        enough = int(np.searchsorted(counts, cfg.parity_min_boxes)) + 1
+        return min(len(truths), max(samples, enough))
+
+    def parity_measures(self, reference: np.ndarray, other: np.ndarray, truths: list) -> dict:
+        """agreement() plus mAP@.5 of both runtimes' decoded detections against the truth
+        boxes of these images, and ``map_50_drop`` (Keras' minus the format's)."""
+        names = [str(k) for k in range(self.hooks.class_scores(reference[:1, :1]).shape[-1])]
+        ours = dm.coco_metrics(truths, self._decode_raw(reference), names,
+                               max_detections=self.nms.max_detections)["map_50"]
+        theirs = dm.coco_metrics(truths, self._decode_raw(other), names,
+                                 max_detections=self.nms.max_detections)["map_50"]
+        return {**self.agreement(reference, other), "map_50_keras": ours, "map_50": theirs,
+                "map_50_drop": ours - theirs,
+                "truth_boxes": int(sum(len(t["class_ids"]) for t in truths)),
+                "images": len(truths)}
+
+    def parity_checks(self) -> list[tuple[str, str, str]]:
+        """The raw head's drift, the decoded boxes' agreement and the mAP@.5 drop."""
+        return [*super().parity_checks(), ("map_50_drop", "max_map_drop", "max")]
 
     def forward(self, model, images: np.ndarray) -> np.ndarray:
         """The raw head outputs per anchor (N, anchors, channels) that formats share."""
@@ -275,14 +336,21 @@ class DetectionTask(Task):
         return self.hooks.flatten(outputs)
 
     def agreement(self, reference: np.ndarray, other: np.ndarray) -> dict:
-        """Of the anchors either runtime scores at least the export confidence for some
-        class, the share where both do and pick the same class (1.0 when there are none)."""
+        """Both raw heads decoded with ``export.nms``: ``box_agreement`` (match_share: the
+        detections that pair up, same class and IoU >= MATCH_IOU, over the larger count),
+        the largest corner difference of a pair and each side's detection count; and
+        ``anchor_agreement``: of the anchors either scores at least the export confidence for
+        some class, the share where both do and pick the same class (1.0 when none)."""
         ref, oth = self.hooks.class_scores(reference), self.hooks.class_scores(other)
         ref_on, oth_on = ref.max(-1) >= self.confidence, oth.max(-1) >= self.confidence
         either = ref_on | oth_on
         same = ref_on & oth_on & (ref.argmax(-1) == oth.argmax(-1))
         share = float(same.sum() / either.sum()) if either.any() else 1.0
-        return {"anchor_agreement": share, "anchors_compared": int(either.sum())}
+        ours, theirs = self._decode_raw(reference), self._decode_raw(other)
+        boxes, worst = match_share(ours, theirs)
+        return {"box_agreement": boxes, "box_max_corner_diff": worst,
+                "detections": {"keras": _count(ours), "format": _count(theirs)},
+                "anchor_agreement": share, "anchors_compared": int(either.sum())}
 
     def serving_function(self, model, size, policy: str, class_names):
         """``serving_default`` of the SavedModel: uint8 images of any size -> detections in
@@ -310,26 +378,31 @@ class DetectionTask(Task):
         that pair up (same class, IoU >= MATCH_IOU)."""
         big = enlarged.shape[1:3]
         fn = tf.saved_model.load(str(saved)).signatures["serving_default"]
-        out = fn(images=tf.constant(enlarged, tf.uint8))
-        served = [{"boxes": out["boxes"][i, :n].numpy(),
-                   "class_ids": out["class_id"][i, :n].numpy().astype(np.int64),
-                   "scores": out["scores"][i, :n].numpy()}
-                  for i, n in enumerate(out["num_detections"].numpy())]
+        served = []
+        for start in range(0, len(enlarged), 32):  # parity may judge hundreds of images
+            out = fn(images=tf.constant(enlarged[start:start + 32], tf.uint8))
+            served += [{"boxes": out["boxes"][i, :n].numpy(),
+                        "class_ids": out["class_id"][i, :n].numpy().astype(np.int64),
+                        "scores": out["scores"][i, :n].numpy()}
+                       for i, n in enumerate(out["num_detections"].numpy())]
         keras_dets = self.hooks.detect(model, as_prepared, 64)
         for det in keras_dets:
             det["boxes"] = boxes_to_input(tf.constant(det["boxes"].reshape(-1, 4)),
                                           tf.constant(big), size, policy).numpy()
         agreement, worst = match_share(keras_dets, served)
-        return {"input_size": list(big), "resize": policy, "max_abs_diff": worst,
-                "detection_agreement": agreement,
-                "detections": {"keras": int(sum(len(d["scores"]) for d in keras_dets)),
-                               "saved_model": int(sum(len(d["scores"]) for d in served))},
-                "thresholds": {"max_abs_diff": None,
-                               "detection_agreement": ex.resize_min_agreement},
-                "passed": bool(agreement >= ex.resize_min_agreement)}
+        values = {"detection_agreement": agreement}
+        return {"input_size": list(big), "resize": policy, "images": len(enlarged),
+                "max_abs_diff": worst, **values,
+                "detections": {"keras": _count(keras_dets), "saved_model": _count(served)},
+                **judged(values, {"detection_agreement": (
+                    "export.resize_min_agreement", "min", ex.resize_min_agreement)})}
 
 
 MATCH_IOU = 0.8  # two runtimes' detections of one object, after different resizing
+
+
+def _count(detections: list[dict]) -> int:
+    return int(sum(len(d["scores"]) for d in detections))
 
 
 def match_share(a: list[dict], b: list[dict], iou: float = MATCH_IOU) -> tuple[float, float]:
