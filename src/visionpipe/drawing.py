@@ -48,6 +48,7 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, class_ids: np.ndarray,
         left, top, right, bottom = draw.textbbox((0, 0), text, font_size=10 * scale)
         th, tw = bottom - top + 2, right - left + 4
         ty = y0 - th if y0 - th >= 0 else y0
-        draw.rectangle([x0, ty, x0 + tw, ty + th], fill=c)
-        draw.text((x0 + 2, ty - top + 1), text, fill=(255, 255, 255), font_size=10 * scale)
+        tx = max(0, min(x0, pil.width - tw))  # the tab stays inside the image
+        draw.rectangle([tx, ty, tx + tw, ty + th], fill=c)
+        draw.text((tx + 2, ty - top + 1), text, fill=(255, 255, 255), font_size=10 * scale)
     return pil

@@ -17,9 +17,8 @@ import tensorflow as tf
 from visionpipe.data import records
 from visionpipe.errors import ModelError
 from visionpipe.models.saving import load_model
-from visionpipe.serving import FILES, OnnxRunner, SavedModelRunner, TFLiteRunner
+from visionpipe.serving import FILES, FIXED_SIGNATURE, OnnxRunner, SavedModelRunner, TFLiteRunner
 
-FIXED_SIGNATURE = "serving_fixed_size"
 # The raw outputs in parts (a detector's boxes and classes), where the task has them: the
 # source of the full-int8 TFLite file, which then quantises each part on its own scale.
 PARTS_SIGNATURE = "serving_fixed_size_parts"
@@ -57,14 +56,17 @@ def representative(data_dir: Path, limit: int):
         yield {"images": example.image[None].astype(np.uint8)}
 
 
-def write_saved_model(task, model, size, class_names, policy: str, path: Path) -> None:
+def write_saved_model(task, model, size, class_names, policy: str, path: Path,
+                      scale: tuple[int, int] | None = None, overlap: float = 0.25) -> None:
     """A SavedModel with two signatures over uint8 pixels: ``serving_default`` takes any size
     (resized inside as prepare resizes) and returns the task's outputs (``served_outputs``);
     ``serving_fixed_size`` takes the model's size and returns scores (the TFLite source).
+    ``scale`` and ``overlap``: see Task.serving_function (a model trained on crops).
     Where the task splits its raw outputs for int8 (``quantization_parts``), a third,
     ``serving_fixed_size_parts``, returns those parts (the full-int8 file's source)."""
 
-    serve = task.serving_function(model, size, policy, class_names)
+    serve = task.serving_function(model, size, policy, class_names, scale=scale,
+                                  overlap=overlap)
     parts = task.quantization_parts(model)
 
     def serve_fixed(images):
@@ -94,30 +96,6 @@ def _write_saved_model(*, path: Path, signature: str, **_):
     return SavedModelRunner(path, signature).predict  # written by write_saved_model
 
 
-class PartsTFLiteRunner(TFLiteRunner):
-    """A full-int8 .tflite file whose raw outputs come in parts (a detector's boxes and
-    classes, each quantised on its own scale): each dequantised with its own scale and zero
-    point, then concatenated on the last axis in name order, as ``serving_fixed_size``'s
-    ``scores``."""
-
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self.signature = self.interp.get_signature_runner(PARTS_SIGNATURE)
-        self.parts = self.signature.get_output_details()
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        results = []
-        for image in images:
-            out = self.signature(images=image[None].astype(self.inp["dtype"]))
-            parts = []
-            for name in sorted(out):
-                value = out[name][0].astype(np.float32)
-                scale, zero = self.parts[name]["quantization"]
-                parts.append((value - zero) * scale if scale else value)
-            results.append(np.concatenate(parts, axis=-1))
-        return np.stack(results)
-
-
 def _tflite_writer(quantize: str):
     def write(*, path: Path, archive: Path, representative, parts: bool = False, **_):
         # Full int8 quantises each output on one scale: a task with parts is converted from
@@ -134,7 +112,7 @@ def _tflite_writer(quantize: str):
             converter.inference_input_type = tf.uint8
             converter.inference_output_type = tf.uint8
         path.write_bytes(converter.convert())
-        return (PartsTFLiteRunner if split else TFLiteRunner)(path).predict
+        return TFLiteRunner(path).predict
     return write
 
 

@@ -132,10 +132,19 @@ def render(params: Params, model_name: str, layout: Layout) -> str:
 
     lines += ["## Exported formats and parity", ""]
     key = export.get("agreement_key", "agreement")
-    rows = [[fmt, f"`{r['path']}`", r.get("bytes"), r["input"], _num(r["max_abs_diff"], 3),
-             _num(r.get(key)), "yes" if r["passed"] else "**no**"]
-            for fmt, r in export.get("formats", {}).items()]
-    lines += _table(["format", "file", "bytes", "input", "max abs diff", key, "passed"], rows)
+    formats = export.get("formats", {})
+    # Each check with its limit (a detector's: also the mAP@.5 it loses); older reports: the
+    # max abs diff and the task's agreement.
+    measures = list(next(iter(formats.values()), {}).get("limits") or ["max_abs_diff", key])
+
+    def checked(r, m):
+        limit = r.get("thresholds", {}).get(m)
+        return f"{_num(r.get(m), 3)}" + ("" if limit is None else f" (limit {limit})")
+
+    rows = [[fmt, f"`{r['path']}`", r.get("bytes"), r["input"],
+             *[checked(r, m) for m in measures], "yes" if r["passed"] else "**no**"]
+            for fmt, r in formats.items()]
+    lines += _table(["format", "file", "bytes", "input", *measures, "passed"], rows)
     resized = export.get("resized_input")
     if resized:
         # the task's agreement, or the check's own (a detector's compares boxes)
@@ -144,8 +153,11 @@ def render(params: Params, model_name: str, layout: Layout) -> str:
                       f"inputs (resized inside the graph) against the Keras model on the same "
                       f"images resized as prepare does: {rkey} {_num(resized.get(rkey))}, "
                       f"max abs diff {_num(resized['max_abs_diff'], 3)}."]
-    lines += ["", f"Compared on {export.get('samples')} test images; thresholds per format are "
-                  "`export.parity` in params.yaml.", "",
+    boxes = next(iter(formats.values()), {}).get("truth_boxes")
+    held = f" holding {boxes} boxes" if boxes is not None else ""
+    lines += ["", f"Compared on {export.get('samples')} test images{held}; limits per format "
+                  f"are `models.{model_name}.export_parity` where set, else `export.parity`, "
+                  "in params.yaml.", "",
               "## Rebuild and use", "",
               "At the git commit holding this card (its `dvc.lock` pins data, code and params):",
               "", "```bash",

@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 from visionpipe.atomic import atomic_path
-from visionpipe.drawing import PALETTE, overlay  # noqa: F401 (TODO: importers -> drawing)
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -56,7 +56,11 @@ class SavedModelRunner:
 
 
 class TFLiteRunner:
-    """A .tflite file, one image per invoke as on a device; int8 outputs are dequantised."""
+    """A .tflite file, one image per invoke as on a device; int8 outputs are dequantised.
+
+    A file with several outputs (a detector's full-int8 file: boxes and classes, each on its
+    own scale) is run through its one signature; its outputs, each dequantised, are
+    concatenated on the last axis in name order, which gives the raw outputs of one tensor."""
 
     def __init__(self, path: Path | None = None, content: bytes | None = None):
         import warnings
@@ -68,18 +72,31 @@ class TFLiteRunner:
         self.interp.allocate_tensors()
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
+        self.parts = None
+        if len(self.interp.get_output_details()) > 1:
+            [key] = self.interp.get_signature_list()  # converted from one signature
+            self.signature = self.interp.get_signature_runner(key)
+            self.parts = self.signature.get_output_details()
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        results = []
-        for image in images:
+    def _one(self, image: np.ndarray) -> np.ndarray:
+        if self.parts is None:
             self.interp.set_tensor(self.inp["index"], image[None].astype(self.inp["dtype"]))
             self.interp.invoke()
-            results.append(self.interp.get_tensor(self.out["index"])[0])
-        scores = np.stack(results)
-        if self.out["dtype"] != np.float32:
-            scale, zero = self.out["quantization"]
-            scores = (scores.astype(np.float32) - zero) * scale
-        return scores.astype(np.float32)
+            return dequantise(self.interp.get_tensor(self.out["index"])[0], self.out)
+        out = self.signature(images=image[None].astype(self.inp["dtype"]))
+        return np.concatenate([dequantise(out[name][0], self.parts[name])
+                               for name in sorted(out)], axis=-1)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.stack([self._one(image) for image in images])
+
+
+def dequantise(values: np.ndarray, details: dict) -> np.ndarray:
+    """An output tensor as float32: integer outputs through their scale and zero point."""
+    if np.issubdtype(values.dtype, np.floating):
+        return values.astype(np.float32)
+    scale, zero = details["quantization"]
+    return ((values.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
 class OnnxRunner:

@@ -149,12 +149,12 @@ def test_export_parity_is_judged_on_enough_boxes_with_map_and_box_agreement(dete
 
 @pytest.mark.slow
 def test_each_exported_raw_head_decodes_to_the_keras_models_detections(detection_run):
-    """Each file run on its own (the formats' runners), its raw head decoded by
-    box_decoding, against keras-cv's own decoding and NMS of the Keras model."""
+    """Each file run on its own (predict's runners: the full-int8 file's two outputs joined),
+    its raw head decoded by box_decoding, against keras-cv's own decoding and NMS of the
+    Keras model."""
     from visionpipe import box_decoding
-    from visionpipe.formats import PartsTFLiteRunner
     from visionpipe.models.saving import load_model
-    from visionpipe.serving import FILES, open_runner
+    from visionpipe.serving import open_runner
     from visionpipe.tasks.detection import match_share
     from visionpipe.tasks.registry import task_for
 
@@ -173,10 +173,78 @@ def test_each_exported_raw_head_decodes_to_the_keras_models_detections(detection
                                   tuple(meta["image_size"]), **decode)
     assert match_share(expected, own) == (1.0, pytest.approx(0.0, abs=1e-3))
     for fmt in ("tflite", "tflite_int8", "onnx"):
-        runner = (PartsTFLiteRunner(out / FILES[fmt]) if fmt == "tflite_int8"
-                  else open_runner(out, fmt, meta))
-        raw = runner.predict(pixels)
+        raw = open_runner(out, fmt, meta).predict(pixels)
         assert raw.shape == (len(pixels), 84, 64 + 4), fmt  # 64x64: 8x8 + 4x4 + 2x2 anchors
         got = box_decoding.decode_raw(raw, tuple(meta["image_size"]), **decode)
         share, _ = match_share(expected, got)
         assert share >= params.parity("yolo", fmt).min_agreement, (fmt, share)
+
+
+@pytest.mark.slow
+def test_predict_gives_every_format_the_saved_models_boxes_in_image_pixels(detection_run,
+                                                                           tmp_path):
+    """predict on a folder of test images at other sizes: the SavedModel's fixed-size raw head
+    decoded in NumPy and mapped back through the letterbox equals its own serving_default
+    (in-graph resizing, decoding and mapping); TFLite, ONNX and full int8 give those boxes;
+    COCO results and rendered copies follow; --conf keeps the boxes scoring that much."""
+    from visionpipe.predict import COCO_FILE, Options, predict_folder
+    from visionpipe.tasks.detection import match_share
+
+    _, layout = detection_run
+    export_dir = layout.export_dir("yolo")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sizes = [(64, 64), (120, 90), (75, 140)]
+    for i, ex in enumerate(records.read_split(layout.prepared("detection"), "test")):
+        h, w = sizes[i % 3]
+        Image.fromarray(ex.image).resize((w, h), Image.BILINEAR).save(folder / f"{i:02d}.png")
+    (folder / "readme.txt").write_text("not an image")
+    options = Options(confidence=0.25, iou=0.7, max_detections=100, batch_size=5)
+    runs = {fmt: predict_folder(export_dir, folder, tmp_path / fmt, fmt, options)
+            for fmt in ("saved_model", "tflite", "onnx", "tflite_int8")}
+    ref = runs["saved_model"]
+    assert ref["count"] == 24 and ref["skipped"]["count"] == 1
+    assert ref["skipped"]["items"][0]["path"] == "readme.txt"
+    served = tf.saved_model.load(str(export_dir / "saved_model")).signatures["serving_default"]
+    total = 0
+    for rec in ref["predictions"]:
+        image = np.asarray(Image.open(folder / rec["file"]).convert("RGB"))
+        assert (rec["height"], rec["width"]) == image.shape[:2]
+        out = served(images=tf.constant(image[None]))
+        n = int(out["num_detections"][0])
+        dets = rec["detections"]
+        assert len(dets) == n, rec["file"]
+        if n:
+            np.testing.assert_allclose([d["box"] for d in dets], out["boxes"][0, :n].numpy(),
+                                       atol=0.02)
+            assert [d["class_id"] for d in dets] == out["class_id"][0, :n].numpy().tolist()
+        total += n
+        assert (tmp_path / "saved_model" / "rendered" / f"{rec['file']}.png").is_file()
+    assert total > 0 and ref["detections"] == total
+    coco = json.loads((tmp_path / "saved_model" / COCO_FILE).read_text())
+    assert len(coco) == total
+    first = next(d for r in ref["predictions"] for d in r["detections"])
+    x0, y0, x1, y1 = first["box"]
+    assert coco[0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.02)
+    for fmt in ("tflite", "onnx"):  # float32 files: the SavedModel's boxes
+        for a, b in zip(ref["predictions"], runs[fmt]["predictions"], strict=True):
+            assert [d["class_id"] for d in a["detections"]] == [
+                d["class_id"] for d in b["detections"]], (fmt, a["file"])
+            if a["detections"]:
+                np.testing.assert_allclose([d["box"] for d in a["detections"]],
+                                           [d["box"] for d in b["detections"]], atol=0.05)
+    # Full int8 (two outputs, each dequantised and joined by the runner) moves boxes near the
+    # cut-off of this 2-epoch model; mis-joined outputs would pair up none.
+    share, _ = match_share(*[[{"boxes": np.reshape([d["box"] for d in r["detections"]],
+                                                   (-1, 4)),
+                               "class_ids": [d["class_id"] for d in r["detections"]],
+                               "scores": [d["score"] for d in r["detections"]]}
+                              for r in runs[fmt]["predictions"]]
+                             for fmt in ("saved_model", "tflite_int8")], iou=0.5)
+    assert share >= 0.5, share
+    strict = predict_folder(export_dir, folder, tmp_path / "strict", "saved_model",
+                            Options(confidence=0.5))
+    kept = [d["score"] for r in strict["predictions"] for d in r["detections"]]
+    assert all(s >= 0.5 for s in kept)
+    assert len(kept) == sum(d["score"] >= 0.5 for r in ref["predictions"]
+                            for d in r["detections"])

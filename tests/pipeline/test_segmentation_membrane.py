@@ -151,11 +151,16 @@ def test_segmentation_stages_train_on_crops_and_evaluate_whole_images(tmp_path,
         assert (layout.plots("unet") / name).stat().st_size > 0
 
 
-def test_exported_formats_keep_parity_and_serve_masks(membrane, tmp_path):
+@pytest.fixture(scope="module")
+def exported(membrane, tmp_path_factory):
+    """The membrane U-Net's export folder and parity report."""
     params, layout, *_ = membrane
-    out = tmp_path / "export"
-    out.mkdir()
-    report = export._export(params, "unet", layout, out)
+    out = tmp_path_factory.mktemp("membrane-export")
+    return out, export._export(params, "unet", layout, out)
+
+
+def test_exported_formats_keep_parity_and_serve_masks(exported):
+    out, report = exported
     assert report["agreement_key"] == "mask_iou"
     assert report["passed"] is True, json.dumps(report, indent=1)
     for fmt in ("saved_model", "tflite", "onnx"):
@@ -165,6 +170,50 @@ def test_exported_formats_keep_parity_and_serve_masks(membrane, tmp_path):
 
     served = tf.saved_model.load(str(out / FILES["saved_model"])).signatures[
         "serving_default"](images=tf.constant(np.zeros((2, 200, 136, 3), np.uint8)))
-    assert served["mask"].shape == (2, 200, 136) and served["scores"].shape == (2, 128, 128, 2)
+    # Scores at the training scale (prepare's 512x512, tiled), the mask at the input's size.
+    assert served["mask"].shape == (2, 200, 136) and served["scores"].shape == (2, 512, 512, 2)
     meta = json.loads((out / "export.json").read_text())
     assert meta["task"] == "segmentation" and "mask" in meta["outputs"]
+
+
+def test_a_crop_trained_unet_is_served_and_predicted_at_its_training_scale(membrane, exported,
+                                                                           tmp_path):
+    """The SavedModel takes a whole slice at any size, resizes it to prepare's 512x512 and
+    tiles it as evaluate does (not squeezed to the 128x128 crop size); predict on the TFLite
+    file tiles on the host the same way: masks agree with serving_default and evaluate's own
+    tiled prediction, and each image's class shares add up to one."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from visionpipe.predict import Options, predict_folder
+
+    params, layout, _, model = membrane
+    out, _ = exported
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["scale"] == [512, 512] and meta["image_size"] == [128, 128]
+    assert meta["tile_overlap"] == params.evaluate.tile_overlap
+    test = list(records.read_split(layout.prepared("segmentation"), "test"))[:2]
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    Image.fromarray(test[0].image).save(folder / "a.png")
+    Image.fromarray(test[1].image).resize((300, 400), Image.BILINEAR).save(folder / "b.png")
+    serve = tf.saved_model.load(str(out / FILES["saved_model"])).signatures["serving_default"]
+    whole = serve(images=tf.constant(test[0].image[None]))
+    assert whole["scores"].shape == (1, 512, 512, 2) and whole["mask"].shape == (1, 512, 512)
+    tiled = SegmentationTask().predict(model, test[0].image[None].astype(np.float32), 16,
+                                       params.evaluate.tile_overlap)
+    assert (whole["mask"][0].numpy() == tiled[0].argmax(-1)).mean() > 0.999
+    for fmt in ("saved_model", "tflite"):
+        result = predict_folder(out, folder, tmp_path / fmt, fmt, Options(batch_size=1))
+        assert [r["file"] for r in result["predictions"]] == ["a.png", "b.png"]
+        for rec in result["predictions"]:
+            image = np.asarray(Image.open(folder / rec["file"]).convert("RGB"))
+            mask = np.asarray(Image.open(tmp_path / fmt / rec["mask"]))
+            assert mask.shape == image.shape[:2] == (rec["height"], rec["width"])
+            served = serve(images=tf.constant(image[None]))["mask"][0].numpy()
+            assert (mask == served).mean() > 0.999, (fmt, rec["file"])
+            shares = rec["class_shares"]
+            assert set(shares) == {"cell", "membrane"}
+            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
+            assert shares["membrane"] == pytest.approx((mask == 1).mean(), abs=1e-6)
+            assert (tmp_path / fmt / "rendered" / f"{rec['file']}.png").is_file()

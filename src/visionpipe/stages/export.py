@@ -143,16 +143,24 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     policy = manifest.get("resize") or params.prepare_for(cfg.task).resize  # as prepared
     images, truths, _ = test_arrays(data_dir, task.targets)
     size = tuple(int(d) for d in model.inputs[0].shape[1:3])
+    # Whole images as prepare sized them: the model's size, or larger for a segmentation
+    # model trained on crops (served in tiles of evaluate.tile_overlap).
+    cropped = manifest.get("test_image_size", manifest["image_size"]) != manifest["image_size"]
+    scale = tuple(int(d) for d in manifest["test_image_size"]) if cropped else size
+    overlap = params.evaluate.tile_overlap
     count = task.parity_images(truths, ex.parity_samples, ex)  # a detector's: enough boxes
     truths = truths[:count]
     # Test images larger than the model's input (segmentation trained on crops): their
     # top-left crop at the model's size.
     pixels = images[:count, :size[0], :size[1]].astype(np.uint8)
+    whole = images[:count].astype(np.uint8) if scale != size else pixels
     del images
     reference = task.forward(model, pixels.astype(np.float32))
-    # Where serving_default returns more than scores (a detector's boxes), the SavedModel's
-    # parity is measured on the fixed-size signature; resized_input checks serving_default.
-    parity_signature = FIXED_SIGNATURE if task.parity_on_fixed_signature else "serving_default"
+    # Where serving_default returns more than scores (a detector's boxes) or serves another
+    # scale (tiles of a model trained on crops), the SavedModel's parity is measured on the
+    # fixed-size signature; resized_input checks serving_default.
+    parity_signature = (FIXED_SIGNATURE if task.parity_on_fixed_signature or scale != size
+                        else "serving_default")
     parts = task.quantization_parts(model) is not None  # the int8 file's outputs come apart
 
     report_formats: dict[str, dict] = {}
@@ -162,7 +170,7 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         archive = out / FILES["saved_model"] if "saved_model" in formats else Path(tmp) / "sm"
         if "saved_model" in formats or any(f.startswith("tflite") for f in formats):
             write_saved_model(task, model, size, manifest["class_names"], policy,
-                              archive)
+                              archive, scale=scale, overlap=overlap)
         for fmt in formats:
             path = out / FILES[fmt]
             runner = WRITERS[fmt](model=model, path=path, size=size, archive=archive,
@@ -184,18 +192,22 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         "formats": report_formats,
     }
     if "saved_model" in formats:
-        h, w = size
+        h, w = scale
         big = (h * 2 + 6, w * 3 // 2 + 5)  # another size and another aspect ratio
-        enlarged = np.stack([fit_to_size(p, big, "stretch") for p in pixels])
-        as_prepared = np.stack([fit_to_size(p, size, policy)
+        enlarged = np.stack([fit_to_size(p, big, "stretch") for p in whole])
+        as_prepared = np.stack([fit_to_size(p, scale, policy)
                                 for p in enlarged]).astype(np.float32)
         report["resized_input"] = task.resized_input_check(
-            model, out / FILES["saved_model"], enlarged, as_prepared, size, policy, ex)
+            model, out / FILES["saved_model"], enlarged, as_prepared, size, policy, ex,
+            overlap)
     checks = [*report_formats.values(), report.get("resized_input", {"passed": True})]
     report["passed"] = all(c["passed"] for c in checks)
     records.write_json(out / META_FILE, {
         "model": model_name, "family": cfg.family, "task": cfg.task,
         "class_names": manifest["class_names"], "image_size": list(size), "resize": policy,
+        # Where whole images go before the model: tiles of image_size over an image resized
+        # to scale (a segmentation model trained on crops), else scale == image_size.
+        "scale": list(scale), "tile_overlap": overlap,
         "input": "RGB pixels as uint8 0..255",
         "formats": {fmt: format_meta(fmt, parts) for fmt in formats},
         "outputs": task.served_outputs,

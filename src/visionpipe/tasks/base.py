@@ -85,9 +85,12 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def serving_function(self, model, size: tuple[int, int], policy: str,
-                         class_names: list[str]) -> Callable:
+                         class_names: list[str], scale: tuple[int, int] | None = None,
+                         overlap: float = 0.25) -> Callable:
         """The SavedModel's ``serving_default``: uint8 images of any size -> the outputs
-        ``served_outputs`` describes."""
+        ``served_outputs`` describes. ``scale``: the size prepare gave whole images (its
+        image_size; larger than the model's ``size`` only for a model trained on crops, which
+        then sees tiles of ``overlap``, as evaluate does); None: ``size``."""
 
     # -------------------------------------------------------------- what a task may change
 
@@ -151,13 +154,16 @@ class Task(abc.ABC):
         return {}
 
     def resized_input_check(self, model, saved: Path, enlarged: np.ndarray,
-                            as_prepared: np.ndarray, size, policy: str, ex) -> dict:
+                            as_prepared: np.ndarray, size, policy: str, ex,
+                            overlap: float = 0.25) -> dict:
         """SavedModel fed ``enlarged`` images (resizing in the graph) against the Keras model
-        fed ``as_prepared``, the same images resized the way prepare resizes them (PIL)."""
+        fed ``as_prepared``, the same images resized the way prepare resizes them (PIL), and
+        predicted as evaluate predicts them (tiles of ``overlap`` where they are larger than
+        the model's input)."""
         from visionpipe.serving import SavedModelRunner
 
         served = SavedModelRunner(saved).predict(enlarged)
-        keras_out = model.predict(as_prepared, batch_size=64, verbose=0)
+        keras_out = self.predict(model, as_prepared, 64, overlap)
         agreement = self.agreement(keras_out, served)
         diff = float(np.max(np.abs(keras_out.astype(np.float64) - served)))
         return {"input_size": list(enlarged.shape[1:3]), "resize": policy,

@@ -114,8 +114,10 @@ class ClassificationTask(Task):
         """How closely another runtime's outputs follow the Keras model's: label agreement."""
         return {"label_agreement": float((reference.argmax(1) == other.argmax(1)).mean())}
 
-    def serving_function(self, model, size, policy: str, class_names):
-        """Scores, the best class id and its name."""
+    def serving_function(self, model, size, policy: str, class_names, scale=None,
+                         overlap: float = 0.25):
+        """Scores, the best class id and its name (images resized to ``size``: a classifier
+        is never trained on crops, so ``scale`` is its size)."""
 
         def outputs(scores, images):
             class_id = tf.argmax(scores, axis=-1, output_type=tf.int32)

@@ -87,7 +87,8 @@ def detections_png(images: list[np.ndarray], truths: list[dict], predictions: li
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from visionpipe.plots import PALETTE, labelled_gallery_png, save_figure
+    from visionpipe.drawing import PALETTE
+    from visionpipe.plots import labelled_gallery_png, save_figure
 
     if not images:
         return labelled_gallery_png([], [], path, empty="no test image has a detection error")
@@ -352,9 +353,11 @@ class DetectionTask(Task):
                 "detections": {"keras": _count(ours), "format": _count(theirs)},
                 "anchor_agreement": share, "anchors_compared": int(either.sum())}
 
-    def serving_function(self, model, size, policy: str, class_names):
+    def serving_function(self, model, size, policy: str, class_names, scale=None,
+                         overlap: float = 0.25):
         """``serving_default`` of the SavedModel: uint8 images of any size -> detections in
-        that image's own pixels (letterboxed or stretched inside, as prepare did)."""
+        that image's own pixels (letterboxed or stretched inside, as prepare did; a detector
+        is never trained on crops, so ``scale`` is its size)."""
         names = tf.constant([*class_names, ""])  # -1 (padding) reads the empty name
 
         def serve(images):
@@ -371,7 +374,8 @@ class DetectionTask(Task):
         return serve
 
     def resized_input_check(self, model, saved: Path, enlarged: np.ndarray,
-                            as_prepared: np.ndarray, size, policy: str, ex) -> dict:
+                            as_prepared: np.ndarray, size, policy: str, ex,
+                            overlap: float = 0.25) -> dict:
         """SavedModel's ``serving_default`` on ``enlarged`` images (letterboxed inside, boxes
         mapped back) against the Keras model on ``as_prepared`` (the same images resized as
         prepare resizes them), its boxes mapped back the same way: the share of detections

@@ -138,7 +138,7 @@ def log_export(run: RunLogger) -> None:
     if report is None:
         return
     checks = {**report.get("formats", {}), "resized_input": report.get("resized_input", {})}
-    parity = {fmt: {k: v for k, v in r.items() if k not in ("path", "thresholds")}
+    parity = {fmt: {k: v for k, v in r.items() if k not in ("path", "thresholds", "limits")}
               for fmt, r in checks.items()}
     run.log_metrics(numeric(parity, "export."), what="export parity")
     _emissions(run, "export")
