@@ -155,7 +155,8 @@ def render(params: Params, model_name: str, layout: Layout) -> str:
                       f"max abs diff {_num(resized['max_abs_diff'], 3)}."]
     boxes = next(iter(formats.values()), {}).get("truth_boxes")
     held = f" holding {boxes} boxes" if boxes is not None else ""
-    lines += ["", f"Compared on {export.get('samples')} test images{held}; limits per format "
+    splits = " + ".join(export.get("splits", ["test"]))
+    lines += ["", f"Compared on {export.get('samples')} images ({splits}){held}; limits per format "
                   f"are `models.{model_name}.export_parity` where set, else `export.parity`, "
                   "in params.yaml.", "",
               "## Rebuild and use", "",

@@ -248,3 +248,26 @@ def test_predict_gives_every_format_the_saved_models_boxes_in_image_pixels(detec
     assert all(s >= 0.5 for s in kept)
     assert len(kept) == sum(d["score"] >= 0.5 for r in ref["predictions"]
                             for d in r["detections"])
+
+
+@pytest.mark.slow
+def test_a_test_split_with_too_few_boxes_borrows_val_and_train_images_for_parity(
+        detection_run, tmp_path):
+    from visionpipe.model_card import _plain
+    from visionpipe.stages import export
+
+    params, layout = detection_run
+    data = json.loads(json.dumps(_plain(params)))
+    data["export"].update(formats=["keras", "saved_model"], parity_min_boxes=150)
+    out = tmp_path / "export"
+    out.mkdir()
+    report = export._export(parse_params(data), "yolo", layout, out)
+    boxes = {s: [len(ex.box_labels) for ex in records.read_split(layout.prepared("detection"),
+                                                                 s)]
+             for s in ("test", "val", "train")}
+    assert sum(boxes["test"]) + sum(boxes["val"]) < 150  # the fixture's 24 + 16 images
+    n = int(np.searchsorted(np.cumsum(boxes["test"] + boxes["val"] + boxes["train"]), 150)) + 1
+    assert report["splits"] == ["test", "val", "train"] and report["samples"] == n
+    for result in report["formats"].values():
+        assert result["truth_boxes"] >= 150 and result["passed"], result
+    assert report["resized_input"]["images"] == n

@@ -121,12 +121,12 @@ def input_dataset(data_dir: Path, split: str, io, t: TrainConfig, seed: int, cac
     return ds, cache
 
 
-def test_arrays(data_dir: Path, targets: Callable[[dict], object]
+def test_arrays(data_dir: Path, targets: Callable[[dict], object], split: str = "test"
                 ) -> tuple[np.ndarray, list, list[str]]:
-    """Test images as float32 (N, H, W, 3), ``targets(record)`` (the task's ground truth)
-    and the id of each image."""
+    """Test images (or ``split``'s) as float32 (N, H, W, 3), ``targets(record)`` (the task's
+    ground truth) and the id of each image."""
     images, truths, ids = [], [], []
-    for rec in record_dataset(data_dir, "test").as_numpy_iterator():
+    for rec in record_dataset(data_dir, split).as_numpy_iterator():
         images.append(rec["image"])
         truths.append(targets(rec))
         ids.append(rec["id"].decode())

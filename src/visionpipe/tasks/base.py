@@ -133,9 +133,10 @@ class Task(abc.ABC):
         fixed_outputs(); None when fixed_outputs is one quantity (one scale fits it)."""
         return None
 
-    def parity_images(self, truths: list, samples: int, cfg) -> int:
-        """How many test images (of ``truths``) export parity is judged on (``cfg``: the
-        export params)."""
+    def parity_images(self, truths: list, samples: int, cfg) -> int | None:
+        """How many of the images of ``truths`` export parity is judged on (``cfg``: the
+        export params); None when they are too few to judge on (export then adds the val
+        and train images)."""
         return min(samples, len(truths))
 
     def parity_measures(self, reference: np.ndarray, other: np.ndarray, truths: list) -> dict:

@@ -302,10 +302,12 @@ class DetectionTask(Task):
             raw, self.size, confidence=nms.confidence_threshold, iou=nms.iou_threshold,
             max_detections=nms.max_detections, decoder=self.hooks.raw_decoder())
 
-    def parity_images(self, truths: list, samples: int, cfg) -> int:
-        """``parity_samples`` images, or more: the fewest first test images holding
-        ``parity_min_boxes`` truth boxes (the whole split when it holds fewer)."""
+    def parity_images(self, truths: list, samples: int, cfg) -> int | None:
+        """``parity_samples`` images, or more: the fewest first images holding
+        ``parity_min_boxes`` truth boxes; None when all of them hold fewer."""
         counts = np.cumsum([len(t["class_ids"]) for t in truths])
+        if not len(counts) or counts[-1] < cfg.parity_min_boxes:
+            return None
         enough = int(np.searchsorted(counts, cfg.parity_min_boxes)) + 1
         return min(len(truths), max(samples, enough))
 
