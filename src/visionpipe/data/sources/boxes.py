@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from visionpipe.data.sources.files import Skipped
+from visionpipe.errors import DataError
 
 # Counts that follow from the samples kept (see recount).
 SAMPLE_COUNTS = ("samples", "boxes", "boxes_clipped", "boxes_dropped", "difficult_boxes",
@@ -91,6 +92,19 @@ class BoxDataset:
                                    skipped=[*self.skipped, *unreadable],
                                    dropped=dropped_lines(samples),
                                    counts=recount(samples, counts))
+
+
+def dataset_of(names: list[str], samples: list[BoxSample], skipped: list[Skipped],
+          counts: Mapping[str, int], shown: str, listed: str) -> BoxDataset:
+    """The dataset a YOLO or COCO loader found; none usable is an error naming the first
+    skipped file (``listed``: what was looked at, e.g. "the 12 found")."""
+    if not samples:
+        first = skipped[0] if skipped else None
+        example = f", e.g. {first.path}: {first.reason}" if first else ""
+        raise DataError(f"{shown}: no usable image among {listed} ({len(skipped)} file(s) "
+                        f"skipped{example}); fix the files named")
+    return BoxDataset(class_names=names, samples=samples, skipped=skipped,
+                      dropped=dropped_lines(samples), counts=recount(samples, counts))
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:

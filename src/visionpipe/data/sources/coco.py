@@ -41,7 +41,7 @@ import os
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from visionpipe.data.sources.boxes import Box, BoxDataset, dropped_lines, make_sample, recount
+from visionpipe.data.sources.boxes import Box, BoxDataset, dataset_of, make_sample
 from visionpipe.data.sources.files import Skipped, display_path, image_extensions, reason_kind
 from visionpipe.data.sources.image_folder import decode
 from visionpipe.errors import DataError
@@ -303,10 +303,4 @@ def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike, *,
                                    shown_image=shown_image, shown_annotation=shown_json,
                                    background=not objects))
     samples.sort(key=lambda s: s.id)  # as VOC and YOLO order them (by id, not file name)
-    if not samples:
-        first = skipped[0] if skipped else None
-        example = f", e.g. {first.path}: {first.reason}" if first else ""
-        raise DataError(f"{shown_json}: no usable image among the {len(entries)} listed "
-                        f"({len(skipped)} skipped{example}); fix the files named")
-    return BoxDataset(class_names=names, samples=samples, skipped=skipped,
-                      dropped=dropped_lines(samples), counts=recount(samples, counts))
+    return dataset_of(names, samples, skipped, counts, shown_json, f"the {len(entries)} listed")

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from visionpipe.data.sources.boxes import Box, BoxDataset, dropped_lines, make_sample, recount
+from visionpipe.data.sources.boxes import Box, BoxDataset, dataset_of, make_sample
 from visionpipe.data.sources.files import (
     MAX_LISTED,
     Skipped,
@@ -337,10 +337,4 @@ def load_yolo(root: str | os.PathLike, *, images: str = "images", labels: str = 
                                    {n: i for i, n in enumerate(names)},
                                    shown_image=shown_image, shown_annotation=shown_label,
                                    background=not label.is_file()))
-    if not samples:
-        first = skipped[0] if skipped else None
-        example = f", e.g. {first.path}: {first.reason}" if first else ""
-        raise DataError(f"{shown}: no usable image among the {len(found)} found "
-                        f"({len(skipped)} file(s) skipped{example}); fix the files named")
-    return BoxDataset(class_names=names, samples=samples, skipped=skipped,
-                      dropped=dropped_lines(samples), counts=recount(samples, counts))
+    return dataset_of(names, samples, skipped, counts, shown, f"the {len(found)} found")
