@@ -124,8 +124,10 @@ def _parity_message(report: dict, layout: Layout, model_name: str) -> str:
             failures.append(f"{name}: {measure} {check[measure]:.4g} "
                             f"{'above' if bound == 'max' else 'below'} its limit "
                             f"{limit[bound]:g} ({limit['key']})")
-    judged_on = next((f" (judged on {c['images']} test images holding {c['truth_boxes']} "
-                      "boxes)" for c in report["formats"].values() if "truth_boxes" in c), "")
+    splits = " + ".join(report.get("splits", ["test"]))
+    judged_on = next((f" (judged on {c['images']} images ({splits}) holding "
+                      f"{c['truth_boxes']} boxes)" for c in report["formats"].values()
+                      if "truth_boxes" in c), "")
     return (f"export of {model_name}: parity failed{judged_on}: {'; '.join(failures)}. See "
             f"{layout.export_report(model_name)}; change the named key in params.yaml only if "
             "that drift is acceptable")
