@@ -182,12 +182,14 @@ def test_each_exported_raw_head_decodes_to_the_keras_models_detections(detection
 
 @pytest.mark.slow
 def test_predict_gives_every_format_the_saved_models_boxes_in_image_pixels(detection_run,
-                                                                           tmp_path):
+                                                                           tmp_path,
+                                                                           monkeypatch):
     """predict on a folder of test images at other sizes: the SavedModel's fixed-size raw head
     decoded in NumPy and mapped back through the letterbox equals its own serving_default
     (in-graph resizing, decoding and mapping); TFLite, ONNX and full int8 give those boxes;
     COCO results and rendered copies follow; --conf keeps the boxes scoring that much."""
     from visionpipe.predict import COCO_FILE, Options, predict_folder
+    from visionpipe.serving import TFLiteRunner
     from visionpipe.tasks.detection import match_share
 
     _, layout = detection_run
@@ -200,8 +202,13 @@ def test_predict_gives_every_format_the_saved_models_boxes_in_image_pixels(detec
         Image.fromarray(ex.image).resize((w, h), Image.BILINEAR).save(folder / f"{i:02d}.png")
     (folder / "readme.txt").write_text("not an image")
     options = Options(confidence=0.25, iou=0.7, max_detections=100, batch_size=5)
+    batches = []  # images per call of the real TFLite runner: predict streams in batches
+    real = TFLiteRunner.predict
+    monkeypatch.setattr(TFLiteRunner, "predict",
+                        lambda self, x: batches.append(len(x)) or real(self, x))
     runs = {fmt: predict_folder(export_dir, folder, tmp_path / fmt, fmt, options)
             for fmt in ("saved_model", "tflite", "onnx", "tflite_int8")}
+    assert batches == [5, 5, 5, 5, 4] * 2  # tflite and tflite_int8: 24 images, 5 at a time
     ref = runs["saved_model"]
     assert ref["count"] == 24 and ref["skipped"]["count"] == 1
     assert ref["skipped"]["items"][0]["path"] == "readme.txt"
