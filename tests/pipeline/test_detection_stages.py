@@ -265,7 +265,7 @@ def test_a_test_split_with_too_few_boxes_borrows_val_and_train_images_for_parity
 
     params, layout = detection_run
     data = json.loads(json.dumps(_plain(params)))
-    data["export"].update(formats=["keras", "saved_model"], parity_min_boxes=150)
+    data["export"].update(formats=["keras"], parity_min_boxes=150)  # the cheapest format
     out = tmp_path / "export"
     out.mkdir()
     report = export._export(parse_params(data), "yolo", layout, out)
@@ -275,6 +275,5 @@ def test_a_test_split_with_too_few_boxes_borrows_val_and_train_images_for_parity
     assert sum(boxes["test"]) + sum(boxes["val"]) < 150  # the fixture's 24 + 16 images
     n = int(np.searchsorted(np.cumsum(boxes["test"] + boxes["val"] + boxes["train"]), 150)) + 1
     assert report["splits"] == ["test", "val", "train"] and report["samples"] == n
-    for result in report["formats"].values():
-        assert result["truth_boxes"] >= 150 and result["passed"], result
-    assert report["resized_input"]["images"] == n
+    result = report["formats"]["keras"]
+    assert result["images"] == n and result["truth_boxes"] >= 150 and result["passed"], result

@@ -65,9 +65,10 @@ def test_console_shows_each_stage_result_and_no_library_noise(repo):
     for fmt, check in export["formats"].items():
         line = re.search(rf"^export@mlp: {fmt} +.*$", out, re.M)
         assert line and "parity passed" in line[0], (fmt, line)
-        assert f"label_agreement {check['label_agreement']:.4f}" in line[0]
+        limit = check["limits"]["label_agreement"]
+        assert f"label_agreement {check['label_agreement']:.4g} (min {limit['min']:g})" in line[0]
         assert check["path"] in line[0]
-    assert "export@mlp: saved_model (any size)" in out
+    assert "export@mlp: saved_model on resized images" in out
     assert "next: `visionpipe summary`" in out
     assert re.search(r"#/experiments/\d+/runs\?workflowType=machine_learning", out)
     # None of the noise a user saw before: TensorFlow/absl C++ lines, CUDA probes, Keras'
@@ -388,7 +389,8 @@ def test_predict_needs_only_the_export_folder(repo, tmp_path, datasets_dir):
         assert "notes.txt: not an image PIL can read" in result.stdout
         outputs[fmt] = json.loads((out / "predictions.json").read_text())
         assert outputs[fmt]["skipped"] == {"count": 1, "items": [
-            {"path": "notes.txt", "reason": "not an image PIL can read"}]}
+            {"path": "notes.txt", "reason": "not an image PIL can read",
+             "kind": "not an image PIL can read"}]}
         files = [p["file"] for p in outputs[fmt]["predictions"]]
         assert files == sorted(f"{ex.id}.png" for ex in test) + [
             f"real/{name}" for name in sorted(p.name for p in picked)]
@@ -635,17 +637,22 @@ def test_failing_parity_fails_export_loudly(repo, tmp_path):
                repo / "reports/emissions/mlp/export.csv"]
     saved = {path: path.read_bytes() for path in touched}
     exported = sorted(p.name for p in (repo / "models/mlp/export").iterdir())
-    result = run(["visionpipe", "export", "--model", "mlp", "--params", str(strict)], repo)
+    try:
+        result = run(["visionpipe", "export", "--model", "mlp", "--params", str(strict)], repo)
+        report = json.loads((repo / "reports/export/mlp.json").read_text())
+    finally:
+        for path, content in saved.items():
+            path.write_bytes(content)
     assert result.returncode == 2
     errors = [ln for ln in result.stdout.splitlines() if ln.startswith("visionpipe: error")]
-    assert len(errors) == 1 and "export of mlp: parity failed (tflite: max_abs_diff" in errors[0]
-    report = json.loads((repo / "reports/export/mlp.json").read_text())
+    # One line: the failed measure, its value, its limit and the params key that sets it.
+    assert len(errors) == 1 and re.search(
+        r"export of mlp: parity failed: tflite: max_abs_diff \S+ above its limit 1e-12 "
+        r"\(export\.parity\.tflite\.max_abs_diff\)", errors[0]), errors
     assert report["passed"] is False and report["formats"]["tflite"]["passed"] is False
     assert report["formats"]["tflite"]["thresholds"]["max_abs_diff"] == 1e-12
     # The previous export is left in place, not half-replaced.
     assert sorted(p.name for p in (repo / "models/mlp/export").iterdir()) == exported
-    for path, content in saved.items():
-        path.write_bytes(content)
 
 
 def test_bad_params_fail_the_stage_with_one_line_and_lose_nothing(repo):
