@@ -270,14 +270,12 @@ class DetectionTask(Task):
 
     # ------------------------------------------------------------------ export
 
-    confidence = 0.25  # export.nms.confidence_threshold, set by export_model
     nms = None  # export.nms, set by export_model
     size: tuple[int, int] | None = None  # the model's input size, set by export_model
 
     def export_model(self, model, cfg):
         """Decode with ``export.nms`` (what the exported files keep) from now on."""
         self.hooks.set_nms(model, cfg.nms)
-        self.confidence = cfg.nms.confidence_threshold
         self.nms = cfg.nms
         self.size = tuple(int(d) for d in model.inputs[0].shape[1:3])
         return model
@@ -345,7 +343,8 @@ class DetectionTask(Task):
         ``anchor_agreement``: of the anchors either scores at least the export confidence for
         some class, the share where both do and pick the same class (1.0 when none)."""
         ref, oth = self.hooks.class_scores(reference), self.hooks.class_scores(other)
-        ref_on, oth_on = ref.max(-1) >= self.confidence, oth.max(-1) >= self.confidence
+        confidence = self.nms.confidence_threshold
+        ref_on, oth_on = ref.max(-1) >= confidence, oth.max(-1) >= confidence
         either = ref_on | oth_on
         same = ref_on & oth_on & (ref.argmax(-1) == oth.argmax(-1))
         share = float(same.sum() / either.sum()) if either.any() else 1.0
