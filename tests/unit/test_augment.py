@@ -140,3 +140,99 @@ def test_difficult_flags_follow_their_boxes_when_others_are_dropped():
         np.testing.assert_array_equal(aug.difficult, aug.box_labels % 2 == 1)
         followed += dropped > 0 and aug.difficult.any()
     assert followed > 0  # some image lost boxes and still carried flags
+
+
+def _solid(colour: int, size: int = 32):
+    """A one-colour image with one box over all of it, labelled with its colour index."""
+    from visionpipe.data.example import Example
+
+    image = np.full((size, size, 3), colour * 60, np.uint8)
+    return Example(id=f"solid{colour}", image=image,
+                   mask=np.full((size, size), colour + 1, np.uint8),
+                   boxes=np.array([[0, 0, size, size]], np.float32),
+                   box_labels=np.array([colour], np.int32))
+
+
+def test_a_mosaic_shows_four_images_each_box_on_its_own_pixels():
+    cfg = AugmentConfig(flip_horizontal=False, mosaic=1.0, box_min_visible=0.0)
+    partners = [_solid(c) for c in (1, 2, 3)]
+    sizes = []
+    for index in range(20):
+        aug, dropped = augment_example(_solid(0), cfg, seed=2, copy=0, index=index,
+                                       partners=partners)
+        assert aug.image.shape == (32, 32, 3) and aug.mask.shape == (32, 32)
+        assert dropped == 0
+        # The window always holds the join of the four tiles: all four are in view.
+        assert sorted(aug.box_labels.tolist()) == [0, 1, 2, 3]
+        for box, label in zip(aug.boxes, aug.box_labels, strict=True):
+            ys, xs = np.nonzero(aug.mask == label + 1)
+            if len(xs) == 0:  # a sliver of a tile, thinner than a pixel, holds no centre
+                assert min(box[2] - box[0], box[3] - box[1]) < 1
+                continue
+            region = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            # The window sits at sub-pixel offsets: the mask is sampled at pixel centres.
+            np.testing.assert_allclose(box, region, atol=1.0)
+            inner = aug.image[int(np.ceil(box[1])):int(box[3]), int(np.ceil(box[0])):int(box[2])]
+            if inner.size:
+                # Inside a tile, its own colour: bilinear blends only along the joins.
+                assert np.all(inner[1:-1, 1:-1] == label * 60)
+        sizes.append(tuple(np.round(aug.boxes[aug.box_labels == 0][0])))
+    assert len(set(sizes)) > 10  # the window and the tile order are drawn per copy
+
+
+def test_mosaic_keeps_tight_boxes_under_flips_and_shifts():
+    from dataclasses import replace
+
+    # At scale 1 nearest-neighbour sampling cannot skip a shape's one-pixel tips, so a box
+    # must fit its mask to the pixel (scaling is the test above's).
+    cfg = replace(GEOMETRIC, scale=(1.0, 1.0), mosaic=1.0)
+    examples = _examples()
+    checked = 0
+    for i, ex in enumerate(examples):
+        aug, dropped = augment_example(ex, cfg, seed=3, copy=0, index=i,
+                                       partners=examples[:i])
+        for box, label in zip(aug.boxes, aug.box_labels, strict=True):
+            x0, y0, x1, y1 = box
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            # Within the box only: a neighbouring tile may hold a same-class shape touching
+            # the join (the exact test above checks that no pixels leak out of a box).
+            m0x, m0y = int(x0), int(y0)
+            window = aug.mask[m0y:int(np.ceil(y1)), m0x:int(np.ceil(x1))]
+            ys, xs = np.nonzero(window == label + 1)
+            if len(ys) == 0 or x0 == 0 or y0 == 0 or x1 == 64 or y1 == 64:
+                continue
+            tight = np.array([xs.min() + m0x, ys.min() + m0y, xs.max() + 1 + m0x,
+                              ys.max() + 1 + m0y])
+            assert np.all(np.abs(tight - box) <= 1.5), (ex.id, box, tight)
+            checked += 1
+    assert checked > 30
+
+
+def test_mosaic_off_or_not_drawn_leaves_the_copy_as_it_was():
+    from dataclasses import replace
+
+    examples = _examples(12)
+    for i, ex in enumerate(examples):
+        plain, _ = augment_example(ex, GEOMETRIC, seed=4, copy=1, index=i)
+        rare, _ = augment_example(ex, replace(GEOMETRIC, mosaic=1e-12), seed=4, copy=1,
+                                  index=i, partners=examples)
+        assert plain.image.tobytes() == rare.image.tobytes()
+        np.testing.assert_array_equal(plain.boxes, rare.boxes)
+    half = replace(GEOMETRIC, mosaic=0.5)
+    drawn = sum(
+        augment_example(ex, half, seed=4, copy=1, index=i, partners=examples)[0].image.tobytes()
+        != augment_example(ex, GEOMETRIC, seed=4, copy=1, index=i)[0].image.tobytes()
+        for i, ex in enumerate(_examples(40)))
+    assert 10 <= drawn <= 30  # about half the copies are mosaics
+
+
+def test_mosaic_is_refused_for_classification_and_bounded():
+    from visionpipe.config import parse_params
+    from visionpipe.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"augment\.classification\.mosaic = 0\.5: expected 0"):
+        parse_params({"augment": {"classification": {"mosaic": 0.5}}})
+    with pytest.raises(ParamsError, match=r"augment\.detection\.mosaic = 2"):
+        parse_params({"augment": {"detection": {"mosaic": 2}}})
+    assert parse_params({"augment": {"segmentation": {"mosaic": 0.5}}}).augment[
+        "segmentation"].mosaic == 0.5

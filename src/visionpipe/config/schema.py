@@ -135,6 +135,10 @@ class AugmentConfig:
     # Detection: a box moved partly out of the image is clipped to it, or dropped when less
     # than this share of its area stays inside (drops are counted in the manifest).
     box_min_visible: Float = Field(0.25, ge=0, le=1, json_schema_extra=tasks("detection"))
+    # Detection and segmentation: this share of the copies is a YOLO-style mosaic, the image
+    # tiled 2x2 with three other train images and an image-size window of that taken (then
+    # the transforms above). Partners come from the last 64 train images read.
+    mosaic: Float = Field(0.0, ge=0, le=1, json_schema_extra=tasks("detection", "segmentation"))
     preview: Int = Field(16, ge=1, le=256)
 
 

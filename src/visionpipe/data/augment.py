@@ -2,7 +2,8 @@
 
 Geometric transforms (flips, scale, translation, rotation) are one affine map per example,
 applied to the image (bilinear), the mask (nearest neighbour) and the box corners; colour
-transforms (brightness, contrast, noise) touch the image only. Everything is drawn from a
+transforms (brightness, contrast, noise) touch the image only. A mosaic copy first tiles the
+image with three others on a canvas twice its size and takes an image-size window of it. Everything is drawn from a
 generator seeded by (seed, copy, example index), so the same params give the same bytes.
 """
 
@@ -43,10 +44,12 @@ def _source_coords(matrix: np.ndarray, height: int, width: int) -> tuple[np.ndar
     return sx, sy
 
 
-def warp_image(image: np.ndarray, matrix: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """Bilinear warp of a uint8 (H, W, C) image; pixels from outside take ``fill``."""
+def warp_image(image: np.ndarray, matrix: np.ndarray, fill: np.ndarray,
+               out_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Bilinear warp of a uint8 (H, W, C) image to ``out_shape`` (default: its own size);
+    pixels from outside take ``fill``."""
     h, w = image.shape[:2]
-    sx, sy = _source_coords(matrix, h, w)
+    sx, sy = _source_coords(matrix, *(out_shape or (h, w)))
     x, y = sx - 0.5, sy - 0.5  # to pixel-centre index space
     x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
     fx, fy = (x - x0)[..., None], (y - y0)[..., None]
@@ -67,13 +70,15 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, fill: np.ndarray) -> np.nd
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def warp_mask(mask: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour warp of a class-id mask; pixels from outside become background."""
+def warp_mask(mask: np.ndarray, matrix: np.ndarray,
+              out_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Nearest-neighbour warp of a class-id mask to ``out_shape`` (default: its own size);
+    pixels from outside become background."""
     h, w = mask.shape
-    sx, sy = _source_coords(matrix, h, w)
+    sx, sy = _source_coords(matrix, *(out_shape or (h, w)))
     xi, yi = np.floor(sx).astype(int), np.floor(sy).astype(int)
     inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-    out = np.zeros_like(mask)
+    out = np.zeros(sx.shape, mask.dtype)
     out[inside] = mask[yi[inside], xi[inside]]
     return out
 
@@ -119,25 +124,74 @@ def colour_jitter(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfi
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def mosaic(examples: list[Example], rng: np.random.Generator) -> tuple[Example, np.ndarray]:
+    """Four same-size examples tiled 2x2 on a canvas twice their size, in a random order.
+
+    Returns the canvas example and the matrix that takes canvas coordinates to an image-size
+    window centred at a random point within half an image of the join (YOLO's mosaic centre
+    range), so every window shows parts of all four. Boxes and masks go with their pixels.
+    """
+    h, w = examples[0].image.shape[:2]
+    order = rng.permutation(4)
+    image = np.empty((2 * h, 2 * w, 3), np.uint8)
+    has_mask = examples[0].mask is not None
+    mask = np.zeros((2 * h, 2 * w), np.uint8) if has_mask else None
+    boxes, labels, difficult = [], [], []
+    for slot, k in enumerate(order):
+        ex = examples[k]
+        y, x = (slot // 2) * h, (slot % 2) * w
+        image[y:y + h, x:x + w] = ex.image
+        if has_mask:
+            mask[y:y + h, x:x + w] = ex.mask
+        if ex.boxes is not None:
+            boxes.append(np.asarray(ex.boxes, np.float64).reshape(-1, 4) + [x, y, x, y])
+            labels.append(np.asarray(ex.box_labels))
+            difficult.append(np.zeros(len(labels[-1]), bool) if ex.difficult is None
+                             else np.asarray(ex.difficult, bool))
+    canvas = Example(id=examples[0].id, image=image, label=examples[0].label, mask=mask)
+    if boxes:
+        canvas.boxes = np.concatenate(boxes)
+        canvas.box_labels = np.concatenate(labels)
+        if any(ex.difficult is not None for ex in examples):
+            canvas.difficult = np.concatenate(difficult)
+    left = w / 2 + rng.uniform(-w / 2, w / 2)
+    top = h / 2 + rng.uniform(-h / 2, h / 2)
+    return canvas, np.array([[1, 0, -left], [0, 1, -top], [0, 0, 1]])
+
+
 def augment_example(example: Example, cfg: AugmentConfig, seed: int, copy: int,
-                    index: int) -> tuple[Example, int]:
-    """One augmented copy of ``example``; returns it and the number of boxes dropped."""
+                    index: int, partners: list[Example] | None = None) -> tuple[Example, int]:
+    """One augmented copy of ``example``; returns it and the number of boxes dropped.
+
+    With ``cfg.mosaic`` > 0, that share of copies (drawn per copy) is a mosaic of ``example``
+    and three other images drawn from ``partners`` (repeats only when it holds fewer than
+    three; ``example`` itself when it is empty), moved
+    by the same random transforms as a plain copy.
+    """
     rng = np.random.default_rng([seed, copy, index])
     h, w = example.image.shape[:2]
-    matrix = random_affine(rng, cfg, h, w)
+    source, window = example, np.eye(3)
+    if cfg.mosaic:
+        # Its own generator: mosaic = 0 leaves every other draw, so every byte, as it was.
+        pick = np.random.default_rng([seed, copy, index, 1])
+        if pick.random() < cfg.mosaic:
+            pool = partners or [example]
+            others = [pool[i] for i in pick.choice(len(pool), 3, replace=len(pool) < 3)]
+            source, window = mosaic([example, *others], pick)
+    matrix = random_affine(rng, cfg, h, w) @ window
     fill = example.image.reshape(-1, 3).mean(axis=0).astype(np.float32)
-    image = warp_image(example.image, matrix, fill)
+    image = warp_image(source.image, matrix, fill, (h, w))
     image = colour_jitter(rng, image, cfg)
     out = Example(id=f"{example.id}-aug{copy}", image=image, label=example.label)
     dropped = 0
-    if example.mask is not None:
-        out.mask = warp_mask(example.mask, matrix)
-    if example.boxes is not None:
+    if source.mask is not None:
+        out.mask = warp_mask(source.mask, matrix, (h, w))
+    if source.boxes is not None:
         # Indices as labels: the kept ones pick each box's class and difficult flag.
         out.boxes, kept, dropped = warp_boxes(
-            np.asarray(example.boxes, np.float64), np.arange(len(example.boxes)), matrix, h, w,
-            cfg.box_min_visible)
-        out.box_labels = np.asarray(example.box_labels)[kept]
-        if example.difficult is not None:
-            out.difficult = np.asarray(example.difficult, bool)[kept]
+            np.asarray(source.boxes, np.float64).reshape(-1, 4), np.arange(len(source.boxes)),
+            matrix, h, w, cfg.box_min_visible)
+        out.box_labels = np.asarray(source.box_labels)[kept]
+        if source.difficult is not None:
+            out.difficult = np.asarray(source.difficult, bool)[kept]
     return out, dropped

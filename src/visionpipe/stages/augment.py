@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -14,6 +15,11 @@ from visionpipe.data.example import Example
 from visionpipe.drawing import overlay
 from visionpipe.layout import Layout
 from visionpipe.stages.common import fresh_dir
+
+
+# Mosaic partners are drawn from the last this-many train images read: memory stays bounded,
+# and prepare has already shuffled the split, so they are a random sample of it.
+MOSAIC_POOL = 64
 
 
 def _tile(ex: Example):
@@ -29,19 +35,22 @@ def run(params: Params, task: str, layout: Layout) -> dict:
     total = n_train * (cfg.copies + int(cfg.keep_original))
     stats = {"boxes_dropped": 0}
     preview: list[Example] = []
+    pool: deque[Example] = deque(maxlen=MOSAIC_POOL)
 
     def examples() -> Iterator[Example]:
         for i, ex in enumerate(records.read_split(src, "train")):
             if cfg.keep_original:
                 yield ex
             for copy in range(cfg.copies):
-                aug, dropped = augment_example(ex, cfg, params.seed, copy, i)
+                aug, dropped = augment_example(ex, cfg, params.seed, copy, i, list(pool))
                 stats["boxes_dropped"] += dropped
                 if copy == 0 and len(preview) < 2 * cfg.preview:
                     preview.extend([ex, aug])
                 yield aug
             if cfg.copies == 0 and len(preview) < cfg.preview:
                 preview.append(ex)
+            if cfg.mosaic:
+                pool.append(ex)
 
     with fresh_dir(layout.augmented(task)) as out:
         count, shards = records.write_split(
