@@ -189,7 +189,7 @@ def test_mosaic_keeps_tight_boxes_under_flips_and_shifts():
     examples = _examples()
     checked = 0
     for i, ex in enumerate(examples):
-        aug, dropped = augment_example(ex, cfg, seed=3, copy=0, index=i,
+        aug, _ = augment_example(ex, cfg, seed=3, copy=0, index=i,
                                        partners=examples[:i])
         for box, label in zip(aug.boxes, aug.box_labels, strict=True):
             x0, y0, x1, y1 = box

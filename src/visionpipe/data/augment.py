@@ -3,8 +3,9 @@
 Geometric transforms (flips, scale, translation, rotation) are one affine map per example,
 applied to the image (bilinear), the mask (nearest neighbour) and the box corners; colour
 transforms (brightness, contrast, noise) touch the image only. A mosaic copy first tiles the
-image with three others on a canvas twice its size and takes an image-size window of it. Everything is drawn from a
-generator seeded by (seed, copy, example index), so the same params give the same bytes.
+image with three others on a canvas twice its size and takes an image-size window of it.
+Everything is drawn from a generator seeded by (seed, copy, example index), so the same params
+give the same bytes.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def mosaic(examples: list[Example], rng: np.random.Generator) -> tuple[Example, 
         if has_mask:
             mask[y:y + h, x:x + w] = ex.mask
         if ex.boxes is not None:
-            boxes.append(np.asarray(ex.boxes, np.float64).reshape(-1, 4) + [x, y, x, y])
+            offset = np.array([x, y, x, y], np.float64)
+            boxes.append(np.asarray(ex.boxes, np.float64).reshape(-1, 4) + offset)
             labels.append(np.asarray(ex.box_labels))
             difficult.append(np.zeros(len(labels[-1]), bool) if ex.difficult is None
                              else np.asarray(ex.difficult, bool))

@@ -16,7 +16,6 @@ from visionpipe.drawing import overlay
 from visionpipe.layout import Layout
 from visionpipe.stages.common import fresh_dir
 
-
 # Mosaic partners are drawn from the last this-many train images read: memory stays bounded,
 # and prepare has already shuffled the split, so they are a random sample of it.
 MOSAIC_POOL = 64
