@@ -29,8 +29,9 @@ STAGES = {
 COMMANDS = {
     "log": ("model", "Replay a model's run into MLflow from its local files (after the "
                      "backend was unreachable); prints the new run id."),
-    "predict": ("model", "Run an exported model on a folder of images, in batches: "
-                         "OUTPUT/predictions.json (one record per image: class; masks with "
+    "predict": ("model", "Run an exported model on a folder of images and videos, in "
+                         "batches: OUTPUT/predictions.json (one record per image or video "
+                         "frame: class; masks with "
                          "class shares; boxes in the image's pixels), OUTPUT/rendered/ copies, "
                          "OUTPUT/masks/ (segmentation), OUTPUT/coco_results.json (detection). "
                          "Needs only models/<model>/export/."),
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_project_args(p, "data/, models/ and reports/")
         if name == "predict":
             p.add_argument("--input", type=Path, required=True,
-                           help="folder of images (searched recursively; any size)")
+                           help="folder of images and videos (searched recursively; any size)")
             p.add_argument("--output", type=Path, required=True,
                            help="folder for predictions.json and rendered/")
             p.add_argument("--format", choices=PREDICT_FORMATS, default=None,

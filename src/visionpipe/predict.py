@@ -8,7 +8,9 @@ Every format runs at the model's input size; the resizing, the tiling of a segme
 model trained on crops and the decoding of a detector's raw head happen here, the same way for
 every format (and the way the SavedModel's ``serving_default`` does them inside its graph).
 Images stream through in batches: memory holds one batch of images, whatever the folder's
-size. What each task writes:
+size. A video file (read through PyAV) is predicted frame by frame: each frame is a record
+with its ``frame`` index and ``time_s``, and the rendered frames make ``rendered/<file>.mp4``.
+What each task writes:
 
 - labels (classification): class, score and top-k per image; ``rendered/`` copies with a
   banner.
@@ -24,12 +26,13 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from visionpipe import box_decoding
+from visionpipe import box_decoding, video
 from visionpipe.atomic import atomic_path
 from visionpipe.console import progress
 from visionpipe.data import records
@@ -92,18 +95,41 @@ def kind_of(meta: dict) -> str:
     return "labels"
 
 
-def batches(files: list[Path], input_dir: Path, size: int, skipped: list[Skipped]
-            ) -> Iterator[list[tuple[str, np.ndarray]]]:
-    """(relative path, uint8 RGB image) in lists of ``size``; unreadable files go to
-    ``skipped`` with their reason. A progress bar counts files on a terminal."""
-    chunk: list[tuple[str, np.ndarray]] = []
-    for path in progress(files, desc="predict", unit="image"):
+@dataclass(frozen=True)
+class Item:
+    """One picture to predict: its file's path under the input folder and its pixels; for a
+    video frame also the frame's index, time and the video's frame rate."""
+
+    rel: str
+    image: np.ndarray
+    frame: int | None = None
+    time_s: float | None = None
+    rate: Fraction | None = None
+
+
+def _items(files: list[Path], input_dir: Path, skipped: list[Skipped]) -> Iterator[Item]:
+    for path in files:
         rel = path.relative_to(input_dir).as_posix()
         try:
-            chunk.append((rel, load_image(path)))
+            if video.is_video(path):
+                for f in video.frames(path):
+                    yield Item(rel, f.image, f.index, f.time_s, f.rate)
+            else:
+                yield Item(rel, load_image(path))
         except DataError as exc:
             skipped.append(Skipped(rel, str(exc)))
-            continue
+
+
+def batches(files: list[Path], input_dir: Path, size: int, skipped: list[Skipped]
+            ) -> Iterator[list[Item]]:
+    """Images and video frames in lists of ``size``; unreadable files go to ``skipped`` with
+    their reason. A progress bar counts images and frames on a terminal."""
+    counts = [video.frame_count(p) if video.is_video(p) else 1 for p in files]
+    total = None if None in counts else sum(counts)
+    chunk: list[Item] = []
+    for item in progress(_items(files, input_dir, skipped), total=total, desc="predict",
+                         unit="image"):
+        chunk.append(item)
         if len(chunk) == size:
             yield chunk
             chunk = []
@@ -132,6 +158,8 @@ class Predictor:
         self.overlap = float(meta.get("tile_overlap", 0.25))
         self.kind = kind_of(meta)
         self.coco: list[dict] = []
+        self.writer: video.Writer | None = None
+        self.writing: str | None = None  # the video being rendered
         if self.kind == "boxes":
             self.decoder = self._checked_decoder(export_dir)
 
@@ -159,34 +187,53 @@ class Predictor:
         """The format's outputs for images already at the model's size."""
         return self.runner.predict(np.stack(images))
 
-    def run(self, chunk: list[tuple[str, np.ndarray]], start: int) -> list[dict]:
+    def run(self, chunk: list[Item], start: int) -> list[dict]:
         """Records of one batch (``start``: the index of its first image among those read)."""
-        rels, images = [r for r, _ in chunk], [im for _, im in chunk]
-        base = [{"file": rel, "height": int(im.shape[0]), "width": int(im.shape[1])}
-                for rel, im in chunk]
+        images = [item.image for item in chunk]
+        base = [{"file": item.rel} | ({} if item.frame is None else
+                                      {"frame": item.frame, "time_s": item.time_s})
+                | {"height": int(item.image.shape[0]), "width": int(item.image.shape[1])}
+                for item in chunk]
         if self.kind == "boxes":
-            return self._boxes(rels, images, base, start)
+            return self._boxes(chunk, images, base, start)
         if self.kind == "masks":
-            return self._masks(rels, images, base)
-        return self._labels(rels, images, base)
+            return self._masks(chunk, images, base)
+        return self._labels(chunk, images, base)
 
-    def _labels(self, rels, images, base) -> list[dict]:
+    def render(self, item: Item, picture) -> None:
+        """An image's rendering to ``rendered/<file>.png``; a frame's to the next frame of
+        ``rendered/<file>.mp4``."""
+        if item.frame is None:
+            _save(picture, self.out / "rendered" / f"{item.rel}.png")
+            return
+        if self.writing != item.rel:
+            self.close()
+            self.writer = video.Writer(self.out / "rendered" / f"{item.rel}.mp4", item.rate)
+            self.writing = item.rel
+        self.writer.write(picture)
+
+    def close(self) -> None:
+        """Finish the video being rendered, if any."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.writing = None, None
+
+    def _labels(self, items, images, base) -> list[dict]:
         scores = self.raw(self.fitted(images, self.size))
         k = min(self.options.top_k, len(self.names))
         records_ = []
-        for rec, rel, image, row in zip(base, rels, images, scores, strict=True):
+        for rec, item, image, row in zip(base, items, images, scores, strict=True):
             order = np.argsort(-row, kind="stable")[:k]
             rec.update(class_id=int(order[0]), class_name=self.names[order[0]],
                        score=float(row[order[0]]),
                        top_k=[{"class_name": self.names[i], "score": float(row[i])}
                               for i in order])
             if self.options.render:
-                _save(render_label(image, f"{rec['class_name']} {rec['score']:.2f}"),
-                      self.out / "rendered" / f"{rel}.png")
+                self.render(item, render_label(image, f"{rec['class_name']} {rec['score']:.2f}"))
             records_.append(rec)
         return records_
 
-    def _masks(self, rels, images, base) -> list[dict]:
+    def _masks(self, items, images, base) -> list[dict]:
         import tensorflow as tf
 
         fitted = self.fitted(images, self.scale)
@@ -196,26 +243,27 @@ class Predictor:
             scores = [sliding_window(lambda tiles: self.raw(list(tiles.astype(np.uint8))),
                                      image, self.size, self.overlap, self.options.batch_size)
                       for image in fitted]
-        for rec, rel, image, s in zip(base, rels, images, scores, strict=True):
+        for rec, item, image, s in zip(base, items, images, scores, strict=True):
             full = tf.image.resize(s[None].astype(np.float32), image.shape[:2],
                                    method="bilinear")
             mask = tf.argmax(full[0], axis=-1).numpy().astype(np.uint8)
             counts = np.bincount(mask.ravel(), minlength=len(self.names))
             rec["class_shares"] = {n: round(float(c) / mask.size, 6)
                                    for n, c in zip(self.names, counts, strict=True)}
-            rec["mask"] = f"masks/{rel}.png"
+            rec["mask"] = (f"masks/{item.rel}.png" if item.frame is None
+                           else f"masks/{item.rel}/{item.frame:06d}.png")
             _save(mask, self.out / rec["mask"])
             if self.options.render:
-                _save(overlay(image, mask), self.out / "rendered" / f"{rel}.png")
+                self.render(item, overlay(image, mask))
         return base
 
-    def _boxes(self, rels, images, base, start: int) -> list[dict]:
+    def _boxes(self, items, images, base, start: int) -> list[dict]:
         o = self.options
         raw = self.raw(self.fitted(images, self.size))
         found = box_decoding.decode_raw(raw, self.size, confidence=o.confidence, iou=o.iou,
                                         max_detections=o.max_detections, decoder=self.decoder)
-        for i, (rec, rel, image, det) in enumerate(zip(base, rels, images, found,
-                                                       strict=True)):
+        for i, (rec, item, image, det) in enumerate(zip(base, items, images, found,
+                                                        strict=True)):
             boxes = to_image_pixels(det["boxes"], image.shape[:2], self.size, self.policy)
             rec["image_id"] = start + i
             rec["detections"] = [
@@ -231,8 +279,7 @@ class Predictor:
             if o.render:
                 labels = [f"{self.names[int(k)]} {s:.2f}" for k, s in
                           zip(det["class_ids"], det["scores"], strict=True)]
-                _save(draw_detections(image, boxes, det["class_ids"], labels),
-                      self.out / "rendered" / f"{rel}.png")
+                self.render(item, draw_detections(image, boxes, det["class_ids"], labels))
         return base
 
 
@@ -265,12 +312,15 @@ def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str
     predictor = Predictor(export_dir, fmt, meta, options, output_dir)
     predictions: list[dict] = []
     skipped: list[Skipped] = []
-    for chunk in batches(files, input_dir, options.batch_size, skipped):
-        predictions.extend(predictor.run(chunk, len(predictions)))
+    try:
+        for chunk in batches(files, input_dir, options.batch_size, skipped):
+            predictions.extend(predictor.run(chunk, len(predictions)))
+    finally:
+        predictor.close()
     if not predictions:
         raise DataError(f"{input_dir}: no image could be read ({len(skipped)} file(s) skipped"
                         + (f", e.g. {skipped[0].path}: {skipped[0].reason}" if skipped else "")
-                        + "); pass a folder of JPEG/PNG/BMP/GIF images")
+                        + "); pass a folder of JPEG/PNG/BMP/GIF images or videos")
     result = {
         "model": meta.get("model"), "task": meta["task"], "format": fmt,
         "model_file": str(Path(export_dir) / FILES[fmt]), "input": str(input_dir),

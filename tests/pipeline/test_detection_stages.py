@@ -4,6 +4,7 @@ the SavedModel returns boxes in the input images' pixels."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -255,6 +256,41 @@ def test_predict_gives_every_format_the_saved_models_boxes_in_image_pixels(detec
     assert all(s >= 0.5 for s in kept)
     assert len(kept) == sum(d["score"] >= 0.5 for r in ref["predictions"]
                             for d in r["detections"])
+
+
+@pytest.mark.slow
+def test_predict_reads_a_video_frame_by_frame_and_renders_one(detection_run, tmp_path):
+    """A video in the folder: one record per frame, with index and time, whose boxes are the
+    ones the same decoded frame gets as a PNG; the rendered frames make rendered/<file>.mp4."""
+    from fractions import Fraction
+
+    from visionpipe import video
+    from visionpipe.predict import Options, predict_folder
+
+    _, layout = detection_run
+    export_dir = layout.export_dir("yolo")
+    clip = tmp_path / "clip" / "street.mp4"
+    writer = video.Writer(clip, Fraction(5))
+    for ex in itertools.islice(records.read_split(layout.prepared("detection"), "test"), 10):
+        writer.write(Image.fromarray(ex.image).resize((96, 80), Image.BILINEAR))
+    writer.close()
+    stills = tmp_path / "stills"
+    stills.mkdir()
+    for f in video.frames(clip):  # the same pixels predict decodes, as lossless PNGs
+        Image.fromarray(f.image).save(stills / f"{f.index:02d}.png")
+    options = Options(confidence=0.25, batch_size=4)
+    got = predict_folder(export_dir, clip.parent, tmp_path / "out", "saved_model", options)
+    want = predict_folder(export_dir, stills, tmp_path / "want", "saved_model", options)
+    assert got["count"] == 10 and got["skipped"]["count"] == 0
+    assert [(r["file"], r["frame"], r["time_s"]) for r in got["predictions"]] == [
+        ("street.mp4", i, pytest.approx(i / 5)) for i in range(10)]
+    assert all((r["height"], r["width"]) == (80, 96) for r in got["predictions"])
+    assert [r["detections"] for r in got["predictions"]] == [
+        r["detections"] for r in want["predictions"]]
+    assert got["detections"] == want["detections"] > 0
+    rendered = list(video.frames(tmp_path / "out" / "rendered" / "street.mp4.mp4"))
+    assert len(rendered) == 10 and rendered[0].image.shape == (80, 96, 3)
+    assert rendered[0].rate == 5
 
 
 @pytest.mark.slow
