@@ -361,10 +361,13 @@ def run(args, params_predict) -> None:
     skipped = result["skipped"]
     found = (f" ({result['detections']} detection(s) at confidence >= "
              f"{result['thresholds']['confidence']})" if "detections" in result else "")
-    print(f"predicted {result['count']} image(s){found} with {fmt} ({result['model_file']}); "
+    frames = sum("frame" in rec for rec in result["predictions"])
+    what = f"{result['count'] - frames} image(s)" + (
+        f" and {frames} video frame(s)" if frames else "")
+    print(f"predicted {what}{found} with {fmt} ({result['model_file']}); "
           f"wrote {args.output / PREDICTIONS_FILE}", flush=True)
     if skipped["count"]:
-        print(f"skipped {skipped['count']} file(s) that are not readable images:",
+        print(f"skipped {skipped['count']} file(s) that are not readable images or videos:",
               file=sys.stderr)
         for item in skipped["items"]:
             print(f"  {item['path']}: {item['reason']}", file=sys.stderr)

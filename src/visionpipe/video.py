@@ -64,7 +64,7 @@ def frames(path: Path) -> Iterator[Frame]:
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as exc:
-        raise DataError(f"not a readable video ({exc})") from None
+        raise DataError(f"not a readable video: {_why(exc)}") from None
     with container:
         if not container.streams.video:
             raise DataError("no video stream in the file")
@@ -77,7 +77,12 @@ def frames(path: Path) -> Iterator[Frame]:
                 yield Frame(index, round(time_s, 6), frame.to_ndarray(format="rgb24"), rate)
                 index += 1
         except av.error.FFmpegError as exc:
-            raise DataError(f"decoding stopped after frame {index} ({exc})") from None
+            raise DataError(f"decoding stopped after frame {index}: {_why(exc)}") from None
+
+
+def _why(exc: Exception) -> str:
+    """FFmpeg's reason without its error number and the file's path (reports name the file)."""
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 class Writer:

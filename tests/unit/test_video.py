@@ -66,7 +66,8 @@ def test_predict_batches_mix_images_and_frames_and_skip_bad_videos(tmp_path):
         ("b.mp4", i) for i in range(5)]
     assert [bar_at(it.image) for it in items[1:]] == [0, 4, 8, 12, 16]
     assert [s.path for s in skipped] == ["c.mp4", "d.avi"]
-    assert all(s.reason.startswith("not a readable video (") for s in skipped)
+    assert all(s.reason.startswith("not a readable video: ") and s.kind ==
+               "not a readable video" and "/" not in s.reason for s in skipped), skipped
 
 
 def test_without_pyav_a_video_is_skipped_with_what_to_install(tmp_path, monkeypatch):
