@@ -217,3 +217,27 @@ def test_a_crop_trained_unet_is_served_and_predicted_at_its_training_scale(membr
             assert sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
             assert shares["membrane"] == pytest.approx((mask == 1).mean(), abs=1e-6)
             assert (tmp_path / fmt / "rendered" / f"{rec['file']}.png").is_file()
+    # A video of the two slices: a mask per frame under masks/<file>/, equal to the mask of
+    # the same decoded frame given as an image; the overlays make rendered/<file>.mp4.
+    from fractions import Fraction
+
+    from visionpipe import video
+
+    clip = tmp_path / "clip" / "stack.mp4"
+    writer = video.Writer(clip, Fraction(2))
+    for ex in test:
+        writer.write(ex.image)
+    writer.close()
+    decoded = tmp_path / "decoded"
+    decoded.mkdir()
+    for f in video.frames(clip):
+        Image.fromarray(f.image).save(decoded / f"{f.index}.png")
+    got = predict_folder(out, clip.parent, tmp_path / "video", "saved_model", Options())
+    want = predict_folder(out, decoded, tmp_path / "frames", "saved_model", Options())
+    assert [(r["frame"], r["mask"]) for r in got["predictions"]] == [
+        (0, "masks/stack.mp4/000000.png"), (1, "masks/stack.mp4/000001.png")]
+    for rec, ref in zip(got["predictions"], want["predictions"], strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "video" / rec["mask"])),
+                                      np.asarray(Image.open(tmp_path / "frames" / ref["mask"])))
+        assert rec["class_shares"] == ref["class_shares"]
+    assert len(list(video.frames(tmp_path / "video" / "rendered" / "stack.mp4.mp4"))) == 2
