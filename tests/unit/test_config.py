@@ -215,6 +215,54 @@ def test_cli_bad_params_exit_nonzero_with_one_line(tmp_path, default_params_dict
     assert "Traceback" not in result.stderr
 
 
+ALIAS_BOMB = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi",
+                                                                   strict=True))
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    # A key given twice: PyYAML would keep the last silently.
+    (lambda text: text + "\nseed: 7\n", "key 'seed' appears twice in one mapping"),
+    (lambda text: text.replace("    copies: 1\n", "    copies: 1\n    copies: 2\n", 1),
+     "key 'copies' appears twice in one mapping"),
+    # 1 KB of nested aliases expanding to 10^9 values: refused at once, printed nowhere.
+    (lambda text: ALIAS_BOMB + "seed: *i\n",
+     "holds more than 100000 values once its anchors and aliases"),
+    # A long value is cut in the message.
+    (lambda text: text.replace("seed: 42", "seed: " + "x" * 5000, 1),
+     "seed = 'xxxxxxxxxx"),
+])
+def test_cli_duplicate_keys_alias_bombs_and_long_values(tmp_path, repo_root, edit, fragment):
+    text = (repo_root / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(edit(text))
+    result = _cli(["train", "--model", "mlp"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("visionpipe:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert len(lines[0]) < 400 and "Traceback" not in result.stderr
+
+
+def test_a_duplicate_key_names_both_lines(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 1\nmodels:\n  mlp:\n    family: mlp\n    task: classification\n"
+                   "    family: vgg\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: line 6: key 'family' appears twice "
+                                          r"in one mapping \(first at line 4\); YAML would "
+                                          r"keep only the last one"):
+        load_params(bad)
+
+
+def test_merge_keys_stay_allowed_and_explicit_keys_win(tmp_path, repo_root):
+    text = (repo_root / "params.yaml").read_text()
+    text = text.replace("  segmentation:             #", "  segmentation: &seg #", 1)
+    head = "  detection:                # boxes move with the pixels (data/augment.py)\n"
+    text = text.replace(head + "    copies: 1\n", "  detection:\n    <<: *seg\n    copies: 3\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.augment["detection"].copies == 3
+    assert params.augment["segmentation"].copies == 1
+
+
 def test_cli_unknown_model_lists_known(tmp_path, repo_root):
     (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
     result = _cli(["evaluate", "--model", "resnet9000"], tmp_path)

@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from visionpipe.config import families
-from visionpipe.config.rules import check_params
+from visionpipe.config.rules import check_params, short_repr
 from visionpipe.config.schema import PARAMS, Params
 from visionpipe.errors import ParamsError
 
@@ -69,16 +69,70 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except OSError as exc:
         raise ParamsError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
+    except _DuplicateKey as exc:
+        raise ParamsError(f"{path}: line {exc.line}: key {short_repr(exc.key)} appears twice in "
+                          f"one mapping (first at line {exc.first}); YAML would keep only the "
+                          "last one, so delete or rename one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ParamsError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if _size(data, MAX_VALUES) > MAX_VALUES:
+        raise ParamsError(f"{path}: holds more than {MAX_VALUES} values once its anchors and "
+                          "aliases (&name, *name) are expanded; params.yaml needs a few "
+                          "hundred, so write the values out or remove the repeated aliases")
     try:
         return parse_params(data)
     except ParamsError as exc:
         raise ParamsError(str(exc).replace("params.yaml:", f"{path}:", 1)) from None
+
+
+# The most values (keys, values and list items) params.yaml may expand to: the default file
+# holds 726, and a few lines of nested aliases can expand to billions.
+MAX_VALUES = 100_000
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (YAML
+    1.2 forbids it; PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep)
+
+
+def _size(data: Any, limit: int) -> int:
+    """How many values ``data`` holds, counting each alias's values again, but stopping once
+    past ``limit`` (so a billion-value alias bomb costs ``limit`` steps)."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return count
 
 
 # --------------------------------------------------------------------------- error lines
@@ -121,7 +175,8 @@ def error_line(exc: ValidationError, data: Any, schema: dict, prefix: str = "") 
         allowed = _describe(schema, node) or _pydantic_wants(err)
         if err["type"] == "finite_number":
             allowed = allowed.replace("a number", "a finite number", 1)
-    return f"params.yaml: {shown} = {_as_parsed(schema, node, value)!r}: expected {allowed}"
+    shown_value = short_repr(_as_parsed(schema, node, value))
+    return f"params.yaml: {shown} = {shown_value}: expected {allowed}"
 
 
 _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),

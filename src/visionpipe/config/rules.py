@@ -16,8 +16,18 @@ from visionpipe.errors import ParamsError
 KNOWN_MASK_VALUES = {"oxford_iiit_pet": {1: "pet", 2: "background", 3: "border"}}
 
 
+# The most characters of one value an error line shows.
+MAX_SHOWN = 200
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to MAX_SHOWN characters: an error line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
+
+
 def _fail(path: str, value: Any, allowed: str) -> typing.NoReturn:
-    raise ParamsError(f"params.yaml: {path} = {value!r}: expected {allowed}")
+    raise ParamsError(f"params.yaml: {path} = {short_repr(value)}: expected {allowed}")
 
 
 def check_params(params: Params) -> None:
