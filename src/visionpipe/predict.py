@@ -212,10 +212,10 @@ class Predictor:
             self.writing = item.rel
         self.writer.write(picture)
 
-    def close(self) -> None:
-        """Finish the video being rendered, if any."""
+    def close(self, keep: bool = True) -> None:
+        """Finish the video being rendered, if any (``keep=False``: drop it, after a failure)."""
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close(keep)
             self.writer, self.writing = None, None
 
     def _labels(self, items, images, base) -> list[dict]:
@@ -315,8 +315,10 @@ def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str
     try:
         for chunk in batches(files, input_dir, options.batch_size, skipped):
             predictions.extend(predictor.run(chunk, len(predictions)))
-    finally:
-        predictor.close()
+    except BaseException:
+        predictor.close(keep=False)
+        raise
+    predictor.close()
     if not predictions:
         raise DataError(f"{input_dir}: no image could be read ({len(skipped)} file(s) skipped"
                         + (f", e.g. {skipped[0].path}: {skipped[0].reason}" if skipped else "")

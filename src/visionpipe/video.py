@@ -7,6 +7,7 @@ skipped, counted and named with what to install, like any file that is not an im
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visionpipe.atomic import temporary_name
 from visionpipe.errors import DataError
 
 SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg"})
@@ -87,10 +89,12 @@ def _why(exc: Exception) -> str:
 
 class Writer:
     """Frames (RGB arrays or PIL images, all of one size) into a video file at ``rate``;
-    the size is made even (YUV 4:2:0 needs it) by padding the last row or column."""
+    the size is made even (YUV 4:2:0 needs it) by padding the last row or column. The file
+    is written under a temporary name and renamed by :meth:`close` (visionpipe.atomic)."""
 
     def __init__(self, path: Path, rate: Fraction):
         self.path, self.rate = Path(path), rate
+        self.tmp = temporary_name(self.path)
         self.container = None
         self.stream = None
 
@@ -101,7 +105,7 @@ class Writer:
         image = np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         if self.container is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.container = av.open(str(self.path), "w")
+            self.container = av.open(str(self.tmp), "w")
             self.stream = self.container.add_stream(CODEC, rate=self.rate)
             self.stream.height, self.stream.width = image.shape[:2]
             self.stream.pix_fmt = "yuv420p"
@@ -110,10 +114,19 @@ class Writer:
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
+        """Finish the file and give it its name; ``keep=False`` (after a failure) removes it,
+        leaving any earlier file of that name as it was."""
         if self.container is None:
             return
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
-        self.container = None
+        try:
+            if keep:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+        finally:
+            self.container.close()
+            self.container = None
+        if keep:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)

@@ -74,6 +74,8 @@ ALLOWED = {
     ("tracking/mlflow_runs.py", "_sqlite_creation_lock", "open"): "a lock file, never read",
     ("benchmark.py", "subset_split", "TFRecordWriter"):
         "shards of a subset, in the benchmark's own temporary folder (deleted after the run)",
+    ("video.py", "write", "open"):
+        "a rendered video, opened under atomic.temporary_name and renamed by Writer.close",
     ("benchmark.py", "reset_peak_memory", "write_text"):
         "the kernel's /proc/self/clear_refs control file, not a file anyone reads",
 }

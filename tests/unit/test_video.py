@@ -81,3 +81,19 @@ def test_without_pyav_a_video_is_skipped_with_what_to_install(tmp_path, monkeypa
     assert [it.rel for it in items] == ["a.png"]
     assert [(s.path, s.reason) for s in skipped] == [
         ("b.mp4", "a video; reading it needs PyAV: pip install av")]
+
+
+def test_a_video_is_written_under_a_temporary_name_and_dropped_on_failure(tmp_path):
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"the earlier file")
+    writer = video.Writer(target, Fraction(10))
+    for frame in bar_frames(3):
+        writer.write(frame)
+    assert target.read_bytes() == b"the earlier file"  # nothing renamed before close
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".out.tmp.mp4"]
+    writer.close(keep=False)
+    assert target.read_bytes() == b"the earlier file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+    write_video(target, bar_frames(3))
+    assert len(list(video.frames(target))) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
