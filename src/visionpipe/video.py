@@ -48,13 +48,13 @@ class Frame:
 
 
 def frame_count(path: Path) -> int | None:
-    """The frame count the container declares (None when it declares none or the file is
-    unreadable: the reading itself then says why)."""
+    """The frame count the container declares for a progress bar's total: None when it
+    declares none, 0 when the file cannot be opened (reading it then says why)."""
     try:
         with _av().open(str(path)) as container:
             return int(container.streams.video[0].frames) or None
     except Exception:  # noqa: BLE001 - any failure here resurfaces, with its reason, in frames()
-        return None
+        return 0
 
 
 def frames(path: Path) -> Iterator[Frame]:

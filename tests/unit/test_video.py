@@ -44,6 +44,8 @@ def test_frames_come_back_in_order_with_their_times(tmp_path):
     assert [bar_at(f.image) for f in got] == [4 * i for i in range(12)]
     assert all(f.image.shape == (48, 64, 3) and f.rate == 10 for f in got)
     assert video.frame_count(tmp_path / "clip.mp4") == 12
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    assert video.frame_count(tmp_path / "bad.mp4") == 0
 
 
 def test_the_writer_evens_odd_sizes_and_takes_pil_images(tmp_path):

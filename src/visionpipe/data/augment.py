@@ -167,8 +167,8 @@ def augment_example(example: Example, cfg: AugmentConfig, seed: int, copy: int,
 
     With ``cfg.mosaic`` > 0, that share of copies (drawn per copy) is a mosaic of ``example``
     and three other images drawn from ``partners`` (repeats only when it holds fewer than
-    three; ``example`` itself when it is empty), moved
-    by the same random transforms as a plain copy.
+    three; ``example`` itself when it is empty), moved by the same random transforms as a
+    plain copy.
     """
     rng = np.random.default_rng([seed, copy, index])
     h, w = example.image.shape[:2]
