@@ -169,3 +169,30 @@ def test_hymenoptera_copy_with_a_corrupt_file_reports_its_path(datasets_dir, tmp
     assert len(examples) == 244
     assert [s.path for s in skipped] == [f"hymenoptera/bees/{victim.name}"]
     assert skipped[0].reason.startswith("corrupt or truncated image")
+
+
+def test_a_single_class_folder_is_an_error_through_the_cli(tmp_path, repo_root):
+    """One class folder: a classifier that is always right. prepare refuses it in one line,
+    before reading any image."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = tmp_path / "ds"
+    (root / "cats").mkdir(parents=True)
+    _save(root / "cats" / "a.png", Image.fromarray(_gradient()))
+    with pytest.raises(DataError, match=r"one class folder \(cats\); a classifier needs at "
+                                        r"least two"):
+        load_folder(root, (8, 8), "stretch")
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["prepare"]["classification"].update(source="folder", path=str(root))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "visionpipe.cli", "prepare", "--task",
+                             "classification"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("visionpipe:")]
+    assert len(lines) == 1 and "one class folder (cats)" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing written

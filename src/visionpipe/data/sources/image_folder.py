@@ -78,6 +78,10 @@ def scan(root: Path, shown_root: str | None = None) -> tuple[list[str], list[tup
     if not class_dirs:
         raise DataError(f"{shown}: no class sub-folders; expected {shown}/<class>/<image> "
                         "with one sub-folder per class")
+    if len(class_dirs) == 1:
+        raise DataError(f"{shown}: one class folder ({class_dirs[0].name}); a classifier needs "
+                        "at least two (it would call every image that class): add a sub-folder "
+                        "of images for each other class")
     loose = [Skipped(display_path(root, shown, p), "not inside a class folder")
              for p in sorted(root.iterdir()) if p.is_file()]
     files: list[tuple[Path, int]] = []
