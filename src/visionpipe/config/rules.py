@@ -36,9 +36,8 @@ def check_params(params: Params) -> None:
     for task, cfg in params.prepare.items():
         _check_prepare(task, cfg)
     if "classification" in params.augment and params.augment["classification"].mosaic:
-        raise ParamsError(f"params.yaml: augment.classification.mosaic = "
-                          f"{params.augment['classification'].mosaic!r}: expected 0; a mosaic "
-                          "shows four images, and a classification image has one label")
+        _fail("augment.classification.mosaic", params.augment["classification"].mosaic,
+              "0; a mosaic shows four images, and a classification image has one label")
     _check_models(params)
 
 

@@ -11,6 +11,7 @@ give the same bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -162,7 +163,8 @@ def mosaic(examples: list[Example], rng: np.random.Generator) -> tuple[Example, 
 
 
 def augment_example(example: Example, cfg: AugmentConfig, seed: int, copy: int,
-                    index: int, partners: list[Example] | None = None) -> tuple[Example, int]:
+                    index: int, partners: Sequence[Example] | None = None
+                    ) -> tuple[Example, int]:
     """One augmented copy of ``example``; returns it and the number of boxes dropped.
 
     With ``cfg.mosaic`` > 0, that share of copies (drawn per copy) is a mosaic of ``example``

@@ -41,7 +41,7 @@ def run(params: Params, task: str, layout: Layout) -> dict:
             if cfg.keep_original:
                 yield ex
             for copy in range(cfg.copies):
-                aug, dropped = augment_example(ex, cfg, params.seed, copy, i, list(pool))
+                aug, dropped = augment_example(ex, cfg, params.seed, copy, i, pool)
                 stats["boxes_dropped"] += dropped
                 if copy == 0 and len(preview) < 2 * cfg.preview:
                     preview.extend([ex, aug])
