@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -237,6 +239,41 @@ def replay_run(params, model: str, layout) -> None:
           f"run {state['run_id']}")
 
 
+# Writes that fail because the disk, a quota or a size limit is full: the errno and how
+# TensorFlow's file writers word it ("<path>; No space left on device").
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large (a file size limit was reached)"}
+
+
+def disk_full_line(exc: BaseException) -> str | None:
+    """One line for a write that failed because the disk (or quota, or size limit) is full,
+    naming the file; None for any other error. Looks through chained exceptions."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        where = None
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            what, where = DISK_FULL[exc.errno], exc.filename
+        else:  # tf.errors.ResourceExhaustedError and kin carry the strerror in the text
+            text = str(exc)
+            what = next((w for n, w in DISK_FULL.items() if os.strerror(n) in text), None)
+            if what is not None and "; " in text:
+                where = text.split("; ")[0].strip()
+        if what is not None:
+            place = f" while writing {_shown(where)}" if where else ""
+            return (f"{what}{place}: free space on that disk (`df -h` shows it; `dvc gc "
+                    "--workspace` drops cached versions nothing uses) and rerun; nothing "
+                    "half-written was kept (`dvc checkout` restores a stage's previous outputs)")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _shown(path) -> str:
+    """``path`` relative to the working directory when it is under it."""
+    full = Path(os.path.abspath(path))
+    return full.relative_to(Path.cwd()).as_posix() if full.is_relative_to(Path.cwd()) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a user's mistake prints one line and exits 2; no traceback."""
     args = build_parser().parse_args(argv)
@@ -251,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("visionpipe: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk is the user's to fix, not a bug: one line
+        line = disk_full_line(exc)
+        if line is None:
+            raise
+        print(f"visionpipe: error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 
