@@ -194,6 +194,31 @@ def test_yaml_syntax_error_gives_line(tmp_path):
         load_params(bad)
 
 
+@pytest.mark.parametrize("dotted, value, fragment", [
+    ("augment.classification.box_min_visible", 0.5,
+     "augment.classification.box_min_visible = 0.5: expected 0.25 or no value: it applies to "
+     "detection only, and classification would ignore it"),
+    ("models.unet.train.label_smoothing", 0.1,
+     "models.unet.train.label_smoothing = 0.1: expected 0.0 or no value: it applies to "
+     "classification only"),
+    ("prepare.classification.annotations_dir", "ann",
+     "prepare.classification.annotations_dir = 'ann': expected 'annotations' or no value"),
+    ("models.unet.export_parity.tflite_dynamic.max_map_drop", 0.5,
+     "models.unet.export_parity.tflite_dynamic.max_map_drop = 0.5: expected 0.01 or no "
+     "value: it applies to detection only"),
+])
+def test_a_field_of_another_task_is_an_error_not_ignored(default_params_dict, dotted, value,
+                                                         fragment):
+    """Fields marked for some tasks only (``x-tasks``) were ignored elsewhere without a word."""
+    assert fragment in _error(_with(default_params_dict, dotted, value))
+
+
+def test_a_field_of_another_task_at_its_default_is_allowed(default_params_dict):
+    params = parse_params(_with(default_params_dict, "augment.classification.box_min_visible",
+                                0.25))
+    assert params.augment["classification"].box_min_visible == 0.25
+
+
 def _cli(args, cwd):
     return subprocess.run([sys.executable, "-m", "visionpipe.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)

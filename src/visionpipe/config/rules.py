@@ -6,10 +6,11 @@ The schema checks each value on its own (type, range, known keys); these run on 
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from typing import Any
 
-from visionpipe.config.schema import Params, PrepareConfig
+from visionpipe.config.schema import Params, PrepareConfig, field_tasks
 from visionpipe.errors import ParamsError
 
 # Segmentation catalog datasets whose mask values are known: value -> class name.
@@ -39,6 +40,7 @@ def check_params(params: Params) -> None:
         _fail("augment.classification.mosaic", params.augment["classification"].mosaic,
               "0; a mosaic shows four images, and a classification image has one label")
     _check_models(params)
+    _check_task_fields(params)
 
 
 def _check_tracking(params: Params) -> None:
@@ -153,3 +155,26 @@ def _check_models(params: Params) -> None:
         if model.task not in params.prepare:
             raise ParamsError(f"params.yaml: models.{name}.task = {model.task!r}: no "
                               f"prepare.{model.task} section says where its data comes from")
+
+
+def _check_task_fields(params: Params) -> None:
+    """A field that applies to other tasks only (``x-tasks`` in the schema), given a value
+    other than its default in a section of this task, is an error: the task would ignore it,
+    and the user would believe it set something."""
+    sections = [(f"prepare.{t}", cfg, t) for t, cfg in params.prepare.items()]
+    sections += [(f"augment.{t}", cfg, t) for t, cfg in params.augment.items()]
+    for name, model in params.models.items():
+        sections.append((f"models.{name}.train", model.train, model.task))
+        sections += [(f"models.{name}.export_parity.{fmt}", threshold, model.task)
+                     for fmt, threshold in model.export_parity.items()]
+    for key, cfg, task in sections:
+        for f in dataclasses.fields(cfg):
+            applies = field_tasks(type(cfg), f.name)
+            if applies is None or task in applies:
+                continue
+            value = getattr(cfg, f.name)
+            default = type(cfg).__pydantic_fields__[f.name].get_default(
+                call_default_factory=True)
+            if value != default:
+                _fail(f"{key}.{f.name}", value, f"{short_repr(default)} or no value: it applies "
+                      f"to {' and '.join(applies)} only, and {task} would ignore it")
