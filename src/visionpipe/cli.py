@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import sys
 from pathlib import Path
 
 from visionpipe import __version__
 from visionpipe.config import PREDICT_FORMATS
 from visionpipe.console import VERBOSE_ENV, quiet_native_logs, set_verbose
-from visionpipe.errors import VisionpipeError
+from visionpipe.errors import VisionpipeError, disk_full_line
 from visionpipe.tasks.catalog import task_names
 
 STAGES = {
@@ -237,41 +235,6 @@ def replay_run(params, model: str, layout) -> None:
                               "nothing was lost, try again later")
     print(f"logged {model} to {state['tracking_uri']}: experiment {state['experiment']}, "
           f"run {state['run_id']}")
-
-
-# Writes that fail because the disk, a quota or a size limit is full: the errno and how
-# TensorFlow's file writers word it ("<path>; No space left on device").
-DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-             errno.EFBIG: "file too large (a file size limit was reached)"}
-
-
-def disk_full_line(exc: BaseException) -> str | None:
-    """One line for a write that failed because the disk (or quota, or size limit) is full,
-    naming the file; None for any other error. Looks through chained exceptions."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        where = None
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            what, where = DISK_FULL[exc.errno], exc.filename
-        else:  # tf.errors.ResourceExhaustedError and kin carry the strerror in the text
-            text = str(exc)
-            what = next((w for n, w in DISK_FULL.items() if os.strerror(n) in text), None)
-            if what is not None and "; " in text:
-                where = text.split("; ")[0].strip()
-        if what is not None:
-            place = f" while writing {_shown(where)}" if where else ""
-            return (f"{what}{place}: free space on that disk (`df -h` shows it; `dvc gc "
-                    "--workspace` drops cached versions nothing uses) and rerun; nothing "
-                    "half-written was kept (`dvc checkout` restores a stage's previous outputs)")
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _shown(path) -> str:
-    """``path`` relative to the working directory when it is under it."""
-    full = Path(os.path.abspath(path))
-    return full.relative_to(Path.cwd()).as_posix() if full.is_relative_to(Path.cwd()) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from visionpipe.cli import disk_full_line
+from visionpipe.errors import disk_full_line
 
 
 def _project(root: Path, repo_root: Path) -> None:
@@ -86,6 +86,14 @@ def test_a_file_size_limit_during_prepare_is_one_line(tmp_path, repo_root):
 
     line = _one_error_line(_prepare(tmp_path, limit))
     assert "file too large (a file size limit was reached) while writing data/prepared/" in line
+    # the shapes default builds its TFDS copy first: a full disk there is not "no network"
+    folder_params = (tmp_path / "params.yaml").read_text()
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    line = _one_error_line(_prepare(tmp_path, limit))
+    assert line.startswith("visionpipe: error: file too large (a file size limit was reached) "
+                           "while writing /"), line
+    assert "shapes-train.tfrecord" in line and "downloaded" not in line
+    (tmp_path / "params.yaml").write_text(folder_params)
     assert not list((tmp_path / "data").rglob("*.tfrecord"))
     # the same folder prepares once the limit is gone: the failure lost nothing
     shutil.rmtree(tmp_path / "data", ignore_errors=True)

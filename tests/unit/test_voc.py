@@ -113,7 +113,8 @@ def test_real_raccoon_set_loads_every_image_and_box(raccoon, class_names):
         "images": 200, "annotation_files": 200, "samples": 200, "boxes": n_boxes,
         "boxes_clipped": 0, "boxes_dropped": 0, "difficult_boxes": 0,
         "images_without_objects": 0, "images_without_annotation": 0,
-        "annotations_without_image": 0, "images_unreadable": 0, "images_size_mismatch": 0}
+        "annotations_without_image": 0, "annotations_unreadable": 0, "images_unreadable": 0,
+        "images_size_mismatch": 0}
     for sample in ds.samples:
         assert (sample.width, sample.height) == _size(sample.image)
         assert sample.image.parent == raccoon / "images"

@@ -17,7 +17,7 @@ from visionpipe.console import progress
 from visionpipe.data import archive, records
 from visionpipe.data.example import Example
 from visionpipe.data.sources import image_folder, tfds_source
-from visionpipe.data.sources.files import Skipped, reason_kind
+from visionpipe.data.sources.files import Skipped, reason_kind, shown_text
 from visionpipe.errors import DataError
 from visionpipe.layout import Layout
 from visionpipe.stages.common import fresh_dir
@@ -216,7 +216,8 @@ def _pairs_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
     examples = [resize(ex, cfg.image_size) for ex in examples]
     # pairs found, not pairs + skipped files: a pair with both files unreadable is one pair,
     # and stray files beside the pairs are none
-    source = {"kind": "pairs", "name": folder.name, "path": cfg.path, **counts, "seed": seed}
+    source = {"kind": "pairs", "name": shown_text(folder.name), "path": cfg.path, **counts,
+              "seed": seed}
     return source, names, _resplit(examples, cfg, seed, task), [s.to_dict() for s in skipped]
 
 
@@ -234,11 +235,12 @@ def crops(example: Example, size: tuple[int, int]) -> Iterator[Example]:
 
 def _folder_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
     folder = archive.source_folder(cfg.path, root)
-    names, examples, skipped = image_folder.load_folder(
+    names, examples, skipped, counts = image_folder.load_folder_counted(
         folder, tuple(cfg.image_size), cfg.resize, shown_root=cfg.path,
         progress=lambda files: progress(files, desc=f"prepare {task}/read", unit="file"))
-    source = {"kind": "folder", "name": folder.name, "path": cfg.path,
-              "files": len(examples) + len(skipped), "samples": len(examples), "seed": seed}
+    source = {"kind": "folder", "name": shown_text(folder.name), "path": cfg.path,
+              "files": len(examples) + len(skipped), "samples": len(examples), **counts,
+              "seed": seed}
     return source, names, _resplit(examples, cfg, seed, task), [s.to_dict() for s in skipped]
 
 
@@ -292,7 +294,9 @@ def _box_splits(cfg: PrepareConfig, seed: int, task: str, root: Path):
             id=sample.id, image=geometry.fit_to_size(image, size, cfg.resize), boxes=boxes,
             box_labels=sample.class_ids.astype(np.int32), difficult=sample.difficult))
     data = data.keep(kept, unreadable)
-    source = {"kind": cfg.source, "name": folder.name, "path": cfg.path, "seed": seed,
+    escaped = data.counts.pop("file_names_escaped", 0)
+    source = {"kind": cfg.source, "name": shown_text(folder.name), "path": cfg.path,
+              **({"file_names_escaped": escaped} if escaped else {}), "seed": seed,
               **({"annotations_file": cfg.annotations_file} if cfg.source == "coco" else {}),
               "annotations": data.counts, "dropped_boxes": data.dropped,
               "difficult_boxes_kept": data.counts["difficult_boxes"]}
@@ -367,7 +371,8 @@ def run(params: Params, task: str, layout: Layout) -> dict:
                 if pixels.any():
                     class_pixels[split] = dict(zip(names, pixels.tolist(), strict=True))
             check_counts(task, source, skipped, written)
-            warnings = absent_classes(task, names, class_counts, class_pixels)
+            warnings = escaped_names(source) + absent_classes(task, names, class_counts,
+                                                              class_pixels)
             manifest = {
                 "task": task,
                 "source": source,
@@ -431,6 +436,18 @@ def check_counts(task: str, source: dict, skipped: list[dict], written: Counter)
         detail = "; ".join(f"{k}: report {a}, written {b}" for k, (a, b) in wrong.items())
         raise RuntimeError(f"prepare.{task}: the report's counts disagree with the records "
                            f"written ({detail}); this is a bug in visionpipe, please report it")
+
+
+def escaped_names(source: dict) -> list[str]:
+    """A warning when file names were not UTF-8: kept, but shown with escapes (the source's
+    ``file_names_escaped``, set by the folder sources only when there are such names)."""
+    count = source.get("file_names_escaped", 0)
+    if not count:
+        return []
+    return [f"{count} file or folder name(s) under {source.get('path')} are not valid UTF-8 "
+            "(or hold control characters): the images are kept, and their ids and paths in "
+            "the records and reports write those bytes as backslash escapes (\\xff); rename "
+            "them to UTF-8 to see the names as they are"]
 
 
 def absent_classes(task: str, names: list[str], class_counts: dict, class_pixels: dict

@@ -28,6 +28,12 @@ Rules:
   training on an image with one of its objects missing teaches the model that object is
   background. The image is skipped with a one-line reason naming the entry, and counted per
   reason. An annotation of an image id the file does not list is skipped and listed.
+- The images folder is listed by :class:`~visionpipe.data.sources.files.Lister` (links
+  followed, loops and unreadable folders skipped); an image file that cannot be opened (a
+  dangling link, no permission, a pipe or device) is skipped with its reason and counted in
+  ``images_unreadable``. The annotations file must be a regular file (no size cap: a real one
+  can be hundreds of MB). Ids and shown paths are valid UTF-8: bytes that are not (a file
+  name, or a ``file_name`` with lone surrogates) are written with backslash escapes.
 - An image whose listed ``width``/``height`` disagree with the file is skipped, naming both
   sizes, as for VOC. Boxes are clipped and dropped as for VOC
   (:mod:`visionpipe.data.sources.boxes`). Images are read in their stored orientation.
@@ -42,7 +48,17 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from visionpipe.data.sources.boxes import Box, BoxDataset, dataset_of, make_sample
-from visionpipe.data.sources.files import Skipped, display_path, image_extensions, reason_kind
+from visionpipe.data.sources.files import (
+    Lister,
+    Skipped,
+    UnreadableFile,
+    display_path,
+    exists,
+    image_extensions,
+    read_file,
+    reason_kind,
+    shown_text,
+)
 from visionpipe.data.sources.image_folder import decode
 from visionpipe.errors import DataError
 
@@ -65,10 +81,9 @@ def _whole(value: object) -> int | None:
 
 def _load_json(path: Path, shown: str) -> dict:
     try:
-        data = path.read_bytes()
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise DataError(f"{shown}: cannot read the annotations file ({reason})") from None
+        data = read_file(path, None, "COCO annotations file")  # no cap: see the docstring
+    except UnreadableFile as exc:
+        raise DataError(f"{shown}: cannot read the annotations file ({exc.reason})") from None
     try:
         doc = json.loads(data)
     except json.JSONDecodeError as exc:
@@ -103,6 +118,10 @@ def _categories(doc: dict, shown: str) -> tuple[list[str], dict[int, int]]:
             raise DataError(f"{where}: id {_quote(cat.get('id'))} is not a whole number")
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"{where}: name {_quote(name)} is not a non-empty string")
+        if shown_text(name.strip()) != name.strip():  # reports print it on a line
+            raise DataError(f"{where}: name {_quote(name)} holds a control character or an "
+                            "escape that is no character (a lone surrogate); give a class "
+                            "name of printable text")
         if cid in by_id:
             raise DataError(f"{where}: id {cid} is given twice ({by_id[cid]!r} and "
                             f"{name.strip()!r}); each category needs its own id")
@@ -200,9 +219,9 @@ def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike, *,
         try:
             return display_path(root, shown, path)
         except ValueError:  # given outside root (an absolute annotations_file)
-            return str(path)
+            return shown_text(str(path))
 
-    if not annotations.is_file():
+    if not exists(annotations):  # a pipe or a dangling link: _load_json says what it is
         raise DataError(f"{show(annotations)}: COCO annotations file not found; set "
                         "annotations_file to the instances JSON (e.g. "
                         "annotations/instances_default.json)")
@@ -246,24 +265,22 @@ def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike, *,
 
     extensions = image_extensions()
     listed = {images_dir / name for name, _, _ in entries.values()}
-    for dirpath, dirnames, filenames in os.walk(images_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or path.suffix.lower() not in extensions:
-                continue  # a folder of images may hold other files; only images are counted
-            counts["images"] += 1
-            if path not in listed:
-                counts["images_without_annotation"] += 1
-                skipped.append(Skipped(show(path), f"image not listed in {shown_json}; COCO "
-                                       "lists every image of the dataset under images",
-                                       "image not listed in the annotations file"))
+    lister = Lister(root, shown, skipped)
+    for path in lister.walk(images_dir):
+        if path.suffix.lower() not in extensions:
+            continue  # a folder of images may hold other files; only images are counted
+        counts["images"] += 1
+        if path not in listed:
+            counts["images_without_annotation"] += 1
+            skipped.append(Skipped(show(path), f"image not listed in {shown_json}; COCO lists "
+                                   "every image of the dataset under images",
+                                   "image not listed in the annotations file"))
 
     samples = []
     for iid, (name, width, height) in sorted(entries.items(), key=lambda e: e[1][0]):
         path = images_dir / name
         shown_image = show(path)
-        if not path.is_file():
+        if not exists(path):  # a pipe or dangling link is unreadable, said by decode
             counts["annotations_without_image"] += 1
             skipped.append(Skipped(shown_image, f"no image file for {shown_json}'s image id "
                                    f"{iid}; looked for {shown_image}", "no image for this "
@@ -297,10 +314,12 @@ def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike, *,
             crowd = ann.get("iscrowd", 0) == 1
             objects.append(Box(names[category[_whole(ann["category_id"])]], x, y, x + w, y + h,
                                difficult=crowd, where=f"annotations[{i}]"))
-        samples.append(make_sample(PurePosixPath(name).with_suffix("").as_posix(), path,
+        samples.append(make_sample(shown_text(PurePosixPath(name).with_suffix("").as_posix()), path,
                                    annotations, width, height, objects,
                                    {n: i for i, n in enumerate(names)},
                                    shown_image=shown_image, shown_annotation=shown_json,
                                    background=not objects))
     samples.sort(key=lambda s: s.id)  # as VOC and YOLO order them (by id, not file name)
+    if lister.escaped:
+        counts["file_names_escaped"] = lister.escaped
     return dataset_of(names, samples, skipped, counts, shown_json, f"the {len(entries)} listed")

@@ -12,7 +12,10 @@ Rules:
   ``masks/7.png``); only files directly inside the two folders are read, hidden files
   (``.name``) are ignored, pairs come in sorted order and each Example's id is the shared stem.
 - Files whose extension is not an image format PIL knows, and sub-folders, are returned as
-  ``Skipped`` entries, like the image-folder source does.
+  ``Skipped`` entries, like the image-folder source does. Files are opened as
+  :func:`~visionpipe.data.sources.files.open_file` does: a dangling link, a file this user may
+  not read or a pipe is skipped with its own reason. A file name that is not UTF-8 is kept; the
+  pair's id and shown paths write its undecodable bytes as ``\\xNN``.
 - ``mask_values`` maps each mask pixel value to a class name, e.g. ``{255: "cell",
   0: "membrane"}``; class ids follow the mapping's order (the first entry is class 0), so the
   returned mask holds class ids 0..K-1 as uint8 (H, W).
@@ -43,11 +46,13 @@ from PIL import Image
 from visionpipe.data.example import Example
 from visionpipe.data.sources.files import (
     MAX_LISTED,
+    Lister,
     Skipped,
     display_path,
     image_extensions,
     list_folder,
     reason_kind,
+    shown_text,
 )
 from visionpipe.data.sources.image_folder import decode, load_image
 from visionpipe.errors import DataError
@@ -189,7 +194,8 @@ def load_pairs_counted(root: Path, mask_values: Mapping[int, str], *, images: st
                        ) -> tuple[list[str], list[Example], list[Skipped], dict[str, int]]:
     """:func:`load_pairs`, plus counts taken after decoding: ``pairs`` found, ``samples``
     (pairs read), ``pairs_unreadable`` (left out because a file of the pair did not decode;
-    ``pairs == samples + pairs_unreadable``)."""
+    ``pairs == samples + pairs_unreadable``), and ``file_names_escaped`` (files whose name is
+    not UTF-8, kept with escapes) only when there are any."""
     values, names = _mask_values(mask_values)
     lut = np.zeros(256, np.uint8)
     lut[values] = np.arange(len(values), dtype=np.uint8)
@@ -209,17 +215,19 @@ def load_pairs_counted(root: Path, mask_values: Mapping[int, str], *, images: st
 
     extensions = image_extensions()
     skipped: list[Skipped] = []
+    lister = Lister(root, shown, skipped)
     image_files = list_folder(root / images, "image", root, shown, extensions, problems,
-                               skipped)
-    mask_files = list_folder(root / masks, "mask", root, shown, extensions, problems, skipped)
+                              skipped, lister)
+    mask_files = list_folder(root / masks, "mask", root, shown, extensions, problems, skipped,
+                             lister)
     for stem, path in sorted(image_files.items()):
         if stem not in mask_files:
             problems.append(f"{display_path(root, shown, path)}: image without a mask; looked for "
-                            f"{shown}/{masks}/{stem}.* (any image extension)")
+                            f"{shown}/{masks}/{shown_text(stem)}.* (any image extension)")
     for stem, path in sorted(mask_files.items()):
         if stem not in image_files:
             problems.append(f"{display_path(root, shown, path)}: mask without an image; looked for "
-                            f"{shown}/{images}/{stem}.* (any image extension)")
+                            f"{shown}/{images}/{shown_text(stem)}.* (any image extension)")
     stems = sorted(set(image_files) & set(mask_files))
     if not stems:
         found = f"{len(image_files)} image(s), {len(mask_files)} mask(s)"
@@ -265,12 +273,14 @@ def load_pairs_counted(root: Path, mask_values: Mapping[int, str], *, images: st
                             + _size_hint(image_path, mask.shape))
             ok = False
         if ok and not problems:
-            examples.append(Example(id=stem, image=image, mask=lut[mask]))
+            examples.append(Example(id=shown_text(stem), image=image, mask=lut[mask]))
     if problems:
         raise DataError(_problem_message(shown, images, masks, problems))
     if not examples:
         raise DataError(f"{shown}: none of the {len(stems)} image/mask pair(s) could be read "
                         f"({len(skipped)} file(s) skipped, e.g. {skipped[0].path}: "
                         f"{skipped[0].reason}); replace the unreadable files")
-    return names, examples, skipped, {"pairs": len(stems), "samples": len(examples),
-                                      "pairs_unreadable": unreadable}
+    counts = {"pairs": len(stems), "samples": len(examples), "pairs_unreadable": unreadable}
+    if lister.escaped:
+        counts["file_names_escaped"] = lister.escaped
+    return names, examples, skipped, counts

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from visionpipe.data.example import Example
-from visionpipe.errors import DataError, SourceUnavailableError
+from visionpipe.errors import DataError, SourceUnavailableError, disk_full_line
 
 
 def _tfds():
@@ -77,7 +77,9 @@ def prepare_builder(builder, *, name: str, task_key: str, catalog: bool = False,
     _tfds().disable_progress_bar()  # prepare draws its own bar per split
     try:
         builder.download_and_prepare()
-    except Exception as exc:  # noqa: BLE001 - TFDS raises many kinds of error for "no network"
+    except Exception as exc:  # TFDS raises many kinds of error for "no network"
+        if disk_full_line(exc):  # a full disk is not a missing dataset: the CLI says so
+            raise
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise SourceUnavailableError(
             f"{_setting(task_key, name, catalog)}TFDS dataset '{name}' is not available in "

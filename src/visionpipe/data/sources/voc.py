@@ -21,6 +21,11 @@ Rules:
   inside the image are dropped, counted and listed per file. An XML with no ``<object>`` is a
   legitimate negative image (kept, zero boxes). ``<difficult>1</difficult>`` objects are kept
   and flagged (evaluation ignores them, as VOC does).
+- An annotation file that cannot be opened (a dangling link, no permission, a pipe or device,
+  over 16 MiB: :func:`~visionpipe.data.sources.files.read_file`) is skipped with its reason
+  and its image left out (``annotations_unreadable``): it was never read, so it is not known to
+  be wrong. Files are listed by :class:`~visionpipe.data.sources.files.Lister`; a file name that
+  is not UTF-8 is kept, its id and shown paths written with backslash escapes.
 - Malformed annotation files and objects whose class is not in a given class list make the
   dataset wrong: they are collected over all files and raised as one DataError, sorted by file.
   Without a class list the classes are the sorted names found in the paired annotation files.
@@ -54,11 +59,17 @@ from visionpipe.data.sources.boxes import (
 )
 from visionpipe.data.sources.files import (
     MAX_LISTED,
+    VOC_XML_LIMIT,
+    Lister,
     Skipped,
+    UnreadableFile,
     display_path,
     image_extensions,
     list_folder,
+    quoted,
+    read_file,
     reason_kind,
+    shown_text,
 )
 from visionpipe.data.sources.image_folder import decode
 from visionpipe.errors import DataError
@@ -183,11 +194,11 @@ def parse_annotation(path: str | os.PathLike, *, shown: str | None = None) -> An
     """
     path = Path(path)
     shown = shown if shown is not None else str(path)
-    try:
-        data = path.read_bytes()  # bytes: the parser honours the XML encoding declaration
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise DataError(f"{shown}: cannot read the annotation file ({reason})") from None
+    try:  # bytes: the parser honours the XML encoding declaration
+        data = read_file(path, VOC_XML_LIMIT, "VOC annotation file")
+    except UnreadableFile as exc:
+        raise UnreadableFile(exc.kind, exc.detail, f"{shown}: cannot read the annotation file "
+                             f"({exc.reason})") from None
     root = _parse_xml(data, shown)
     if root.tag != "annotation":
         raise DataError(f"{shown}: root element is <{_quote(str(root.tag))[1:-1]}>, not "
@@ -212,29 +223,31 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _list_annotations(folder: Path, root: Path, shown: str, same_folder: bool,
-                      problems: list[str],
-                      skipped: list[Skipped]) -> dict[str, Path]:
+                      problems: list[str], skipped: list[Skipped], lister: Lister
+                      ) -> dict[str, Path]:
     """``stem -> file`` for the .xml files directly in ``folder``; the rest to ``skipped``."""
     by_stem: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
+    name = shown_text(folder.name)
+    for path, is_dir in lister.listing(folder):
         suffix = path.suffix.lower()
-        if path.name.startswith(".") or (same_folder and suffix != ".xml"):
+        if same_folder and suffix != ".xml":
             continue  # in a shared folder, the image listing reports everything else
-        if path.is_dir():
+        if is_dir:
+            lister.note(path)
             skipped.append(Skipped(display_path(root, shown, path),
-                                   f"folder inside {folder.name}/ is not read; put the .xml "
-                                   f"files directly in {folder.name}/", "folder not read"))
+                                   f"folder inside {name}/ is not read; put the .xml "
+                                   f"files directly in {name}/", "folder not read"))
         elif suffix != ".xml":
             skipped.append(Skipped(display_path(root, shown, path), "not a VOC annotation file "
-                                   f"(extension {path.suffix or 'none'!r}, expected .xml)",
+                                   f"(extension {quoted(path.suffix)}, expected .xml)",
                                    "not a VOC annotation file"))
         else:
             by_stem.setdefault(path.stem, []).append(path)
     for stem, paths in by_stem.items():
         if len(paths) > 1:
             names = ", ".join(display_path(root, shown, p) for p in paths)
-            problems.append(f"{names}: {len(paths)} annotation files share the name {stem!r}; "
-                            "keep one per image")
+            problems.append(f"{names}: {len(paths)} annotation files share the name "
+                            f"{quoted(stem)}; keep one per image")
     return {stem: paths[0] for stem, paths in by_stem.items()}
 
 
@@ -303,14 +316,18 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
     same_folder = images_dir.resolve() == annotations_dir.resolve()
     extensions = image_extensions()
     skipped: list[Skipped] = []
-    images = list_folder(images_dir, "image", root, shown, extensions, problems, skipped)
+    lister = Lister(root, shown, skipped)
+    images = list_folder(images_dir, "image", root, shown, extensions, problems, skipped,
+                         lister)
     if same_folder:  # the annotations beside the images are not stray files
-        skipped = [s for s in skipped if not s.path.lower().endswith(".xml")]
-    xmls = _list_annotations(annotations_dir, root, shown, same_folder, problems, skipped)
+        skipped[:] = [s for s in skipped if not s.path.lower().endswith(".xml")]
+    xmls = _list_annotations(annotations_dir, root, shown, same_folder, problems, skipped,
+                             lister)
     counts: Counter = Counter({key: 0 for key in (
         "images", "annotation_files", "samples", "boxes", "boxes_clipped", "boxes_dropped",
         "difficult_boxes", "images_without_objects", "images_without_annotation",
-        "annotations_without_image", "images_unreadable", "images_size_mismatch")})
+        "annotations_without_image", "annotations_unreadable", "images_unreadable",
+        "images_size_mismatch")})
     counts["images"], counts["annotation_files"] = len(images), len(xmls)
     shown_images, shown_xmls = (_folder(root, shown, images_dir),
                                 _folder(root, shown, annotations_dir))
@@ -318,16 +335,18 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
         if stem not in xmls:
             counts["images_without_annotation"] += 1
             skipped.append(Skipped(display_path(root, shown, path),
-                                   f"no annotation file; looked for {shown_xmls}/{stem}.xml (an "
+                                   f"no annotation file; looked for {shown_xmls}/"
+                                   f"{shown_text(stem)}.xml (an "
                                    "image without objects needs an annotation file with no "
                                    "<object>)", "no annotation file"))
     for stem, path in sorted(xmls.items()):
         if stem not in images:
             counts["annotations_without_image"] += 1
             skipped.append(Skipped(display_path(root, shown, path), "no image for this annotation; "
-                                   f"looked for {shown_images}/{stem}.* (any image extension)",
+                                   f"looked for {shown_images}/{shown_text(stem)}.* (any image "
+                                   "extension)",
                                    "no image for this annotation"))
-    stems = sorted(set(images) & set(xmls))
+    stems = sorted(set(images) & set(xmls), key=shown_text)  # in id order
     if not stems and not problems:
         raise DataError(f"{shown}: no image/annotation pairs ({len(images)} image(s) in "
                         f"{shown_images}/, {len(xmls)} .xml file(s) in {shown_xmls}/); pairs "
@@ -342,6 +361,11 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
         shown_xml = display_path(root, shown, xmls[stem])
         try:
             ann = parse_annotation(xmls[stem], shown=shown_xml)
+        except UnreadableFile as exc:  # never read: not known to be wrong, so not a problem
+            counts["annotations_unreadable"] += 1
+            skipped.append(Skipped(shown_xml, f"{exc.reason} (its image {shown_image} is not "
+                                   "used)", exc.kind))
+            continue
         except DataError as exc:
             problems.append(str(exc))
             continue
@@ -373,13 +397,15 @@ def load_voc(images_dir: str | os.PathLike, annotations_dir: str | os.PathLike,
 
     names_out = wanted if wanted is not None else sorted(found)
     ids = {name: i for i, name in enumerate(names_out)}
-    samples = [make_sample(stem, images[stem], xmls[stem], width, height,
+    samples = [make_sample(shown_text(stem), images[stem], xmls[stem], width, height,
                            [Box(o.name, o.xmin, o.ymin, o.xmax, o.ymax, o.difficult)
                             for o in ann.objects], ids,
                            shown_image=display_path(root, shown, images[stem]),
                            shown_annotation=display_path(root, shown, xmls[stem]))
                for stem, ann, width, height in usable]
     counts = recount(samples, counts)
+    if lister.escaped:
+        counts["file_names_escaped"] = lister.escaped
     if not samples:
         first = skipped[0] if skipped else None
         example = f", e.g. {first.path}: {first.reason}" if first else ""

@@ -30,6 +30,12 @@ Rules:
   image) or a class id outside the names leaves its image out: training on an image with one
   of its objects missing teaches the model that object is background. The file is skipped
   with a one-line reason naming the first bad line, and counted per reason.
+- A label file that cannot be opened (a dangling link, no permission, a pipe or device, over
+  16 MiB: :func:`~visionpipe.data.sources.files.read_file`) leaves its image out too, counted
+  as ``label_files_unreadable``: an image whose labels exist but cannot be read is not a
+  background image. Folders are listed by :class:`~visionpipe.data.sources.files.Lister`
+  (links followed, loops and unreadable folders skipped); a file name that is not UTF-8 is
+  kept, its id and shown paths written with backslash escapes.
 - Boxes reaching outside the image are clipped, boxes without area dropped (counted and listed
   with their file and line), as for VOC (:mod:`visionpipe.data.sources.boxes`). YOLO has no
   ``difficult`` flag. Images are read in their stored orientation, as for VOC.
@@ -47,11 +53,19 @@ import yaml
 
 from visionpipe.data.sources.boxes import Box, BoxDataset, dataset_of, make_sample
 from visionpipe.data.sources.files import (
+    DATA_YAML_LIMIT,
     MAX_LISTED,
+    YOLO_LABEL_LIMIT,
+    Lister,
     Skipped,
+    UnreadableFile,
     display_path,
+    exists,
     image_extensions,
+    quoted,
+    read_file,
     reason_kind,
+    shown_text,
 )
 from visionpipe.data.sources.image_folder import decode
 from visionpipe.errors import DataError
@@ -107,6 +121,10 @@ def _names_from(data: object, shown: str) -> list[str]:
                 name).strip():
             raise DataError(f"{shown}: names[{i}] = {_shown(name)}: expected a "
                             "non-empty class name")
+        if shown_text(str(name).strip()) != str(name).strip():  # reports print it on a line
+            raise DataError(f"{shown}: names[{i}] = {_shown(name)}: holds a control character "
+                            "or an escape that is no character (a lone surrogate); give a "
+                            "class name of printable text")
         out.append(str(name).strip())
     repeated = sorted({n for n in out if out.count(n) > 1})
     if repeated:
@@ -121,11 +139,15 @@ def _names_from(data: object, shown: str) -> list[str]:
 def read_data_yaml(path: Path, shown: str) -> list[str]:
     """The class names of an ultralytics data.yaml; any problem is a one-line DataError."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:100]
-        raise DataError(f"{shown}: cannot be read ({reason}); save it as UTF-8 "
-                        "text") from None
+        data = read_file(path, DATA_YAML_LIMIT, "data.yaml")
+    except UnreadableFile as exc:
+        raise DataError(f"{shown}: cannot be read ({exc.reason})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{shown}: cannot be read (not UTF-8: byte "
+                        f"{exc.object[exc.start]:#04x} at position {exc.start}); save it as "
+                        "UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -191,10 +213,9 @@ def read_label_file(path: Path, names: Sequence[str], width: int, height: int) -
     """Every box of a label file; _BadLabel on the first bad line (saying how many are bad).
     """
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise _BadLabel("malformed label file", f"cannot be read ({exc.strerror or exc})"
-                        ) from None
+        text = read_file(path, YOLO_LABEL_LIMIT, "YOLO label file").decode("utf-8-sig")
+    except UnreadableFile as exc:
+        raise _BadLabel(exc.kind, exc.detail) from None
     except UnicodeDecodeError as exc:
         raise _BadLabel("malformed label file", f"not UTF-8 text (byte "
                         f"{exc.object[exc.start]:#04x} at position {exc.start})") from None
@@ -215,21 +236,13 @@ def read_label_file(path: Path, names: Sequence[str], width: int, height: int) -
 
 # --- a dataset ----------------------------------------------------------------------------
 
-def _image_folders(root: Path, images: str, labels: str) -> list[tuple[Path, Path, str]]:
+def _image_folders(root: Path, images: str, labels: str, lister: Lister
+                   ) -> list[tuple[Path, Path, str]]:
     """(images folder, its labels folder, id prefix): <root>/images, else <root>/*/images."""
     if (root / images).is_dir():
         return [(root / images, root / labels, "")]
-    return [(d / images, d / labels, d.name + "/") for d in sorted(root.iterdir())
-            if d.is_dir() and not d.name.startswith(".") and (d / images).is_dir()]
-
-
-def _walk(folder: Path):
-    """Files under ``folder``, sorted, hidden files and folders left out."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+    return [(d / images, d / labels, d.name + "/")
+            for d, is_dir in lister.listing(root) if is_dir and (d / images).is_dir()]
 
 
 def load_yolo(root: str | os.PathLike, *, images: str = "images", labels: str = "labels",
@@ -248,7 +261,7 @@ def load_yolo(root: str | os.PathLike, *, images: str = "images", labels: str = 
                         f"{shown}/{images}/ and {shown}/{labels}/ (YOLO txt, as ultralytics "
                         "reads it)")
     yaml_path = root / data_yaml
-    if yaml_path.is_file():
+    if exists(yaml_path):  # a pipe or a dangling link is an error saying so, not "not found"
         names = read_data_yaml(yaml_path, display_path(root, shown, yaml_path))
         if class_names is not None and list(class_names) != names:
             raise DataError(f"{shown}: class_names {list(class_names)} disagree with "
@@ -260,32 +273,33 @@ def load_yolo(root: str | os.PathLike, *, images: str = "images", labels: str = 
         raise DataError(f"{shown}/{data_yaml}: not found, and no class_names given; the "
                         "class names of a YOLO dataset come from its data.yaml (names: [cat, "
                         "dog])")
-    folders = _image_folders(root, images, labels)
+    skipped: list[Skipped] = []
+    lister = Lister(root, shown, skipped)
+    folders = _image_folders(root, images, labels, lister)
     if not folders:
         raise DataError(f"{shown}: no {images}/ folder, neither {shown}/{images}/ nor "
                         f"{shown}/<split>/{images}/; expected the images there and a label "
                         f"file for each in the {labels}/ folder beside it")
 
     extensions = image_extensions()
-    skipped: list[Skipped] = []
     counts: Counter = Counter({key: 0 for key in (
         "images", "label_files", "samples", "boxes", "boxes_clipped", "boxes_dropped",
         "difficult_boxes", "images_without_objects",
         "background_images", "label_files_without_image", "label_files_malformed",
-        "label_files_unknown_class", "images_unreadable")})
+        "label_files_unknown_class", "label_files_unreadable", "images_unreadable")})
     found: dict[str, tuple[Path, Path]] = {}  # id -> (image, label file)
     by_label: dict[Path, list[Path]] = {}
     for image_dir, label_dir, prefix in folders:
-        for path in _walk(image_dir):
+        for path in lister.walk(image_dir):
             rel = path.relative_to(image_dir)
             if path.suffix.lower() not in extensions:
                 skipped.append(Skipped(display_path(root, shown, path), "not an image file "
-                                       f"(extension {path.suffix or 'none'!r})",
+                                       f"(extension {quoted(path.suffix)})",
                                        "not an image file"))
                 continue
             label = (label_dir / rel).with_suffix(".txt")
             by_label.setdefault(label, []).append(path)
-            found[prefix + rel.with_suffix("").as_posix()] = (path, label)
+            found[prefix + rel.with_suffix("").as_posix()] = (path, label)  # shown later
     shared = [paths for paths in by_label.values() if len(paths) > 1]
     if shared:
         listed = "; ".join(", ".join(display_path(root, shown, p) for p in paths)
@@ -294,25 +308,26 @@ def load_yolo(root: str | os.PathLike, *, images: str = "images", labels: str = 
                         f"extension): {listed}; keep one image per name")
     counts["images"] = len(found)
     for image_dir, label_dir, _ in folders:
-        for path in _walk(label_dir) if label_dir.is_dir() else ():
+        for path in lister.walk(label_dir) if label_dir.is_dir() else ():
             if path.suffix == ".cache":  # ultralytics' own label cache
                 continue
             shown_label = display_path(root, shown, path)
             if path.suffix.lower() != ".txt":
                 skipped.append(Skipped(shown_label, "not a YOLO label file (extension "
-                                       f"{path.suffix or 'none'!r}, expected .txt)",
+                                       f"{quoted(path.suffix)}, expected .txt)",
                                        "not a YOLO label file"))
                 continue
             counts["label_files"] += 1
             if path not in by_label:
                 counts["label_files_without_image"] += 1
-                looked = display_path(root, shown, image_dir / path.relative_to(label_dir))
+                looked = display_path(root, shown, image_dir / path.relative_to(
+                    label_dir).with_suffix(""))
                 skipped.append(Skipped(shown_label, "label file without image; looked for "
-                                       f"{looked[:-len(path.suffix)]}.* (any image "
-                                       "extension)", "label file without image"))
+                                       f"{looked}.* (any image extension)",
+                                       "label file without image"))
 
     samples = []
-    for sample_id, (path, label) in sorted(found.items()):
+    for sample_id, (path, label) in sorted(found.items(), key=lambda kv: shown_text(kv[0])):
         shown_image = display_path(root, shown, path)
         shown_label = display_path(root, shown, label)
         try:
@@ -323,18 +338,22 @@ def load_yolo(root: str | os.PathLike, *, images: str = "images", labels: str = 
                                    "used)", reason_kind(str(exc))))
             continue
         objects: list[Box] = []
-        if label.is_file():
+        labelled = exists(label)  # a pipe or dangling link there is no background image
+        if labelled:
             try:
                 objects = read_label_file(label, names, width, height)
             except _BadLabel as exc:
-                key = ("label_files_malformed" if exc.kind == "malformed label file" else
-                       "label_files_unknown_class")
+                key = {"malformed label file": "label_files_malformed",
+                       "unknown class id": "label_files_unknown_class"}.get(
+                           exc.kind, "label_files_unreadable")
                 counts[key] += 1
                 skipped.append(Skipped(shown_label, f"{exc.kind}: {exc.reason}; its image "
                                        f"{shown_image} is left out", exc.kind))
                 continue
-        samples.append(make_sample(sample_id, path, label, width, height, objects,
+        samples.append(make_sample(shown_text(sample_id), path, label, width, height, objects,
                                    {n: i for i, n in enumerate(names)},
                                    shown_image=shown_image, shown_annotation=shown_label,
-                                   background=not label.is_file()))
+                                   background=not labelled))
+    if lister.escaped:
+        counts["file_names_escaped"] = lister.escaped
     return dataset_of(names, samples, skipped, counts, shown, f"the {len(found)} found")
