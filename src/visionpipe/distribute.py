@@ -3,11 +3,15 @@
 
 - ``none``: the default strategy (one device).
 - ``mirrored``: ``tf.distribute.MirroredStrategy`` over this machine's GPUs (its CPU devices
-  when it has none); Keras' own ``model.fit`` runs under it.
+  when it has none).
 - ``multi_worker``: ``tf.distribute.MultiWorkerMirroredStrategy`` over the machines listed in
-  ``TF_CONFIG`` (or a SLURM allocation). Keras 3's ``fit`` fails under it (keras-team/keras
-  issue 20585), so :func:`fit_multi_worker` runs the model's own ``train_step``/``test_step``
-  with ``strategy.run`` and drives the same callbacks ``fit`` would.
+  ``TF_CONFIG`` (or a SLURM allocation).
+
+Under both, :func:`fit_distributed` runs the model's own ``train_step``/``test_step`` with
+``strategy.run`` and drives the same callbacks ``fit`` would, instead of Keras' ``model.fit``:
+Keras 3's ``fit`` fails under MultiWorkerMirroredStrategy (keras-team/keras issue 20585), and
+under MirroredStrategy it trains on other shuffle orders than one device does (see
+:func:`fit_distributed`).
 
 Every worker trains the same model in lockstep; only the chief (task 0) writes into the project
 and tracks. The others write their outputs to a temporary folder that is deleted afterwards
@@ -51,6 +55,12 @@ class Distribution:
     def replicas(self) -> int:
         """Devices the global batch is split over (on all workers together)."""
         return int(self.strategy.num_replicas_in_sync)
+
+    @property
+    def own_loop(self) -> bool:
+        """Whether training runs :func:`fit_distributed` rather than Keras' ``model.fit``: under
+        every strategy but the default one."""
+        return self.kind != "none"
 
     def scope(self):
         """Create and compile the model inside this: its variables then live on every
@@ -159,13 +169,45 @@ def make_distribution(kind: str, key: str) -> Distribution:
 
 
 def check_jit(dist: Distribution, jit_compile: bool, key: str) -> None:
-    """XLA cannot compile the cross-worker all-reduce on CPU devices: say so before training
-    rather than failing in the first step."""
+    """XLA cannot compile the cross-worker all-reduce on CPU devices, nor a step whose
+    variables live on several CPU devices (``mirrored`` over CPUs: "Trying to access resource
+    ... located in device CPU:1 from device CPU:0", under Keras' ``fit`` too): say so before
+    training rather than failing in the first step."""
     import tensorflow as tf
 
-    if dist.kind == "multi_worker" and jit_compile and not tf.config.list_logical_devices("GPU"):
+    if not jit_compile or tf.config.list_logical_devices("GPU"):
+        return
+    if dist.kind == "multi_worker":
         raise ParamsError(f"params.yaml: {key} = true: XLA cannot compile the multi_worker "
                           f"all-reduce on CPU devices (no GPU here); set it to auto or false")
+    if dist.kind == "mirrored" and dist.replicas > 1:
+        raise ParamsError(f"params.yaml: {key} = true: XLA cannot compile a step whose "
+                          f"variables are mirrored over {dist.replicas} CPU devices (no GPU "
+                          f"here); set it to auto or false")
+
+
+def uneven_split_note(count: int, batch_size: int, replicas: int, key: str) -> str | None:
+    """A one-line note when the batches of an epoch (``count`` examples, ``batch_size`` per
+    global batch) do not all split evenly over ``replicas``; None when they do.
+
+    Keras scales each replica's mean loss by 1/replicas, so a batch split 7 + 6 gives the 7
+    and the 6 examples half the gradient each instead of 1/13 per example: training then
+    departs from one device's (docs/training.md). ``key``: the batch size's params key."""
+    if replicas <= 1:
+        return None
+    last = count % batch_size or batch_size
+    uneven = []
+    if count > batch_size and batch_size % replicas:
+        uneven.append(f"each batch of {batch_size}")
+    if last % replicas and (last != batch_size or count <= batch_size):
+        uneven.append(f"the last batch of each epoch ({last} of the {count} examples)")
+    if not uneven:
+        return None
+    verb = "does" if len(uneven) == 1 else "do"
+    return (f"note: {' and '.join(uneven)} {verb} not split evenly over {replicas} replicas, so "
+            f"their examples do not count equally and training will not match one device's; "
+            f"to match it, set {key} (now {batch_size}) to a multiple of {replicas} that "
+            f"leaves a multiple of {replicas} in the last batch")
 
 
 def worker_params(params, dist: Distribution):
@@ -217,10 +259,11 @@ def _floats(logs: dict) -> dict[str, float]:
     return {k: float(keras.ops.convert_to_numpy(v)) for k, v in logs.items()}
 
 
-def fit_multi_worker(model: keras.Model, strategy, train_ds, *, validation_data, epochs: int,
-                     initial_epoch: int = 0, callbacks=(), verbose: int = 2
-                     ) -> keras.callbacks.History:
-    """``model.fit`` for MultiWorkerMirroredStrategy: the same steps, logs and callbacks.
+def fit_distributed(model: keras.Model, strategy, train_ds, *, validation_data, epochs: int,
+                    initial_epoch: int = 0, callbacks=(), verbose: int = 2
+                    ) -> keras.callbacks.History:
+    """``model.fit`` under a MirroredStrategy or MultiWorkerMirroredStrategy: the same steps,
+    logs and callbacks, on the shuffle orders ``fit`` on one device trains on.
 
     Each step runs the compiled model's ``train_step`` on every replica (``strategy.run``): it
     computes the compiled loss (scaled for the replicas), all-reduces the gradients through the
@@ -228,16 +271,35 @@ def fit_multi_worker(model: keras.Model, strategy, train_ds, *, validation_data,
     when read, so every worker sees the global loss and metrics, batch by batch, as ``fit``
     reports them; validation runs ``test_step`` the same way and adds ``val_*`` to the epoch's
     logs. The model must have been created and compiled under ``strategy.scope()``.
+
+    Why not Keras' ``fit`` under MirroredStrategy: before the first epoch it builds the model
+    on a batch taken from an iterator over the training set, then drops that iterator (Keras
+    3.15, ``TensorFlowTrainer._maybe_symbolic_build``, only when the model has a strategy).
+    Opening an iterator moves the seeded reshuffle (``reshuffle_each_iteration``) on, so every
+    epoch trained on the order after the one a single device gets: on the tests' tiny MLP the
+    weights ended 0.105 apart from one device's, exactly where one-device ``fit`` ends after
+    one iterator is opened and dropped before it. Here nothing opens the training set early.
+    That build also averages the taken batch over the replicas, which fails when a batch does
+    not split evenly ("Inputs to operation AddN ... must have the same size and shape. Input
+    0: [7,16,16,3] != input 1: [6,16,16,3]"); here such batches train.
     """
     import tensorflow as tf
 
     train = distribute_dataset(strategy, train_ds)
     val = distribute_dataset(strategy, validation_data)
+    if not model.optimizer.built:
+        # Created inside the first step, its variables fail under MirroredStrategy ("You
+        # must feed a value for placeholder tensor 'cond/else/_1/cond/Placeholder'").
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
 
     def step_function(step):
-        @tf.function(jit_compile=bool(model.jit_compile), reduce_retracing=True)
+        # As Keras' fit: XLA compiles each replica's step, not the cross-replica part.
+        one_step = tf.function(step, jit_compile=bool(model.jit_compile), reduce_retracing=True)
+
+        @tf.function(reduce_retracing=True)
         def run(batch):
-            strategy.run(step, args=(batch,))
+            strategy.run(one_step, args=(batch,))
             return model.get_metrics_result()
         return run
 
@@ -276,3 +338,4 @@ def fit_multi_worker(model: keras.Model, strategy, train_ds, *, validation_data,
         model.optimizer.finalize_variable_values(model.trainable_weights)
     callbacks.on_train_end(logs=epoch_logs)
     return model.history
+

@@ -17,6 +17,7 @@ from visionpipe.checkpoints import (
     Checkpoints,
     EpochCheckpoint,
     ResumableEarlyStopping,
+    replay_early_stopping,
     restore_weights,
 )
 from visionpipe.config import TrainConfig
@@ -143,8 +144,9 @@ def test_other_params_a_finished_run_or_a_broken_state_start_at_epoch_1(tmp_path
     assert ckpt.resumable() == (None, f"the checkpoints in {tmp_path} are from a finished run; "
                                       "training again from epoch 1")
     (tmp_path / STATE_FILE).write_text('{"fingerprint": ')
-    assert ckpt.resumable() == (None, f"{tmp_path / STATE_FILE} cannot be read; training "
-                                      "starts at epoch 1")
+    assert ckpt.resumable() == (None, f"{tmp_path / STATE_FILE} cannot be read (not valid "
+                                      "JSON: Expecting value: line 1 column 17 (char 16)); "
+                                      "training starts at epoch 1")
     ckpt.reset()
     assert list(tmp_path.iterdir()) == []
     assert ckpt.resumable() == (None, "no checkpoint; training starts at epoch 1")
@@ -212,3 +214,163 @@ def test_divergence_message_names_epoch_step_key_and_checkpoint(tmp_path):
                     f"{tmp_path}/epoch-0003.keras")
     early = divergence_message("mlp", cfg, Diverged(1, 2, float("nan")), tmp_path, None)
     assert early.endswith("no epoch completed, so there is no checkpoint")
+
+
+# ------------------------------------------------- damaged checkpoints named by state.json
+
+
+def _three_epochs(folder):
+    """Checkpoints of epochs 1-3 whose best is epoch 1 (the val_loss written rises), and the
+    weights after each epoch."""
+    ckpt = Checkpoints(folder, "fp-1", "val_loss")
+    state, model, weights = ckpt.reset(), _model(), {}
+    for epoch, val_loss in enumerate([1.0, 1.5, 2.0], 1):
+        model.fit(X, Y, batch_size=10, shuffle=False, verbose=0)
+        weights[epoch] = model.get_weights()
+        logs = {"loss": float(epoch), "val_loss": val_loss}
+        for key, value in logs.items():
+            state.history.setdefault(key, []).append(value)
+        ckpt.save(state, model, epoch, logs, improved=epoch == 1)
+    assert (state.last, state.best) == ("epoch-0003.keras", "epoch-0001.keras")
+    return ckpt, weights
+
+
+def _foreign(path):
+    """A complete .keras file of another architecture (8 hidden units more)."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(X, Y, verbose=0)
+    model.save(path)
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "not a zip":
+        path.write_text("hello")
+    elif how == "flipped byte":
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+    elif how == "foreign":
+        _foreign(path)
+    else:
+        path.unlink()
+
+
+DAMAGE = {"truncated": "(not a whole .keras file: File is not a zip file)",
+          "not a zip": "(not a whole .keras file: File is not a zip file)",
+          "flipped byte": "(changed bytes: Bad CRC-32 for file 'model.weights.h5')",
+          "foreign": "(another model's: its weights do not fit this one (A total of 2 objects "
+                     "could not be loaded))",
+          "missing": None}
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_last_epoch_falls_back_to_the_earlier_best_one(tmp_path, how):
+    ckpt, weights = _three_epochs(tmp_path)
+    _damage(tmp_path / "epoch-0003.keras", how)
+    state, why = ckpt.resumable()
+    assert state is not None and why.startswith("resuming from")
+    built = []
+    model, state, why = ckpt.restore(state, _model(seed=1), lambda: built.append(1) or _model())
+    damaged = ("is missing" if DAMAGE[how] is None else f"is damaged {DAMAGE[how]}")
+    assert why == (f"{tmp_path}/epoch-0003.keras {damaged}; resuming from epoch-0001.keras, "
+                   "the best epoch (1): epochs 2-3 trained again")
+    assert built == [1]  # a fresh model: the failed load may have set some weights
+    assert _same(model.get_weights(), weights[1])
+    assert (state.epochs_done, state.last, state.best, state.best_epoch) == (
+        1, "epoch-0001.keras", "epoch-0001.keras", 1)
+    assert state.history == {"loss": [1.0], "val_loss": [1.0]} and state.best_value == 1.0
+    assert state.early_stopping is None  # train replays it (replay_early_stopping)
+
+
+def test_a_damaged_best_epoch_leaves_the_last_as_the_best(tmp_path):
+    ckpt, weights = _three_epochs(tmp_path)
+    _foreign(tmp_path / "epoch-0001.keras")
+    state, _ = ckpt.resumable()
+    model, state, why = ckpt.restore(state, _model(seed=1), _model)
+    assert why == (f"{tmp_path}/epoch-0001.keras (the best epoch, 1) is damaged "
+                   f"{DAMAGE['foreign']}; resuming from epoch-0003.keras: 3 epoch(s) already "
+                   "done, the best of them now this last one")
+    assert _same(model.get_weights(), weights[3])
+    assert (state.epochs_done, state.best, state.best_epoch, state.best_value) == (
+        3, "epoch-0003.keras", 3, 2.0)
+    # The next save keeps only what the state names: the damaged file goes.
+    ckpt.write(state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0003.keras", STATE_FILE]
+
+
+def test_damaged_with_no_earlier_good_epoch_starts_over_on_a_fresh_model(tmp_path):
+    ckpt, _ = _three_epochs(tmp_path)
+    _damage(tmp_path / "epoch-0001.keras", "truncated")
+    _damage(tmp_path / "epoch-0003.keras", "flipped byte")
+    state, _ = ckpt.resumable()
+    model, state, why = ckpt.restore(state, _model(seed=1), _model)
+    assert state is None and why == (
+        f"{tmp_path}/epoch-0003.keras is damaged {DAMAGE['flipped byte']}, and "
+        f"epoch-0001.keras too {DAMAGE['truncated']}; no earlier epoch is kept (only the last "
+        "and the best are), so training starts over at epoch 1")
+    assert _same(model.get_weights(), _model().get_weights())
+    assert int(model.optimizer.iterations) == 0
+
+    # One file, last and best at once (the usual case: the last epoch was the best).
+    _, first = _train(tmp_path / "one", epochs=1)
+    _foreign(first.folder / "epoch-0001.keras")
+    state, _ = first.resumable()
+    assert state is not None and state.last == state.best
+    _, state, why = first.restore(state, _model(seed=1), _model)
+    assert state is None and why.endswith(
+        f"epoch-0001.keras is damaged {DAMAGE['foreign']}; no earlier epoch is kept (only the "
+        "last and the best are), so training starts over at epoch 1")
+
+
+@pytest.mark.parametrize("text,why", [
+    ("[]", "not what train writes: holds a JSON list, not an object"),
+    ("\xff", "not UTF-8 text"),
+    ('{"fingerprint": "fp-1", "monitor": "val_loss", "oops": 1}', "not what train writes: "
+     "unknown keys 'oops'"),
+    ('{"monitor": "val_loss"}', "not what train writes: no fingerprint or monitor"),
+    ('{"fingerprint": "fp-1", "monitor": "val_loss", "epochs_done": "2"}',
+     "fingerprint, monitor, epochs_done, finished or format has the wrong type"),
+    ('{"fingerprint": "fp-1", "monitor": "val_loss", "epochs_done": 1, "last": 5}',
+     "last = 5 is not the file of epoch 1"),
+    ('{"fingerprint": "fp-1", "monitor": "val_loss", "epochs_done": 1, '
+     '"last": "../../model.keras"}', "last = '../../model.keras' is not the file of epoch 1"),
+    ('{"fingerprint": "fp-1", "monitor": "val_loss", "epochs_done": 2, '
+     '"last": "epoch-0002.keras", "history": {"loss": [1.0]}}',
+     "history is not one number per completed epoch (2) for each key"),
+])
+def test_a_state_file_that_is_not_what_train_writes_starts_at_epoch_1(tmp_path, text, why):
+    _train(tmp_path, epochs=2)
+    (tmp_path / STATE_FILE).write_bytes(text.encode("latin-1"))
+    state, line = Checkpoints(tmp_path, "fp-1", "val_loss").resumable()
+    assert state is None and why in line
+    assert line.startswith(f"{tmp_path / STATE_FILE} cannot be read (")
+    assert line.endswith("); training starts at epoch 1")
+
+
+def test_early_stopping_replayed_from_the_history_matches_its_counters(tmp_path):
+    """What train gives a state rolled back to its best epoch: early stopping's counters
+    recomputed from the monitored values up to it, as they were recorded then."""
+    def stopper():
+        return ResumableEarlyStopping(monitor="val_loss", patience=10, min_delta=0.02,
+                                      mode="min")
+
+    ckpt = Checkpoints(tmp_path, "fp-1", "val_loss")
+    state, early, recorded = ckpt.reset(), stopper(), []
+    keep = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: recorded.append(dict(state.early_stopping)))
+    model = _model()
+    model.fit(X, Y, epochs=6, callbacks=[early, EpochCheckpoint(ckpt, state, "min", early),
+                                         keep], **FIT)
+    assert len({r["wait"] for r in recorded}) > 1  # some epochs improve by 0.02, some not
+    for epoch in range(1, 7):
+        assert replay_early_stopping(stopper(), model, state.history["val_loss"][:epoch]
+                                     ) == recorded[epoch - 1], epoch

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from visionpipe.config import TrainConfig
-from visionpipe.data.records import read_manifest, shard_paths
+from visionpipe.data.records import (
+    damaged_shard,
+    read_manifest,
+    record_error,
+    shard_names,
+    shard_paths,
+)
+from visionpipe.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -39,6 +47,41 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     out["difficult"] = tf.cond(tf.size(difficult) > 0, lambda: difficult,
                                lambda: tf.zeros(tf.shape(out["box_labels"]), tf.bool))
     return out
+
+
+def unparsable_shard(data_dir: Path, manifest: dict) -> tuple[str, str] | None:
+    """The first shard of ``data_dir`` holding a record ``parse_record`` cannot decode (not
+    an Example, no image, not a PNG), with which record and why; None when all decode."""
+    for name in shard_names(manifest):
+        index = 0
+        try:
+            for _ in tf.data.TFRecordDataset(str(Path(data_dir) / name)).map(parse_record):
+                index += 1
+        except tf.errors.OpError as exc:
+            return name, f"record {index + 1} cannot be decoded: {record_error(exc)}"
+    return None
+
+
+@contextmanager
+def damaged_records(restore: dict[Path, str]) -> Iterator[None]:
+    """Reading the shards of the folders in ``restore`` (folder -> what restores it): a shard
+    that fails to read or decode though its manifest's checksum matched (the manifest edited,
+    say) becomes a one-line DataError naming it. TensorFlow says only that some record
+    failed, so the shards are read again to find which; an error no shard explains (the
+    model's, not the data's) is raised as it was."""
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
+        for data_dir, hint in restore.items():
+            manifest = read_manifest(data_dir)
+            bad = damaged_shard(data_dir, manifest) or unparsable_shard(data_dir, manifest)
+            if bad is not None:
+                raise DataError(f"{data_dir / bad[0]}: damaged ({bad[1]}); {hint}") from None
+        if not isinstance(exc, tf.errors.DataLossError):
+            raise
+        folders = " or ".join(str(d) for d in restore)
+        raise DataError(f"a shard in {folders} cannot be read ({record_error(exc)}); "
+                        f"{'; '.join(restore.values())}") from None
 
 
 def record_dataset(data_dir: Path, split: str, deterministic: bool = True) -> tf.data.Dataset:

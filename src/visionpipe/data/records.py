@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,99 @@ def checksum(data_dir: Path, names: Iterable[str]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def shard_names(manifest: dict) -> list[str]:
+    """Every shard a manifest lists, split by split in its order."""
+    return [name for split in manifest["splits"].values() for name in split["shards"]]
+
+
+def restore_hint(data_dir: Path, root: Path) -> str:
+    """The command that brings back ``data_dir`` (a DVC output) as dvc.lock records it."""
+    try:
+        rel = Path(data_dir).relative_to(root)
+    except ValueError:
+        return f"rerun the stage that writes {data_dir}"
+    stage = {"prepared": "prepare", "augmented": "augment"}.get(rel.parent.name)
+    if stage is None:
+        return f"rerun the stage that writes {rel}"
+    return f"restore it with `dvc checkout {rel.as_posix()}` (or `dvc repro {stage}@{rel.name}`)"
+
+
+def _record_counts(manifest: dict) -> dict[str, int]:
+    """How many records each shard holds as written (write_split fills shards in order), when
+    the manifest says its shard size."""
+    size = manifest.get("shard_size")
+    if not isinstance(size, int) or size < 1:
+        return {}
+    counts = {}
+    for split in manifest["splits"].values():
+        left = int(split["count"])
+        for name in split["shards"]:
+            counts[name] = min(size, left)
+            left -= counts[name]
+    return counts
+
+
+def record_error(exc: Exception) -> str:
+    """TensorFlow's reason a record file cannot be read, in words and on one line."""
+    text = str(getattr(exc, "message", exc)).strip().splitlines()[0]
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", "", text)
+    # A failing map function: "Error in user-defined function passed to ... with iterator:
+    # Iterator::Root::...: Could not parse example input, value: '...'"
+    text = re.sub(r"^Error in user-defined function .*?with iterator: \S+: ", "", text)
+    text = text.split("' failed")[0]  # "truncated record at N' failed with Read less bytes..."
+    if text.startswith("truncated record"):
+        return f"cut short: {text}"
+    if text.startswith("corrupted record"):
+        return f"a record fails its CRC check: {text}"
+    return text[:200]
+
+
+def damaged_shard(data_dir: Path, manifest: dict) -> tuple[str, str] | None:
+    """The first shard of ``data_dir`` that is missing, cannot be read as TFRecords (a cut or
+    changed byte fails the records' CRC) or holds another number of records than written,
+    with why; None when every shard reads whole."""
+    tf = _tf()
+    expected = _record_counts(manifest)
+    for name in shard_names(manifest):
+        path = Path(data_dir) / name
+        if not path.is_file():
+            return name, "missing"
+        try:
+            count = int(tf.data.TFRecordDataset(str(path)).reduce(
+                np.int64(0), lambda n, _: n + 1))
+        except tf.errors.OpError as exc:
+            return name, record_error(exc)
+        if name in expected and count != expected[name]:
+            return name, f"holds {count} records, {expected[name]} were written"
+    return None
+
+
+def verify_shards(data_dir: Path, restore: str) -> dict:
+    """The manifest of ``data_dir``, after checking that its shards are the bytes it was written
+    with (every shard present, their SHA-256 the manifest's ``checksum``); a stage calls it
+    before reading them. Otherwise a DataError names the missing or damaged shard and
+    ``restore`` (what brings it back, e.g. ``restore_hint``'s)."""
+    manifest = read_manifest(data_dir)
+    data_dir = Path(data_dir)
+    names = shard_names(manifest)
+    for name in names:
+        if not (data_dir / name).is_file():
+            raise DataError(f"{data_dir / name}: missing (listed in {data_dir / MANIFEST}); "
+                            f"{restore}")
+    try:
+        same = checksum(data_dir, names) == manifest["checksum"]
+    except OSError as exc:
+        raise DataError(f"{exc.filename or data_dir}: cannot be read "
+                        f"({exc.strerror or exc}); {restore}") from None
+    if same:
+        return manifest
+    bad = damaged_shard(data_dir, manifest)
+    if bad is not None:
+        raise DataError(f"{data_dir / bad[0]}: damaged ({bad[1]}); {restore}")
+    raise DataError(f"{data_dir}: the shards do not match the checksum in {MANIFEST} (a shard "
+                    f"was replaced or the manifest edited); {restore}")
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary name and rename, so a kill never leaves half a file."""
     atomic.write_json(path, data)
@@ -146,7 +240,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_manifest(data_dir: Path, manifest: dict) -> dict:
     """Add format version and checksum over every shard, then write manifest.json."""
-    names = [n for split in manifest["splits"].values() for n in split["shards"]]
+    names = shard_names(manifest)
     manifest = {"format_version": FORMAT_VERSION, **manifest,
                 "checksum": checksum(data_dir, names)}
     write_json(data_dir / MANIFEST, manifest)
@@ -163,6 +257,23 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _splits_ok(splits: Any) -> bool:
+    """Whether a manifest's ``splits`` is what write_split made: per split a count and plain
+    shard file names (no folders: a stage reads nothing outside the dataset's folder)."""
+    if not isinstance(splits, dict):
+        return False
+    for split in splits.values():
+        if not (isinstance(split, dict) and isinstance(split.get("count"), int)
+                and not isinstance(split["count"], bool) and split["count"] >= 0
+                and isinstance(split.get("shards"), list)):
+            return False
+        for name in split["shards"]:
+            if not (isinstance(name, str) and name and Path(name).name == name
+                    and "\\" not in name and name not in (".", "..")):
+                return False
+    return True
+
+
 def read_manifest(data_dir: Path) -> dict:
     """manifest.json of a prepared or augmented dataset, checked for the keys stages rely on."""
     path = Path(data_dir) / MANIFEST
@@ -171,14 +282,24 @@ def read_manifest(data_dir: Path) -> dict:
     except FileNotFoundError:
         raise DataError(f"{path}: not found; run `dvc repro` (or the stage that writes "
                         f"{data_dir}) first") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); delete it and rerun the stage "
                         "that writes it") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); make it readable or "
+                        "rerun the stage that writes it") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: holds a JSON {type(manifest).__name__}, not an object; "
+                        "rerun the stage that writes it")
     missing = [k for k in ("task", "class_names", "image_size", "splits", "checksum")
                if k not in manifest]
     if missing:
         raise DataError(f"{path}: missing keys {', '.join(missing)}; rerun the stage that "
                         "writes it")
+    if not _splits_ok(manifest["splits"]) or not isinstance(manifest["checksum"], str):
+        raise DataError(f"{path}: 'splits' must map each split to its count and the names of "
+                        "its shard files in this folder, and 'checksum' be a string; rerun the "
+                        "stage that writes it")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, this "
                         f"visionpipe reads {FORMAT_VERSION}; rerun `dvc repro`")

@@ -8,7 +8,7 @@ from visionpipe import plots
 from visionpipe.config import Params
 from visionpipe.cost import flops_per_image, latency_ms, machine
 from visionpipe.data import records
-from visionpipe.data.pipeline import test_arrays
+from visionpipe.data.pipeline import damaged_records, test_arrays
 from visionpipe.headline import baseline, headline, test_metrics
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
@@ -62,11 +62,14 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
     cfg = params.model(model_name)
     task = task_for(cfg.family, cfg.task)
     model_path = layout.model_file(model_name)
-    model = task.evaluation_model(load_model(model_path), params.evaluate)
     data_dir = layout.prepared(cfg.task)
-    manifest = records.read_manifest(data_dir)
+    # The test shards are the bytes the manifest describes (see train).
+    restore = records.restore_hint(data_dir, layout.root)
+    manifest = records.verify_shards(data_dir, restore)
+    model = task.evaluation_model(load_model(model_path), params.evaluate)
     names = manifest["class_names"]
-    images, truths, ids = test_arrays(data_dir, task.targets)
+    with damaged_records({data_dir: restore}):
+        images, truths, ids = test_arrays(data_dir, task.targets)
     outputs = task.predict(model, images, params.evaluate.batch_size,
                            params.evaluate.tile_overlap)
     test = task.evaluate(np.asarray(truths), outputs, names, params.evaluate)

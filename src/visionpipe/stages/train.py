@@ -20,21 +20,22 @@ from visionpipe.checkpoints import (
     ResumableEarlyStopping,
     State,
     fingerprint,
-    restore_weights,
+    replay_early_stopping,
 )
 from visionpipe.config import Params, TrainConfig
 from visionpipe.console import fit_verbosity, is_verbose
 from visionpipe.data import records
-from visionpipe.data.pipeline import input_dataset, with_image_shape
+from visionpipe.data.pipeline import damaged_records, input_dataset, with_image_shape
 from visionpipe.distribute import (
     Distribution,
     check_jit,
-    fit_multi_worker,
+    fit_distributed,
     make_distribution,
     output_root,
+    uneven_split_note,
     worker_params,
 )
-from visionpipe.errors import ParamsError, TrainingDivergedError
+from visionpipe.errors import DataError, ModelError, ParamsError, TrainingDivergedError
 from visionpipe.layout import Layout
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.models.saving import load_model
@@ -109,8 +110,11 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
     set_seed(params.seed)
     task = task_for(cfg.family, cfg.task)
     train_dir, val_dir = layout.augmented(cfg.task), layout.prepared(cfg.task)
-    manifest = records.read_manifest(train_dir)
-    val_manifest = records.read_manifest(val_dir)
+    # The shards are the bytes their manifests describe (a fraction of a second for the
+    # default data); a mismatch names the shard and what restores it.
+    restore = {d: records.restore_hint(d, layout.root) for d in (train_dir, val_dir)}
+    manifest = records.verify_shards(train_dir, restore[train_dir])
+    val_manifest = records.verify_shards(val_dir, restore[val_dir])
     names = manifest["class_names"]
     h, w = manifest["image_size"]
     io = with_image_shape(task.to_model_io(len(names)), (h, w))
@@ -124,12 +128,24 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
         raise ParamsError(f"params.yaml: models.{model_name}.train.class_weights = "
                           f"{list(t.class_weights)}: expected one weight per class, "
                           f"{len(names)} in class order ({', '.join(names)})")
-    with dist.scope(), dtype_policy(t.precision):
-        model = create_model(cfg.family, (h, w, 3), len(names), architecture)
-        # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer itself.
-        task.compile(model, make_optimizer(t, steps_per_epoch), t, architecture, len(names))
+
+    def build() -> keras.Model:
+        """The compiled model before training: the same weights every time (seeded)."""
+        set_seed(params.seed)
+        with dist.scope(), dtype_policy(t.precision):
+            built = create_model(cfg.family, (h, w, 3), len(names), architecture)
+            # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer itself.
+            task.compile(built, make_optimizer(t, steps_per_epoch), t, architecture,
+                         len(names))
+        return built
+
+    model = build()
     jit_compile = bool(model.jit_compile)  # what Keras made of "auto"
     check_jit(dist, jit_compile, f"models.{model_name}.train.jit_compile")
+    note = uneven_split_note(manifest["counts"]["train"], t.batch_size, dist.replicas,
+                             f"models.{model_name}.train.batch_size")
+    if note is not None:
+        print(f"train@{model_name}: {note}", flush=True)
     write_summary(model, out.model_summary(model_name))
 
     mode = "min" if t.monitor == "val_loss" else "max"
@@ -141,17 +157,30 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
     # A non-chief worker resumes from the chief's checkpoints (read only, on a shared folder).
     source = Checkpoints(layout.checkpoints(model_name), trained_on, t.monitor)
     state, why = resume_point(source, dist)
+    if state is not None:  # a damaged file: the best epoch before it, or epoch 1
+        with dist.scope():
+            model, state, why = source.restore(state, model, build)
+        # Every worker is here or none is (resume_point agreed on the epochs done); they
+        # may disagree about a file only when they do not share the folder.
+        if not dist.all_equal(state.epochs_done if state is not None else 0):
+            model, state, why = build(), None, (
+                f"the workers found different complete epochs in {source.folder}; training "
+                "starts at epoch 1")
     print(f"train@{model_name}: {why}", flush=True)
     if state is None:
         state = ckpt.reset()
-    else:
-        with dist.scope():
-            restore_weights(model, source.folder / state.last)
+
+    def early_stopping(restored: dict | None) -> ResumableEarlyStopping:
+        return ResumableEarlyStopping(monitor=t.monitor, patience=t.early_stopping_patience,
+                                      min_delta=t.early_stopping_min_delta, mode=mode,
+                                      verbose=1, restored=restored)
+
     early = None
     if t.early_stopping_patience:
-        early = ResumableEarlyStopping(monitor=t.monitor, patience=t.early_stopping_patience,
-                                       min_delta=t.early_stopping_min_delta, mode=mode,
-                                       verbose=1, restored=state.early_stopping)
+        if state.epochs_done and state.early_stopping is None:  # rolled back to its best
+            state.early_stopping = replay_early_stopping(early_stopping(None), model,
+                                                         state.history[t.monitor])
+        early = early_stopping(state.early_stopping)
     callbacks = [DivergenceGuard(), LearningRateLogger(), *([early] if early else []),
                  EpochCheckpoint(ckpt, state, mode, early)]
     verbosity = fit_verbosity()
@@ -164,22 +193,25 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
             run.log_metrics({k: v[epoch] for k, v in state.history.items()},
                             step=epoch + 1, what="epoch metrics")
     try:
-        with measure_co2(params, out, model_name, "train"), run.system_metrics():
+        with measure_co2(params, out, model_name, "train"), run.system_metrics(), \
+                damaged_records(restore):
             stopped = early is not None and state.early_stopping is not None and (
                 state.early_stopping["wait"] >= t.early_stopping_patience)
             if state.epochs_done < t.epochs and not stopped:
-                if dist.kind == "multi_worker":  # Keras' fit fails under its strategy
-                    fit_multi_worker(model, dist.strategy, train_ds, validation_data=val_ds,
-                                     epochs=t.epochs, initial_epoch=state.epochs_done,
-                                     callbacks=callbacks, verbose=verbosity)
+                if dist.own_loop:  # not Keras' fit under a strategy (visionpipe.distribute)
+                    fit_distributed(model, dist.strategy, train_ds, validation_data=val_ds,
+                                    epochs=t.epochs, initial_epoch=state.epochs_done,
+                                    callbacks=callbacks, verbose=verbosity)
                 else:
                     # shuffle=False: the dataset shuffles itself (Keras would warn otherwise).
                     model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
                               shuffle=False, initial_epoch=state.epochs_done,
                               callbacks=callbacks, verbose=verbosity)
-    except Diverged as exc:
+    except (Diverged, DataError) as exc:
         if run.client is not None and run.run_id is not None:
             run.call("run status", "set_terminated", run.run_id, "FAILED")
+        if isinstance(exc, DataError):  # a shard that fails to read (damaged_records)
+            raise
         raise TrainingDivergedError(
             divergence_message(model_name, t, exc, ckpt.folder, ckpt.read_state())) from None
     finally:
@@ -187,14 +219,17 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
 
     final = state.history
     write_history(out.history(model_name), final)
+    best = state.epochs_done - 1
     if t.restore_best:
         kept = ckpt.folder / state.best
         if not kept.is_file():  # a worker's best epoch from before a resume
             kept = source.folder / state.best
-        model = load_model(kept)
-        best = state.best_epoch - 1
-    else:
-        best = state.epochs_done - 1
+        try:
+            model = load_model(kept)
+            best = state.best_epoch - 1
+        except ModelError as exc:  # damaged since it was saved (checked when resuming)
+            print(f"train@{model_name}: the best epoch ({state.best_epoch}) cannot be "
+                  f"restored: {exc}; keeping the last epoch ({state.epochs_done})", flush=True)
     with atomic.atomic_path(out.model_file(model_name)) as tmp:
         model.save(tmp)
     meta = {
