@@ -220,19 +220,30 @@ def summary(params, layout) -> None:
 
 
 def replay_run(params, model: str, layout) -> None:
-    """`visionpipe log`: a new MLflow run holding everything the local files record."""
+    """`visionpipe log`: a new MLflow run holding everything the local files record. A missing
+    or malformed local file is an error naming it (before anything is sent); so is a backend
+    that did not take everything, saying whether it was unreachable, silent or failing."""
     from visionpipe.errors import VisionpipeError
     from visionpipe.tracking.mlflow_runs import RunLogger
     from visionpipe.tracking.stage_logs import replay
 
-    if not layout.model_file(model).exists():
-        raise VisionpipeError(f"{layout.model_file(model)}: not found; run `dvc repro` first")
     if not params.tracking.mlflow:
         raise VisionpipeError("params.yaml: tracking.mlflow = False: set it to true to log")
-    state = replay(RunLogger(params, model, layout))
+    run = RunLogger(params, model, layout)
+    state = replay(run)
     if state.get("status") != "logged":
-        raise VisionpipeError(f"MLflow at {state.get('tracking_uri')} still not reachable; "
-                              "nothing was lost, try again later")
+        again = f"`visionpipe log --model {model}`"
+        missing = ", ".join(dict.fromkeys(run.not_logged))
+        if run.failure == "unreachable":
+            raise VisionpipeError(f"MLflow at {run.shown_uri} still not reachable "
+                                  f"({run.error}); nothing was lost: run {again} again later")
+        if run.failure == "timeout":
+            raise VisionpipeError(f"{run.failure_text()}; not logged: {missing}. Nothing was "
+                                  f"lost: run {again} again once it answers")
+        partial = f" (run {run.run_id} holds the rest)" if run.run_id else ""
+        raise VisionpipeError(f"{run.failure_text()}; not logged for {model}: {missing}"
+                              f"{partial}. The local files are unchanged: fix that and run "
+                              f"{again} again")
     print(f"logged {model} to {state['tracking_uri']}: experiment {state['experiment']}, "
           f"run {state['run_id']}")
 

@@ -310,6 +310,9 @@ class TrackingConfig:
 
     mlflow: Bool = True
     uri: Str | None = None  # default sqlite:///<repo>/mlflow.db; MLFLOW_TRACKING_URI overrides
+    # Seconds an HTTP tracking server has to answer each request (one attempt; after a
+    # timeout the stage sends nothing more). MLFLOW_HTTP_REQUEST_TIMEOUT overrides.
+    timeout_s: Int = Field(15, ge=1, le=600)
     experiment_prefix: Str = "visionpipe"  # experiment per task: <prefix>-<task>
     system_metrics: Bool = True
     system_metrics_interval: Float = Field(2.0, gt=0, le=3600)

@@ -12,6 +12,11 @@ emissions) are the record; MLflow gets a copy. When the backend cannot be reache
 still finishes, prints one warning naming what was not logged, and marks the run file
 ``models/<model>/mlflow_run.json`` as pending; ``visionpipe log --model NAME`` replays the run
 from the local files with the same functions the stages use.
+
+Each request to an HTTP tracking server is one attempt bounded by ``tracking.timeout_s``
+(default :data:`REQUEST_TIMEOUT_S`; MLflow's MLFLOW_HTTP_REQUEST_TIMEOUT overrides it): a
+server that accepts connections and never answers costs a stage one timeout, after which the
+stage sends it nothing more.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ PIPELINE_STAGES = ("train", "evaluate", "export")
 # 3.17's UI otherwise opens in its GenAI view).
 UI_ADDRESS = "http://127.0.0.1:5000"
 RUNS_VIEW = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+# Seconds an HTTP tracking server has to answer each request, and MLflow's retries of one that
+# failed: none, so a server that never answers costs one timeout (MLflow's own defaults, 120 s
+# and 7 retries with backoff, add up to minutes per request). The environment variables are
+# MLflow's; a value set there wins.
+REQUEST_TIMEOUT_S = 15
+TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
 
 def project_root(layout: Layout) -> Path:
@@ -166,6 +178,70 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}"
 
 
+def request_timeout(default: int = REQUEST_TIMEOUT_S) -> int:
+    """Seconds each request to an HTTP tracking server may take: MLFLOW_HTTP_REQUEST_TIMEOUT
+    when set (a whole number, as MLflow reads it), else ``default``."""
+    from visionpipe.errors import VisionpipeError
+
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise VisionpipeError(f"{TIMEOUT_ENV}={text[:40]!r}: not a whole number of seconds of "
+                              f"at least 1; unset it (default {default}) or set e.g. "
+                              f"{TIMEOUT_ENV}=30")
+    return value
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: its cause or context, and a urllib3 MaxRetryError's reason."""
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, BaseException) and all(reason is not s for s in chain):
+            chain.append(reason)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def failure_kind(exc: BaseException) -> str:
+    """Why a request to the backend failed: ``timeout`` (no answer within the timeout),
+    ``unreachable`` (no connection: refused, reset, unknown host) or ``error`` (the backend
+    answered, or failed locally, with an error). MLflow wraps the HTTP client's exception in
+    its own; the chain under it says which."""
+    import requests
+    import urllib3.exceptions
+
+    chain = _causes(exc)
+    # First: urllib3's NewConnectionError (refused, unknown host) is also a ConnectTimeoutError.
+    refused = (ConnectionError, urllib3.exceptions.NewConnectionError)
+    if any(isinstance(e, refused) for e in chain):
+        return "unreachable"
+    timeouts = (TimeoutError, requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)
+    if any(isinstance(e, timeouts) for e in chain):
+        return "timeout"
+    no_connection = (requests.exceptions.ConnectionError, urllib3.exceptions.ProtocolError)
+    if any(isinstance(e, no_connection) for e in chain):
+        return "unreachable"
+    return "error"
+
+
+def _timeout_detail(exc: BaseException) -> str:
+    """The HTTP client's own words for a timeout (``Read timed out. (read timeout=15)``)."""
+    import requests
+    import urllib3.exceptions
+
+    for cause in reversed(_causes(exc)):
+        if isinstance(cause, (urllib3.exceptions.TimeoutError, requests.exceptions.Timeout)):
+            return _short(cause)
+    return _short(exc)
+
+
 @contextmanager
 def _sqlite_creation_lock(uri: str):
     """For a sqlite backend, one process at a time opens the database (and, the first time,
@@ -202,6 +278,11 @@ class RunLogger:
         self.state: dict = {}
         self.not_logged: list[str] = []
         self.error: str | None = None
+        # Why nothing more was logged: "timeout", "unreachable", "error" (failure_kind) or
+        # "pending" (train's run is not in MLflow); None while everything was.
+        self.failure: str | None = None
+        self.timeout_s = (request_timeout(params.tracking.timeout_s) if self.enabled
+                          else params.tracking.timeout_s)
         self.opened = time.time()
         self.resumed = False
         self._last_timestamp = 0
@@ -215,9 +296,9 @@ class RunLogger:
 
         quiet_mlflow()  # "Successfully registered model" etc.: export prints its own line
 
-        # An unreachable server must cost seconds, not MLflow's default minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        # One attempt per request, bounded: a server that never answers costs one timeout.
+        os.environ.setdefault(RETRIES_ENV, "0")
+        os.environ.setdefault(TIMEOUT_ENV, str(self.timeout_s))
         # Export prints the one link to the run (ui_line); not MLflow's own at each end_run.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         last: Exception | None = None
@@ -282,6 +363,7 @@ class RunLogger:
             self.not_logged.append("this stage (the run is not in MLflow)")
             self.error = (f"train's run is {self.state.get('status', 'missing')} at "
                           f"{self.state.get('tracking_uri', self.shown_uri)}")
+            self.failure = "pending"
             return self
         try:
             self._connect()
@@ -311,9 +393,29 @@ class RunLogger:
         return self.attempt(what, lambda: getattr(self.client, method)(*args, **kwargs))
 
     def _fail(self, what: str, exc: BaseException) -> None:
+        """``what`` was not logged; nothing more is sent to the backend in this process."""
         self.not_logged.append(what)
-        self.error = self.error or redact(_short(exc), self.uri)
+        if self.failure is None:
+            self.failure = failure_kind(exc)
+            detail = _timeout_detail(exc) if self.failure == "timeout" else _short(exc)
+            self.error = redact(detail, self.uri)
         self.client = None
+
+    def failure_text(self) -> str:
+        """What went wrong with the backend, for a warning or an error line."""
+        where = f"MLflow at {self.shown_uri}"
+        if self.failure == "timeout":
+            retries = os.environ.get(RETRIES_ENV, "0").strip()
+            tries = f", {int(retries) + 1} attempts" if retries.isdigit() and int(retries) else ""
+            return (f"{where} did not answer within {self.timeout_s} s{tries} ({self.error}), "
+                    "so nothing more was sent to it")
+        if self.failure == "pending":
+            return f"{where} not used: {self.error}"
+        if self.failure == "unreachable":
+            return f"{where} not reachable ({self.error})"
+        if self.failure is None:  # nothing failed to send; something was not there to send
+            return f"{where} reachable"
+        return f"{where} failed ({self.error})"
 
     def stage_duration(self, stage: str) -> float:
         """Seconds of this stage's own work: its CO2 report's duration, else (codecarbon off)
@@ -336,10 +438,11 @@ class RunLogger:
         total = sum(self.state.get("durations_s", {}).values())
         return start + round(1000 * total)
 
-    def finish(self, stage: str, *, timed: bool = True) -> dict:
+    def finish(self, stage: str, *, timed: bool = True, warn: bool = True) -> dict:
         """Record the stage's duration, end the run at start + the stages' durations, write
         the run file, and warn once about anything not logged (or, after export, print where
-        the run is in MLflow's UI). ``timed=False``: the durations are set already (replay)."""
+        the run is in MLflow's UI). ``timed=False``: the durations are set already (replay);
+        ``warn=False``: the caller says what was not logged (replay's error line)."""
         if not self.enabled:
             return {}
         if timed:
@@ -361,10 +464,13 @@ class RunLogger:
             missing = list(dict.fromkeys(self.not_logged))
             self.state["not_logged"] = sorted(set(self.state.get("not_logged", []))
                                               | {f"{stage}: {w}" for w in missing})
-            print(f"visionpipe: warning: MLflow at {self.shown_uri} not reachable ({self.error}); "
-                  f"not logged for {self.model_name} {stage}: {', '.join(missing)}. "
-                  f"Local files are complete; replay with "
-                  f"`visionpipe log --model {self.model_name}`.", file=sys.stderr)
+            if self.error:  # why, per stage
+                self.state["errors"] = {**self.state.get("errors", {}), stage: self.error}
+            if warn:
+                print(f"visionpipe: warning: {self.failure_text()}; not logged for "
+                      f"{self.model_name} {stage}: {', '.join(missing)}. Local files are "
+                      f"complete; replay with `visionpipe log --model {self.model_name}`.",
+                      file=sys.stderr)
         elif stage == "export" and self.run_id is not None:
             print(self.ui_line(), flush=True)
         records.write_json(self.run_file, self.state)
@@ -394,7 +500,7 @@ class RunLogger:
             "visionpipe.model": self.model_name,
             "visionpipe.family": self.cfg.family,
             "visionpipe.task": self.cfg.task,
-            "dataset.name": str(manifest["source"].get("name")),
+            "dataset.name": str((manifest.get("source") or {}).get("name")),
             "dataset.checksum": manifest["checksum"],
         }
         commit = git_commit(self.layout.root)

@@ -9,9 +9,14 @@ one's), ``params``, ``train_s``; evaluate ``test_<metric>`` and ``latency_ms``; 
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
 import numpy as np
 
 from visionpipe.data import records
+from visionpipe.errors import DataError, VisionpipeError
 from visionpipe.headline import test_figures, test_metrics
 from visionpipe.models.saving import load_model
 from visionpipe.tracking.mlflow_runs import (
@@ -88,9 +93,11 @@ def log_data_stats(run: RunLogger) -> None:
     run.log_files([run.layout.data_stats(run.cfg.task)], "data", "dataset stats")
 
 
-def log_train(run: RunLogger, model=None, *, live_epochs: bool = False) -> None:
+def log_train(run: RunLogger, model=None, *, live_epochs: bool = False,
+              example: np.ndarray | None = None) -> None:
     """Params, dataset and its stats, per-epoch metrics (unless logged live), history, CO2 of
-    training, the model, and the kept epoch's figures (linked to the model)."""
+    training, the model, and the kept epoch's figures (linked to the model). ``example``: the
+    model's input for its signature (default: read from the validation split)."""
     layout, name = run.layout, run.model_name
     run.log_params(run.run_params())
     run.log_dataset()
@@ -104,7 +111,9 @@ def log_train(run: RunLogger, model=None, *, live_epochs: bool = False) -> None:
     if run.client is not None:
         if model is None:
             model = load_model(layout.model_file(name))
-        run.log_keras_model(model, example_input(run), step=int(figures.get("kept_epoch", 0)))
+        if example is None:
+            example = example_input(run)
+        run.log_keras_model(model, example, step=int(figures.get("kept_epoch", 0)))
     elif run.enabled:
         run.not_logged.append("model")
     run.log_metrics(figures, what="headline metrics", model_id=run.state.get("model_id"),
@@ -155,10 +164,134 @@ def log_stage(params, model_name: str, layout, stage: str, log) -> None:
     run.finish(stage)
 
 
+def _shown(run: RunLogger, path: Path) -> str:
+    """``path`` as dvc.yaml names it: relative to the project root."""
+    try:
+        return Path(path).relative_to(run.layout.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _restore(run: RunLogger, out: Path, stage: str, *, cached: bool = True) -> str:
+    """What brings back ``out``, an output of DVC stage ``stage`` (``train@mlp``): DVC's
+    cache for a cached output, git for one committed with ``cache: false``; else the stage."""
+    shown = _shown(run, out)
+    how = f"dvc checkout {shown}" if cached else f"git checkout -- {shown}"
+    return f"restore it with `{how}` (or `dvc repro {stage}`)"
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    """A visionpipe error's message about ``path`` without the path and its advice."""
+    text = str(exc).removeprefix(f"{path}: ")
+    return text.rsplit("; ", 1)[0] if text != str(exc) else text
+
+
+def _json_report(run: RunLogger, path: Path, stage: str, *, cached: bool = True,
+                 required: bool = False) -> None:
+    """A JSON object file replay reads: a missing one is skipped unless ``required`` (that
+    stage has not run); one that is there must hold a JSON object."""
+    shown, restore = _shown(run, path), _restore(run, path, stage, cached=cached)
+    if not path.exists():
+        if required:
+            raise DataError(f"{shown}: not found; {restore}")
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{shown}: not valid JSON ({exc}); {restore}") from None
+    except OSError as exc:
+        raise DataError(f"{shown}: cannot be read ({exc.strerror or exc}); {restore}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{shown}: holds a JSON {type(data).__name__}, not an object; {restore}")
+
+
+def _check_history(run: RunLogger, train: str) -> None:
+    """history.csv: an ``epoch`` column and a number in every cell of at least one row."""
+    path = run.layout.history(run.model_name)
+    shown, restore = _shown(run, path), _restore(run, path, train)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            rows = list(reader)
+    except FileNotFoundError:
+        raise DataError(f"{shown}: not found; {restore}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise DataError(f"{shown}: cannot be read ({why}); {restore}") from None
+    if "epoch" not in header:
+        raise DataError(f"{shown}: no 'epoch' column in its header line; {restore}")
+    if not rows:
+        raise DataError(f"{shown}: holds no epochs; {restore}")
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{shown}: line {line} has {len(row)} values for "
+                            f"{len(header)} columns; {restore}")
+        for name, cell in zip(header, row, strict=True):
+            try:
+                float(cell)
+            except ValueError:
+                raise DataError(f"{shown}: line {line}, column {name}: {cell[:40]!r} is not a "
+                                f"number; {restore}") from None
+
+
+def replay_inputs(run: RunLogger) -> tuple:
+    """Check and read the local files a replay logs, before anything is sent to MLflow: a
+    missing or malformed one is a DataError naming it and what brings it back. Returns the
+    model and its example input (one validation image)."""
+    name, task = run.model_name, run.cfg.task
+    train = f"train@{name}"
+    layout = run.layout
+    model_file = layout.model_file(name)
+    if not model_file.exists():
+        raise DataError(f"{_shown(run, model_file)}: not found; "
+                        f"{_restore(run, model_file, train)}")
+    _json_report(run, layout.model_meta(name), train, required=True)
+    _check_history(run, train)
+    for stage in PIPELINE_STAGES:
+        _json_report(run, layout.emissions(name) / f"{stage}.json", f"{stage}@{name}")
+    _json_report(run, layout.metrics(name), f"evaluate@{name}", cached=False)
+    _json_report(run, layout.export_report(name), f"export@{name}", cached=False)
+    state = run.run_file
+    if state.exists():
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{_shown(run, state)}: unreadable ({exc}); delete it (the replay "
+                            "writes a new one; durations come from reports/emissions/)") from None
+    folder = layout.prepared(task)
+    manifest = folder / records.MANIFEST
+    restore = _restore(run, folder, f"prepare@{task}")
+    if not manifest.exists():
+        raise DataError(f"{_shown(run, manifest)}: not found; {restore}")
+    try:
+        records.read_manifest(folder)
+    except DataError as exc:
+        raise DataError(f"{_shown(run, manifest)}: {_reason(exc, manifest)}; {restore}") from None
+    try:
+        model = load_model(model_file)
+    except VisionpipeError as exc:
+        raise DataError(f"{_shown(run, model_file)}: {_reason(exc, model_file)}; "
+                        f"{_restore(run, model_file, train)}") from None
+    try:
+        example = example_input(run)
+    except StopIteration:
+        raise DataError(f"{_shown(run, folder)}: its val split holds no images; "
+                        f"{restore}") from None
+    except Exception as exc:  # noqa: BLE001 - a missing or damaged shard: TensorFlow's errors
+        why = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+        raise DataError(f"{_shown(run, folder)}: its first validation image cannot be read "
+                        f"({type(exc).__name__}: {why}); {restore}") from None
+    return model, example
+
+
 def replay(run: RunLogger) -> dict:
     """Log a whole model run from its local files into a new MLflow run, as long as the
-    stages' own work took (their CO2 reports' durations, else what the run file recorded)."""
-    recorded = run.read_state().get("durations_s", {})
+    stages' own work took (their CO2 reports' durations, else what the run file recorded).
+    The files are checked first (replay_inputs); what was not logged is the caller's to say."""
+    model, example = replay_inputs(run)
+    recorded = run.read_state().get("durations_s")
+    recorded = recorded if isinstance(recorded, dict) else {}
     run.start()
     durations = {}
     for stage in PIPELINE_STAGES:
@@ -168,7 +301,7 @@ def replay(run: RunLogger) -> dict:
         if isinstance(seconds, (int, float)):
             durations[stage] = round(float(seconds), 3)
     run.state["durations_s"] = durations
-    log_train(run)
+    log_train(run, model, example=example)
     log_evaluate(run)
     log_export(run)
-    return run.finish("replay", timed=False)
+    return run.finish("replay", timed=False, warn=False)
