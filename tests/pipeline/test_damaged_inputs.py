@@ -132,6 +132,18 @@ def test_a_damaged_test_shard_stops_evaluate_with_one_line(project):
     assert line.endswith(f"; {RESTORE[PREPARED]}")
 
 
+def test_a_damaged_prepared_shard_stops_augment_and_keeps_its_output(project):
+    before = (project / AUGMENTED / "manifest.json").read_bytes()
+    _cut(project / PREPARED / "train-00000.tfrecord")
+    result = run([sys.executable, "-m", "visionpipe.cli", "augment", "--task",
+                  "classification"], project, timeout=300)
+    line = _one_error_line(result)
+    assert line.startswith(f"{project}/{PREPARED}/train-00000.tfrecord: damaged (cut short: "
+                           "truncated record at "), line
+    assert line.endswith(f"; {RESTORE[PREPARED]}")
+    assert (project / AUGMENTED / "manifest.json").read_bytes() == before  # not replaced
+
+
 def test_a_truncated_last_checkpoint_resumes_from_the_earlier_best_one(project):
     """A learning rate too small to change any prediction: val_accuracy never improves on
     epoch 1, which stays the best (kept) beside the last. A run killed after epoch 3's

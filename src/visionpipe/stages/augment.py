@@ -12,6 +12,7 @@ from visionpipe.console import progress
 from visionpipe.data import records
 from visionpipe.data.augment import augment_example
 from visionpipe.data.example import Example
+from visionpipe.data.pipeline import damaged_records
 from visionpipe.drawing import overlay
 from visionpipe.layout import Layout
 from visionpipe.stages.common import fresh_dir
@@ -29,7 +30,8 @@ def run(params: Params, task: str, layout: Layout) -> dict:
     """Write data/augmented/<task>/ (originals, if kept, then copies) and the preview PNG."""
     cfg = params.augment_for(task)
     src = layout.prepared(task)
-    src_manifest = records.read_manifest(src)
+    restore = records.restore_hint(src, layout.root)
+    src_manifest = records.verify_shards(src, restore)  # a damaged shard: one line
     n_train = src_manifest["splits"]["train"]["count"]
     total = n_train * (cfg.copies + int(cfg.keep_original))
     stats = {"boxes_dropped": 0}
@@ -51,7 +53,7 @@ def run(params: Params, task: str, layout: Layout) -> dict:
             if cfg.mosaic:
                 pool.append(ex)
 
-    with fresh_dir(layout.augmented(task)) as out:
+    with fresh_dir(layout.augmented(task)) as out, damaged_records({src: restore}):
         count, shards = records.write_split(
             progress(examples(), total=total, desc=f"augment {task}", unit="img"), out, "train",
             src_manifest["shard_size"])
