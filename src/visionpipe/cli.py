@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "predict.max_detections)")
             p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                            help="images in memory at once (default: predict.batch_size)")
+            p.add_argument("--trust-saved-model", action="store_true",
+                           help="run a SavedModel even if its graph reads or writes files, "
+                                "calls Python or talks to other processes (refused by default: "
+                                "a SavedModel is a program; only for exports you trust)")
     add_benchmark(sub)
     return parser
 

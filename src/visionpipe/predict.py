@@ -22,6 +22,7 @@ What each task writes:
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -36,11 +37,13 @@ from visionpipe import box_decoding, video
 from visionpipe.atomic import atomic_path
 from visionpipe.console import progress
 from visionpipe.data import records
+from visionpipe.data.sources.files import UnreadableFile, open_file, shown_text
 from visionpipe.data.sources.image_folder import Skipped, load_image
 from visionpipe.drawing import draw_detections, overlay
 from visionpipe.errors import DataError, ModelError
-from visionpipe.geometry import fit_images, resize_geometry
-from visionpipe.serving import FILES, open_runner, read_meta
+from visionpipe.geometry import RESIZE_POLICIES, fit_images, resize_geometry
+from visionpipe.integrity import check_meta, open_checked, remedy
+from visionpipe.serving import FILES, KINDS, META_FILE, first_line, read_meta
 from visionpipe.tiling import sliding_window
 
 PREDICTIONS_FILE = "predictions.json"
@@ -57,20 +60,87 @@ class Options:
     iou: float = 0.7
     max_detections: int = 100
     batch_size: int = 16
+    # Run a SavedModel whose graph reads or writes files or calls Python (--trust-saved-model).
+    trust_saved_model: bool = False
 
 
-def list_files(input_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Every file under ``input_dir`` (hidden ones, and the folder ``exclude``, aside), in a
-    stable order."""
+def list_files(input_dir: Path, exclude: Path | None = None,
+               skipped: list[Skipped] | None = None) -> list[Path]:
+    """Every readable regular file under ``input_dir`` (hidden ones, and the folder
+    ``exclude``, aside), in a stable order: a folder's files, then its sub-folders'.
+
+    Links to folders are followed, each folder read once. What cannot be read goes to
+    ``skipped`` with its reason, in the kinds prepare's folder sources count
+    (:func:`~visionpipe.data.sources.files.open_file`), and is never read: a symbolic link
+    loop, a dangling link, a file or folder this user may not read, or what is not a regular
+    file (a named pipe would block the read, a device never end it)."""
     if not input_dir.is_dir():
         raise DataError(f"{input_dir}: input folder not found; pass --input a folder of images")
-    skip = exclude.resolve() if exclude is not None else None
-    files = []
-    for dirpath, dirnames, filenames in os.walk(input_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and (Path(dirpath) / d).resolve() != skip)
-        files.extend(Path(dirpath) / n for n in sorted(filenames) if not n.startswith("."))
+    skip = _identity(exclude) if exclude is not None else None
+    found = skipped if skipped is not None else []
+    seen = {_identity(input_dir): "."}  # folder -> where it was read
+    files: list[Path] = []
+    todo = [input_dir]
+    while todo:
+        folder = todo.pop()
+        try:
+            with os.scandir(folder) as it:
+                names = sorted(e.name for e in it if not e.name.startswith("."))
+        except OSError as exc:
+            found.append(Skipped(_rel(folder, input_dir), _listing_problem(exc)))
+            continue
+        folders = []
+        for name in names:
+            path = folder / name
+            rel = _rel(path, input_dir)
+            key = _identity(path) if os.path.isdir(path) else None
+            if key is None:
+                try:
+                    with open_file(path):  # stat first: a pipe is never opened blocking
+                        files.append(path)
+                except UnreadableFile as exc:
+                    found.append(Skipped(rel, exc.reason, exc.kind))
+            elif key == skip:
+                continue  # predict's own output inside the input
+            elif key in seen:
+                found.append(_read_before(path, folder, seen[key], rel))
+            else:
+                seen[key] = rel
+                folders.append(path)
+        todo.extend(reversed(folders))
     return files
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _rel(path: Path, root: Path) -> str:
+    return shown_text(path.relative_to(root).as_posix()) if path != root else "."
+
+
+def _read_before(link: Path, folder: Path, first: str, rel: str) -> Skipped:
+    """A link to a folder already read, not followed: a loop (it leads to a folder holding
+    it) or a second way to the same folder."""
+    target, here = os.path.realpath(link), os.path.realpath(folder)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        return Skipped(rel, f"symbolic link loop: the link leads back to {first}, which holds "
+                            "it, so it would be read forever; remove the link or point it "
+                            "elsewhere")
+    return Skipped(rel, f"folder already read as {first} (a symbolic link leads to it again); "
+                        "its files are read once", "folder already read")
+
+
+def _listing_problem(exc: OSError) -> str:
+    """Why a folder cannot be listed, and what to do."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return ("permission denied: this user may not list the folder, so its files are not "
+                "read; make it readable (chmod -R a+rX) or run as a user who can read it")
+    return f"cannot list the folder: {exc.strerror or first_line(exc)} (errno {exc.errno})"
 
 
 def render_label(image: np.ndarray, text: str) -> Image.Image:
@@ -109,7 +179,7 @@ class Item:
 
 def _items(files: list[Path], input_dir: Path, skipped: list[Skipped]) -> Iterator[Item]:
     for path in files:
-        rel = path.relative_to(input_dir).as_posix()
+        rel = _rel(path, input_dir)  # names that are not UTF-8 written with \xNN escapes
         try:
             if video.is_video(path):
                 for f in video.frames(path):
@@ -118,6 +188,9 @@ def _items(files: list[Path], input_dir: Path, skipped: list[Skipped]) -> Iterat
                 yield Item(rel, load_image(path))
         except DataError as exc:
             skipped.append(Skipped(rel, str(exc)))
+        except OSError as exc:  # changed since it was listed (removed, permissions)
+            detail = exc.strerror or first_line(exc)
+            skipped.append(Skipped(rel, f"cannot read the file: {detail} (errno {exc.errno})"))
 
 
 def batches(files: list[Path], input_dir: Path, size: int, skipped: list[Skipped]
@@ -148,7 +221,10 @@ class Predictor:
 
     def __init__(self, export_dir: Path, fmt: str, meta: dict, options: Options,
                  output_dir: Path):
-        self.runner = open_runner(export_dir, fmt, meta)
+        self.runner = open_checked(export_dir, fmt, meta,
+                                   trust_saved_model=options.trust_saved_model)
+        self.model_file = Path(export_dir) / FILES[fmt]
+        self.fmt, self.fix = fmt, remedy(Path(export_dir), meta)
         self.meta, self.options, self.out = meta, options, output_dir
         self.names = list(meta["class_names"])
         self.size = tuple(int(d) for d in meta["image_size"])
@@ -184,8 +260,14 @@ class Predictor:
         return out
 
     def raw(self, images: list[np.ndarray]) -> np.ndarray:
-        """The format's outputs for images already at the model's size."""
-        return self.runner.predict(np.stack(images))
+        """The format's outputs for images already at the model's size; a model that loads
+        but fails when run is a ModelError naming its file."""
+        try:
+            return self.runner.predict(np.stack(images))
+        except self.runner.run_errors as exc:
+            raise ModelError(f"{self.model_file}: the {KINDS[self.fmt]} failed on a batch "
+                             f"of images ({first_line(exc)}); the file is damaged or not this "
+                             f"export's: {self.fix}") from None
 
     def run(self, chunk: list[Item], start: int) -> list[dict]:
         """Records of one batch (``start``: the index of its first image among those read)."""
@@ -304,14 +386,21 @@ def predict_folder(export_dir: Path, input_dir: Path, output_dir: Path, fmt: str
         raise ModelError(f"{export_dir}: export.json does not say whether visionpipe predict "
                          "runs this export (an export of an older visionpipe); rerun `dvc repro "
                          "export@<model>`")
+    if not isinstance(meta["visionpipe_predict"], bool):
+        raise ModelError(f"{Path(export_dir) / META_FILE}: key 'visionpipe_predict' is "
+                         f"{meta['visionpipe_predict']!r:.60}; expected true or false. "
+                         "export.json was edited or damaged: rebuild it with `dvc repro "
+                         "export@<model>`")
     if not meta["visionpipe_predict"]:
         raise ModelError(f"{export_dir}: a {meta.get('task')} export; visionpipe predict does "
                          "not run those yet (load saved_model with tf.saved_model.load)")
-    files = list_files(input_dir, exclude=output_dir)  # an output inside the input
+    check_meta(meta, Path(export_dir) / META_FILE, RESIZE_POLICIES)
+    skipped: list[Skipped] = []
+    # An output inside the input is not read.
+    files = list_files(input_dir, exclude=output_dir, skipped=skipped)
     output_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(export_dir, fmt, meta, options, output_dir)
     predictions: list[dict] = []
-    skipped: list[Skipped] = []
     try:
         for chunk in batches(files, input_dir, options.batch_size, skipped):
             predictions.extend(predictor.run(chunk, len(predictions)))
@@ -351,7 +440,8 @@ def options_from(args, settings) -> Options:
     return Options(top_k=settings.top_k, render=settings.render,
                    confidence=pick("conf", "confidence"), iou=pick("iou", "iou"),
                    max_detections=pick("max_det", "max_detections"),
-                   batch_size=pick("batch_size", "batch_size"))
+                   batch_size=pick("batch_size", "batch_size"),
+                   trust_saved_model=bool(getattr(args, "trust_saved_model", False)))
 
 
 def run(args, params_predict) -> None:

@@ -59,7 +59,7 @@ def test_each_failed_check_names_its_key_and_limit(default_params_dict, tmp_path
 def test_a_models_own_threshold_is_named_as_its_key(default_params_dict, tmp_path):
     data = {**default_params_dict}
     data["models"] = {**data["models"], "mlp": {**data["models"]["mlp"], "export_parity": {
-        "tflite_int8": {"max_abs_diff": 0.2, "min_agreement": 0.8, "max_map_drop": 0.1}}}}
+        "tflite_int8": {"max_abs_diff": 0.2, "min_agreement": 0.8}}}}
     params = parse_params(data)
     assert params.parity_key("mlp", "tflite_int8") == "models.mlp.export_parity.tflite_int8"
     assert params.parity_key("mlp", "tflite") == "export.parity.tflite"

@@ -2,7 +2,8 @@
 
 Every format takes raw uint8 RGB pixels. The SavedModel's ``serving_default`` takes any size
 and does the resizing inside; TFLite and ONNX take the model's input size. ``export.json``
-beside the files says what predict needs (task, classes, size, resize policy, formats), and
+beside the files says what predict needs (task, classes, size, resize policy, formats) and
+records the SHA-256 and size of every file written (``files``, which predict verifies), and
 ``reports/model_cards/<model>.md`` describes the model for people.
 """
 
@@ -29,6 +30,7 @@ from visionpipe.formats import (
     write_saved_model,
 )
 from visionpipe.geometry import fit_to_size
+from visionpipe.integrity import FILES_KEY, record_files
 from visionpipe.layout import Layout
 from visionpipe.models.saving import load_model
 from visionpipe.serving import FILES, META_FILE
@@ -227,6 +229,8 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
         "dataset": {"name": manifest["source"].get("name"), "checksum": manifest["checksum"]},
         "visionpipe_predict": task.predicts_folders,  # read by `visionpipe predict`
         "visionpipe_version": __version__,
+        # Every file above, checked by predict before it loads a format (written last).
+        FILES_KEY: record_files(out),
     })
     return report
 
