@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -228,3 +229,59 @@ def tfds_local_copy(data_dir: Path, name: str, splits: dict[str, list[dict]]) ->
     tfds.folder_dataset.write_metadata(data_dir=out, features=features, split_infos=infos,
                                        filename_template=TFDS_TEMPLATE, check_data=True)
     return data_dir
+
+
+# ------------------------------------------ a tracking server that never answers, or refuses
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (or, given
+    ``reply``, reads each request whole and sends ``reply``); ``accepted`` counts them."""
+
+    def __init__(self, reply: bytes | None = None) -> None:
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = 0
+        self._conns = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self._conns.append(conn)
+            self.accepted += 1
+            if self.reply is not None:
+                self._answer(conn)
+
+    def _answer(self, conn) -> None:
+        conn.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+        conn.sendall(self.reply)
+        conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in [*self._conns, self.sock]:
+            conn.close()

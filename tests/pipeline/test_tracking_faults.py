@@ -14,51 +14,24 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_MODEL, child_env, mlflow_server, prepare_project, tiny_params
+from tests.helpers import (
+    TINY_MODEL,
+    SilentServer,
+    child_env,
+    mlflow_server,
+    prepare_project,
+    tiny_params,
+)
 from visionpipe.tracking.mlflow_runs import RETRIES_ENV, TIMEOUT_ENV
 
 TIMEOUT = 2  # the setting under test: MLFLOW_HTTP_REQUEST_TIMEOUT, in whole seconds
 MODEL = TINY_MODEL
-
-
-class SilentServer:
-    """A TCP server on 127.0.0.1 that accepts every connection, reads nothing and never
-    answers; ``accepted`` counts the connections."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.accepted = 0
-        self._conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self._conns.append(conn)
-            self.accepted += 1
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        for conn in [*self._conns, self.sock]:
-            conn.close()
 
 
 def cli(args: list[str], root: Path, uri: str, **env: str) -> subprocess.CompletedProcess:

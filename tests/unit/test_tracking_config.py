@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 
+from tests.helpers import SilentServer
 from visionpipe.config import load_params, parse_params
 from visionpipe.layout import Layout
 from visionpipe.tracking.mlflow_runs import artifact_location, flatten, numeric, tracking_uri
@@ -102,61 +103,7 @@ def test_credentials_from_the_environment_never_reach_the_logs_or_run_file(
 
 
 # ------------------------------------------ a tracking server that never answers, or refuses
-
-
-class SilentServer:
-    """A TCP server on 127.0.0.1 that accepts connections and never answers (or, given
-    ``reply``, reads each request whole and sends ``reply``); ``accepted`` counts them."""
-
-    def __init__(self, reply: bytes | None = None) -> None:
-        import socket
-        import threading
-
-        self.reply = reply
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.accepted = 0
-        self._conns = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self._conns.append(conn)
-            self.accepted += 1
-            if self.reply is not None:
-                self._answer(conn)
-
-    def _answer(self, conn) -> None:
-        conn.settimeout(10)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += conn.recv(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(body) < length:
-            body += conn.recv(65536)
-        conn.sendall(self.reply)
-        conn.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        for conn in [*self._conns, self.sock]:
-            conn.close()
-
+# (tests.helpers.SilentServer)
 
 def _unset(monkeypatch, name: str) -> None:
     """Remove ``name`` from the environment for this test, and whatever the code under test
