@@ -132,6 +132,14 @@ def test_a_damaged_test_shard_stops_evaluate_with_one_line(project):
     assert line.endswith(f"; {RESTORE[PREPARED]}")
 
 
+def test_a_damaged_prepared_shard_stops_export_with_one_line(project):
+    _flip(project / PREPARED / "train-00000.tfrecord")  # int8 calibration reads the train split
+    line = _one_error_line(_cli(project, "export"))
+    assert line.startswith(f"{project}/{PREPARED}/train-00000.tfrecord: damaged (a record "
+                           "fails its CRC check: "), line
+    assert line.endswith(f"; {RESTORE[PREPARED]}")
+
+
 def test_a_damaged_prepared_shard_stops_augment_and_keeps_its_output(project):
     before = (project / AUGMENTED / "manifest.json").read_bytes()
     _cut(project / PREPARED / "train-00000.tfrecord")

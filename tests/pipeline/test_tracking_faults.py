@@ -30,7 +30,7 @@ from tests.helpers import (
 )
 from visionpipe.tracking.mlflow_runs import RETRIES_ENV, TIMEOUT_ENV
 
-TIMEOUT = 2  # the setting under test: MLFLOW_HTTP_REQUEST_TIMEOUT, in whole seconds
+TIMEOUT = 2  # the setting under test: tracking.timeout_s (MLFLOW_HTTP_REQUEST_TIMEOUT for log)
 MODEL = TINY_MODEL
 
 
@@ -63,13 +63,13 @@ def hung(tmp_path_factory, default_params_dict, silent):
     """A tiny MLP trained and evaluated through the CLI while the tracking server never
     answers: (project, train's result, evaluate's result, connections after each)."""
     data = tiny_params(default_params_dict)
-    data["tracking"].update(mlflow=True, system_metrics=True)
+    # params.yaml's tracking.timeout_s, MLflow's own variables unset (cli() drops them)
+    data["tracking"].update(mlflow=True, system_metrics=True, timeout_s=TIMEOUT)
     root = tmp_path_factory.mktemp("silent-mlflow")
     prepare_project(root, data)
-    train = cli(["train", "--model", MODEL], root, silent.uri, **{TIMEOUT_ENV: str(TIMEOUT)})
+    train = cli(["train", "--model", MODEL], root, silent.uri)
     after_train = silent.accepted
-    evaluate = cli(["evaluate", "--model", MODEL], root, silent.uri,
-                   **{TIMEOUT_ENV: str(TIMEOUT)})
+    evaluate = cli(["evaluate", "--model", MODEL], root, silent.uri)
     state = json.loads((root / "models/mlp/mlflow_run.json").read_text())
     return root, train, evaluate, (after_train, silent.accepted), state
 

@@ -143,7 +143,9 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     task = task_for(cfg.family, cfg.task)
     model = task.export_model(load_model(layout.model_file(model_name)), ex)
     data_dir = layout.prepared(cfg.task)
-    manifest = records.read_manifest(data_dir)
+    # The test images of parity and the train images of int8 calibration: a damaged shard is
+    # one line naming it, as in train and evaluate.
+    manifest = records.verify_shards(data_dir, records.restore_hint(data_dir, layout.root))
     policy = manifest.get("resize") or params.prepare_for(cfg.task).resize  # as prepared
     images, truths, _ = test_arrays(data_dir, task.targets)
     size = tuple(int(d) for d in model.inputs[0].shape[1:3])
