@@ -422,3 +422,28 @@ def test_any_byte_names_are_all_listed_and_shown(tmp_path, names):
     no_backslash = [s for s, f in zip(shown, files, strict=True)
                     if b"\\" not in os.fsencode(f.name)]
     assert len(set(no_backslash)) == len(no_backslash)
+
+
+def test_a_tar_archive_with_names_that_are_not_utf8_keeps_them(tmp_path, repo_root):
+    """A .tar.gz whose member names hold Latin-1 bytes (as tar keeps them from the system that
+    made it): extracted, prepared, every image kept and named with escapes."""
+    import tarfile
+
+    src = tmp_path / "made" / "ds"
+    for cls in ("cats", "dogs"):
+        for i in range(6):
+            name = b"caf\xe9-%d.png" % i if i < 2 else b"%d.png" % i
+            _png(_raw(src / cls, name), value=40 * i + (cls == "dogs") * 7)
+    project = tmp_path / "project"
+    project.mkdir()
+    with tarfile.open(project / "ds.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="ds")
+    code, output, report = _prepare(project, "classification", {
+        "source": "folder", "path": "ds.tar.gz", "image_size": [16, 16],
+        "splits": {"train": 0.5, "val": 0.25, "test": 0.25}}, repo_root)
+    assert code == 0 and "Traceback" not in output, output
+    ids = _records(project, "classification")
+    assert len(ids) == 12
+    assert {i for i in ids if "\\x" in i} == {f"{c}/caf\\xe9-{n}.png" for c in ("cats", "dogs")
+                                             for n in (0, 1)}
+    assert report["source"]["file_names_escaped"] == 4
