@@ -213,6 +213,21 @@ def test_a_field_of_another_task_is_an_error_not_ignored(default_params_dict, do
     assert fragment in _error(_with(default_params_dict, dotted, value))
 
 
+@pytest.mark.parametrize("dotted, value, fragment", [
+    ("prepare.segmentation.mask_values", {0: "back\nground", 255: "cell"},
+     "prepare.segmentation.mask_values = 'back\\nground': expected a class name of visible"),
+    ("prepare.detection.class_names", ["cat", " "],
+     "prepare.detection.class_names = ' ': expected a class name"),
+])
+def test_class_names_must_be_visible_on_one_line(default_params_dict, dotted, value, fragment):
+    data = _with(default_params_dict, dotted, value)
+    if dotted.startswith("prepare.detection"):
+        data["prepare"]["detection"].update(source="voc", path="x")
+    else:
+        data["prepare"]["segmentation"].update(source="pairs", path="x")
+    assert fragment in _error(data)
+
+
 def test_a_field_of_another_task_at_its_default_is_allowed(default_params_dict):
     params = parse_params(_with(default_params_dict, "augment.classification.box_min_visible",
                                 0.25))

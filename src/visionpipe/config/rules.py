@@ -7,6 +7,7 @@ The schema checks each value on its own (type, range, known keys); these run on 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any
 
@@ -16,6 +17,9 @@ from visionpipe.errors import ParamsError
 # Segmentation catalog datasets whose mask values are known: value -> class name.
 KNOWN_MASK_VALUES = {"oxford_iiit_pet": {1: "pet", 2: "background", 3: "border"}}
 
+
+# Control characters, line separators and lone surrogates: not in a class name.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 # The most characters of one value an error line shows.
 MAX_SHOWN = 200
@@ -77,6 +81,12 @@ def _check_prepare(task: str, cfg: PrepareConfig) -> None:
         raise ParamsError(f"params.yaml: {key}.annotations_file = None: expected the COCO "
                           "instances JSON inside path (e.g. annotations/instances_default.json) "
                           "when source is 'coco'")
+    names = list(cfg.class_names or ()) + list((cfg.mask_values or {}).values())
+    bad = [n for n in names if not n.strip() or _UNPRINTABLE.search(n)]
+    if bad:
+        which = "class_names" if cfg.class_names and bad[0] in cfg.class_names else "mask_values"
+        _fail(f"{key}.{which}", bad[0], "a class name of visible characters on one line (it "
+              "is written in reports, plots and messages)")
     if cfg.class_names is not None and cfg.source not in ("voc", "yolo"):
         _fail(f"{key}.class_names", list(cfg.class_names), "null: a class list is read "
               "from the data for sources other than voc and yolo")
