@@ -285,3 +285,75 @@ class SilentServer:
         self._thread.join()
         for conn in [*self._conns, self.sock]:
             conn.close()
+
+
+class HangingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a real server (``target``, a base URL) that
+    forwards requests until one whose request line holds ``trigger``; from then on it reads
+    each request and never answers. ``hung`` lists the request lines left hanging."""
+
+    def __init__(self, target: str, trigger: str) -> None:
+        self.target = int(target.rsplit(":", 1)[1])
+        self.trigger = trigger.encode()
+        self.hanging = threading.Event()
+        self._closed = threading.Event()
+        self.hung: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _message(conn: socket.socket, data: bytes = b"") -> tuple[bytes, bytes] | None:
+        """One HTTP message (head, body) read from ``conn`` (Content-Length or chunked)."""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        length = next((int(ln.split(b":")[1]) for ln in lines
+                       if ln.startswith(b"content-length:")), None)
+        chunked = any(ln.startswith(b"transfer-encoding:") and b"chunked" in ln for ln in lines)
+        while (length is not None and len(body) < length) or (
+                chunked and not body.endswith(b"0\r\n\r\n")):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head, body
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                request = self._message(conn)
+                if request is None:
+                    return
+                head, body = request
+                line = head.split(b"\r\n")[0]
+                if self.trigger in line:
+                    self.hanging.set()
+                if self.hanging.is_set():
+                    self.hung.append(line.decode(errors="replace"))
+                    self._closed.wait(3600)  # never answers; the client gives up
+                    return
+                with socket.create_connection(("127.0.0.1", self.target), timeout=60) as up:
+                    up.sendall(head + b"\r\n\r\n" + body)
+                    answer = self._message(up)
+                if answer is None:
+                    return
+                conn.sendall(answer[0] + b"\r\n\r\n" + answer[1])
+
+    def close(self) -> None:
+        self._closed.set()
+        self.sock.close()

@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import (
     TINY_MODEL,
+    HangingProxy,
     SilentServer,
     child_env,
     mlflow_server,
@@ -118,6 +120,33 @@ def test_a_replay_against_the_silent_server_says_so_and_costs_one_connection(hun
     assert said[0].endswith("run `visionpipe log --model mlp` again once it answers")
     assert "still not reachable" not in said[0]
     assert silent.accepted == before + 1
+
+
+@pytest.mark.parametrize("trigger", ["logged-models", "runs/log-batch"],
+                         ids=["during-the-model-upload", "during-the-epochs"])
+def test_a_server_that_hangs_mid_stage_costs_one_timeout(hung, tmp_path, trigger):
+    """A real server behind a proxy that stops answering at the model's upload, or at the
+    first epoch's metrics: train waits out that one request, then sends nothing more: not
+    the end of the run (MLflow's `with start_run` / end_run would send one and wait out a
+    second timeout, as they did), nothing at exit. System metrics are off here, so every
+    request is the stage's own (their thread, a daemon, is told to stop and not waited on)."""
+    root = Path(shutil.copytree(hung[0], tmp_path / "project"))
+    shutil.rmtree(root / "models")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tracking"]["system_metrics"] = False
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "store").mkdir()
+    with mlflow_server(root / "store") as base:
+        proxy = HangingProxy(base, trigger)
+        try:
+            result = cli(["train", "--model", MODEL], root, proxy.uri)
+        finally:
+            proxy.close()
+    assert result.returncode == 0, result.stdout[-3000:]
+    said = lines(result.stdout)
+    assert len(said) == 1 and said[0].startswith(
+        f"visionpipe: warning: MLflow at {proxy.uri} did not answer within {TIMEOUT} s"), said
+    assert len(proxy.hung) == 1 and trigger in proxy.hung[0], proxy.hung
 
 
 def test_the_replay_logs_the_run_into_a_real_server(hung):

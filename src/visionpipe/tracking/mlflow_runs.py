@@ -400,6 +400,7 @@ class RunLogger:
             detail = _timeout_detail(exc) if self.failure == "timeout" else _short(exc)
             self.error = redact(detail, self.uri)
         self.client = None
+        _abandon_active_run()
 
     def failure_text(self) -> str:
         """What went wrong with the backend, for a warning or an error line."""
@@ -613,12 +614,14 @@ class RunLogger:
 
             signature = infer_signature(example, np.asarray(model(example, training=False)))
             mlflow.set_tracking_uri(self.uri)
-            # log_model takes the run (and its experiment) from the active run.
-            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-                # Requirements given, not inferred: inference reloads the model (~10 s).
-                info = mlflow.keras.log_model(model, name=self.model_name,
-                                              signature=signature, step=step,
-                                              pip_requirements=_model_requirements())
+            # log_model takes the run (and its experiment) from the active run. Not `with`:
+            # its exit would end the run with one more request after a failed upload
+            # (_fail forgets the run instead).
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+            # Requirements given, not inferred: inference reloads the model (~10 s).
+            info = mlflow.keras.log_model(model, name=self.model_name, signature=signature,
+                                          step=step, pip_requirements=_model_requirements())
+            mlflow.end_run()
             self.state["model_id"] = info.model_id
             self.state["model_uri"] = info.model_uri  # models:/<model_id>
 
@@ -695,6 +698,24 @@ class RunLogger:
                 self.attempt("system metrics", mlflow.end_run)
 
         return monitored()
+
+
+def _abandon_active_run() -> None:
+    """Forget MLflow's active run in this process without a request, as ``mlflow.end_run``
+    would but for its call to the server: after a failure nothing more is sent, and a server
+    that hangs would make each of those calls (the run's end, a system-metrics flush at exit)
+    wait out another timeout. The system-metrics thread (a daemon) is told to stop; nothing
+    joins it. Uses MLflow's fluent run stack (pinned MLflow, see requirements.txt)."""
+    from mlflow.environment_variables import MLFLOW_RUN_ID
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    while stack:
+        run = stack.pop()
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(run.info.run_id, None)
+        if monitor is not None:
+            monitor._shutdown_event.set()
+    MLFLOW_RUN_ID.unset()
 
 
 def champion_key(task: str) -> str:
