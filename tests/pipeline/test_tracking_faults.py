@@ -122,14 +122,15 @@ def test_a_replay_against_the_silent_server_says_so_and_costs_one_connection(hun
     assert silent.accepted == before + 1
 
 
-@pytest.mark.parametrize("trigger", ["logged-models", "runs/log-batch"],
-                         ids=["during-the-model-upload", "during-the-epochs"])
-def test_a_server_that_hangs_mid_stage_costs_one_timeout(hung, tmp_path, trigger):
-    """A real server behind a proxy that stops answering at the model's upload, or at the
-    first epoch's metrics: train waits out that one request, then sends nothing more: not
-    the end of the run (MLflow's `with start_run` / end_run would send one and wait out a
-    second timeout, as they did), nothing at exit. System metrics are off here, so every
-    request is the stage's own (their thread, a daemon, is told to stop and not waited on)."""
+def test_a_server_that_hangs_mid_stage_costs_one_timeout_then_the_run_replays(hung, tmp_path):
+    """A real server behind a proxy that stops answering at the model's upload, after the
+    run, its params and epoch metrics went through: train waits out that one request, then
+    sends nothing more: not the end of the run (MLflow's `with start_run` exit sent one and
+    waited out a second timeout), nothing at exit. System metrics are off here, so every
+    request is the stage's own (their thread, a daemon, is told to stop, not waited on).
+    Then `visionpipe log`, straight to the server, puts the whole run there."""
+    from mlflow import MlflowClient
+
     root = Path(shutil.copytree(hung[0], tmp_path / "project"))
     shutil.rmtree(root / "models")
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -137,42 +138,32 @@ def test_a_server_that_hangs_mid_stage_costs_one_timeout(hung, tmp_path, trigger
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "store").mkdir()
     with mlflow_server(root / "store") as base:
-        proxy = HangingProxy(base, trigger)
+        proxy = HangingProxy(base, "logged-models")
         try:
             result = cli(["train", "--model", MODEL], root, proxy.uri)
         finally:
             proxy.close()
-    assert result.returncode == 0, result.stdout[-3000:]
-    said = lines(result.stdout)
-    assert len(said) == 1 and said[0].startswith(
-        f"visionpipe: warning: MLflow at {proxy.uri} did not answer within {TIMEOUT} s"), said
-    assert len(proxy.hung) == 1 and trigger in proxy.hung[0], proxy.hung
-
-
-def test_the_replay_logs_the_run_into_a_real_server(hung):
-    """Once a server answers, `visionpipe log` puts the whole run there."""
-    from mlflow import MlflowClient
-
-    root, *_ = hung
-    store = root / "store"
-    store.mkdir()
-    with mlflow_server(store) as base:
-        result = cli(["log", "--model", MODEL], root, base)
         assert result.returncode == 0, result.stdout[-3000:]
-        assert lines(result.stdout) == [], result.stdout[-3000:]
+        said = lines(result.stdout)
+        assert len(said) == 1 and said[0].startswith(
+            f"visionpipe: warning: MLflow at {proxy.uri} did not answer within {TIMEOUT} s"), said
+        assert "not logged for mlp train: model" in said[0]
+        assert len(proxy.hung) == 1 and "logged-models" in proxy.hung[0], proxy.hung
+
+        replay = cli(["log", "--model", MODEL], root, base)
+        assert replay.returncode == 0, replay.stdout[-3000:]
+        assert lines(replay.stdout) == [], replay.stdout[-3000:]
         found = re.search(rf"logged mlp to {re.escape(base)}: experiment "
-                          r"visionpipe-classification, run ([0-9a-f]{32})", result.stdout)
-        assert found, result.stdout[-3000:]
+                          r"visionpipe-classification, run ([0-9a-f]{32})", replay.stdout)
+        assert found, replay.stdout[-3000:]
         client = MlflowClient(base)
         got = client.get_run(found.group(1))
         assert got.info.status == "FINISHED"
         assert got.data.params["model.train.epochs"] == "2"
-        metrics = json.loads((root / "reports/metrics/mlp.json").read_text())
-        assert got.data.metrics["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
         steps = sorted(m.step for m in client.get_metric_history(got.info.run_id, "val_loss"))
         assert steps == [1, 2]
         models = client.search_logged_models([got.info.experiment_id])
-        assert [m.source_run_id for m in models] == [got.info.run_id]
+        assert got.info.run_id in [m.source_run_id for m in models]
     state = json.loads((root / "models/mlp/mlflow_run.json").read_text())
     assert state["status"] == "logged" and state["run_id"] == got.info.run_id
 
