@@ -22,7 +22,6 @@ What each task writes:
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -37,7 +36,12 @@ from visionpipe import box_decoding, video
 from visionpipe.atomic import atomic_path
 from visionpipe.console import progress
 from visionpipe.data import records
-from visionpipe.data.sources.files import UnreadableFile, open_file, shown_text
+from visionpipe.data.sources.files import (
+    UnreadableFile,
+    listing_problem,
+    open_file,
+    shown_text,
+)
 from visionpipe.data.sources.image_folder import Skipped, load_image
 from visionpipe.drawing import draw_detections, overlay
 from visionpipe.errors import DataError, ModelError
@@ -87,7 +91,8 @@ def list_files(input_dir: Path, exclude: Path | None = None,
             with os.scandir(folder) as it:
                 names = sorted(e.name for e in it if not e.name.startswith("."))
         except OSError as exc:
-            found.append(Skipped(_rel(folder, input_dir), _listing_problem(exc)))
+            rel = _rel(folder, input_dir)
+            found.append(Skipped(rel, listing_problem(exc, rel)))
             continue
         folders = []
         for name in names:
@@ -133,14 +138,6 @@ def _read_before(link: Path, folder: Path, first: str, rel: str) -> Skipped:
                             "elsewhere")
     return Skipped(rel, f"folder already read as {first} (a symbolic link leads to it again); "
                         "its files are read once", "folder already read")
-
-
-def _listing_problem(exc: OSError) -> str:
-    """Why a folder cannot be listed, and what to do."""
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return ("permission denied: this user may not list the folder, so its files are not "
-                "read; make it readable (chmod -R a+rX) or run as a user who can read it")
-    return f"cannot list the folder: {exc.strerror or first_line(exc)} (errno {exc.errno})"
 
 
 def render_label(image: np.ndarray, text: str) -> Image.Image:

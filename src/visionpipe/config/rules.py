@@ -18,8 +18,9 @@ from visionpipe.errors import ParamsError
 KNOWN_MASK_VALUES = {"oxford_iiit_pet": {1: "pet", 2: "background", 3: "border"}}
 
 
-# Control characters, line separators and lone surrogates: not in a class name.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# Control characters, line separators and lone surrogates (undecodable bytes of a file name):
+# not in a class name; data/sources/files.py escapes them in file names.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 # The most characters of one value an error line shows.
 MAX_SHOWN = 200
@@ -82,7 +83,7 @@ def _check_prepare(task: str, cfg: PrepareConfig) -> None:
                           "instances JSON inside path (e.g. annotations/instances_default.json) "
                           "when source is 'coco'")
     names = list(cfg.class_names or ()) + list((cfg.mask_values or {}).values())
-    bad = [n for n in names if not n.strip() or _UNPRINTABLE.search(n)]
+    bad = [n for n in names if not n.strip() or UNPRINTABLE.search(n)]
     if bad:
         which = "class_names" if cfg.class_names and bad[0] in cfg.class_names else "mask_values"
         _fail(f"{key}.{which}", bad[0], "a class name of visible characters on one line (it "

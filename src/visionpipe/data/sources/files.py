@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from visionpipe.config.rules import UNPRINTABLE
 from visionpipe.errors import DataError
 
 MAX_LISTED = 20  # problems listed in one error; the rest are counted
@@ -42,9 +43,6 @@ MiB = 1 << 20
 VOC_XML_LIMIT = 16 * MiB
 YOLO_LABEL_LIMIT = 16 * MiB
 DATA_YAML_LIMIT = 4 * MiB
-
-# Undecodable bytes (surrogate escapes), C0/C1 control characters and line separators.
-_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def _escape(match: re.Match) -> str:
@@ -59,7 +57,7 @@ def shown_text(text: str) -> str:
     UTF-8 becomes ``\\xNN`` (the byte), each control character ``\\xNN`` or ``\\uNNNN``.
 
     Stable, and one-to-one except against a name that itself holds such escape text."""
-    return _UNSHOWABLE.sub(_escape, text)
+    return UNPRINTABLE.sub(_escape, text)
 
 
 def quoted(text: str) -> str:
@@ -271,7 +269,7 @@ class Lister:
             return self._list(folder)
         except OSError as exc:
             shown = self._folder(folder)
-            raise DataError(f"{shown}: {_listing_problem(exc, shown)}") from None
+            raise DataError(f"{shown}: {listing_problem(exc, shown)}") from None
 
     def entries(self, folder: Path) -> tuple[list[Path], list[Path]]:
         """(sub-folders, other entries) directly in ``folder``, as :meth:`listing`."""
@@ -332,7 +330,7 @@ class Lister:
             try:
                 listed = self._list(folder)
             except OSError as exc:
-                problem = _listing_problem(exc, self.show(folder))
+                problem = listing_problem(exc, self.show(folder))
                 self.skipped.append(Skipped(self.show(folder), problem, reason_kind(problem)))
                 continue
             files.extend(p for p, is_dir in listed if not is_dir)
@@ -371,7 +369,7 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _listing_problem(exc: OSError, shown: str) -> str:
+def listing_problem(exc: OSError, shown: str) -> str:
     """Why a folder cannot be listed, and what to do, as '<kind>: <detail>'."""
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (f"permission denied: this user may not list the folder, so its files are not "
