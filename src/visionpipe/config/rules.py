@@ -148,9 +148,6 @@ def _check_models(params: Params) -> None:
             if t.loss != "cross_entropy":
                 _fail(f"{key}.loss", t.loss, f"'cross_entropy' for a {model.task} model "
                       "(dice and ce_dice are segmentation losses)")
-            if t.class_weights is not None:
-                _fail(f"{key}.class_weights", list(t.class_weights),
-                      f"null for a {model.task} model (class weights apply to segmentation)")
             if t.monitor == "val_mean_iou":
                 _fail(f"{key}.monitor", t.monitor, f"val_loss or val_accuracy for a "
                       f"{model.task} model (val_mean_iou is segmentation's)")

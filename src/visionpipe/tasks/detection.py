@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -118,6 +119,30 @@ def detections_png(images: list[np.ndarray], truths: list[dict], predictions: li
     return save_figure(fig, path)
 
 
+@keras.saving.register_keras_serializable(package="visionpipe")
+class ClassWeightedBinaryCrossentropy(keras.losses.Loss):
+    """Binary cross-entropy over per-class score columns (``y_true``, ``y_pred``: (..., K)
+    sigmoid targets and scores), each class's column times its weight, then the mean over the
+    columns as Keras' ``binary_crossentropy`` takes it: a detector's class loss (YOLOv8's,
+    reduction "sum") where a rare class's boxes count more. A column's weight applies to all
+    its terms, the anchors assigned a box of that class and those taught to score it low; a
+    weight of 0 takes the class out of the loss. Weights of all ones give Keras' loss."""
+
+    def __init__(self, class_weights, name: str = "class_weighted_binary_crossentropy",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.class_weights = [float(w) for w in class_weights]
+
+    def call(self, y_true, y_pred):
+        y_pred = keras.ops.convert_to_tensor(y_pred)
+        y_true = keras.ops.cast(y_true, y_pred.dtype)
+        weights = keras.ops.convert_to_tensor(self.class_weights, y_pred.dtype)
+        return keras.ops.mean(keras.ops.binary_crossentropy(y_true, y_pred) * weights, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "class_weights": self.class_weights}
+
+
 class DetectorHooks(abc.ABC):
     """What a detection family supplies: its losses, its box decoding and its raw outputs.
 
@@ -125,8 +150,10 @@ class DetectorHooks(abc.ABC):
     ``class_ids`` (n,) and ``scores`` (n,), best first."""
 
     @abc.abstractmethod
-    def compile(self, model, optimizer, architecture) -> None:
-        """Compile with the family's own losses (weighted as ``architecture`` says)."""
+    def compile(self, model, optimizer, architecture,
+                class_weights: tuple[float, ...] | None = None) -> None:
+        """Compile with the family's own losses (weighted as ``architecture`` says), the class
+        loss weighted per class by ``class_weights`` (one per class; None: unweighted)."""
 
     @abc.abstractmethod
     def set_nms(self, model, nms) -> None:
@@ -198,8 +225,10 @@ class DetectionTask(Task):
         return (0.0, {"boxes": PAD, "classes": PAD})
 
     def compile(self, model, optimizer, cfg, architecture, num_classes: int) -> None:
-        """The detector's own losses (box and class), weighted as the architecture says."""
-        self.hooks.compile(model, optimizer, architecture)  # "auto" is Keras' compile default
+        """The detector's own losses (box and class), weighted as the architecture says, the
+        class loss per class by ``cfg.class_weights`` (resolved: one per class, or None)."""
+        # jit_compile "auto" is Keras' compile default.
+        self.hooks.compile(model, optimizer, architecture, cfg.class_weights)
         if cfg.jit_compile != "auto":  # the detector's compile takes no jit_compile
             model.jit_compile = cfg.jit_compile
 

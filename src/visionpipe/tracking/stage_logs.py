@@ -26,6 +26,8 @@ from visionpipe.tracking.mlflow_runs import (
     report_duration,
 )
 
+MAX_PARAM_LENGTH = 6000  # MLflow's longest param value
+
 
 def co2_grams(run: RunLogger, stages: tuple[str, ...]) -> float | None:
     """Grams of CO2 of ``stages`` from their reports (kg), None when none has a figure."""
@@ -52,6 +54,21 @@ def train_headline(run: RunLogger) -> dict[str, float]:
     if train_s is not None:
         values["train_s"] = round(train_s, 1)  # as headline() rounds it
     return numeric(values)
+
+
+def class_weight_params(meta: dict) -> dict[str, str]:
+    """``class_weights_resolved``: the class weights training used, from model.json's
+    ``class_weights`` (class name -> weight; a list from params or ``balanced`` resolved), as
+    ``name=weight`` in class order; none when unweighted. Too long for an MLflow param, it
+    says where the weights are instead."""
+    weights = meta.get("class_weights")
+    if not isinstance(weights, dict) or not weights:
+        return {}
+    text = ", ".join(f"{name}={value:.6g}" if isinstance(value, (int, float)) else f"{name}=?"
+                     for name, value in weights.items())
+    if len(text) > MAX_PARAM_LENGTH:
+        text = f"{len(weights)} classes: see the class_weights of train/model.json"
+    return {"class_weights_resolved": text}
 
 
 def evaluate_headline(metrics: dict) -> dict[str, float]:
@@ -99,7 +116,8 @@ def log_train(run: RunLogger, model=None, *, live_epochs: bool = False,
     training, the model, and the kept epoch's figures (linked to the model). ``example``: the
     model's input for its signature (default: read from the validation split)."""
     layout, name = run.layout, run.model_name
-    run.log_params(run.run_params())
+    meta = records.read_json(layout.model_meta(name)) or {}
+    run.log_params({**run.run_params(), **class_weight_params(meta)})
     run.log_dataset()
     log_data_stats(run)
     if not live_epochs:
