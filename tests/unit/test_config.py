@@ -96,7 +96,7 @@ def test_out_of_range_names_key_value_and_range(default_params_dict, dotted, val
 
 def test_unknown_family_lists_known(default_params_dict):
     msg = _error(_with(default_params_dict, "models.mlp.family", "transformer"))
-    assert "models.mlp.family = 'transformer'" in msg and "known families: mlp" in msg
+    assert "models.mlp.family = 'transformer'" in msg and "known families: applications, mlp" in msg
 
 
 def test_family_and_task_must_agree(default_params_dict):
@@ -159,9 +159,9 @@ def test_model_task_needs_a_prepare_section(default_params_dict):
      "prepare.classification.crop_size = [32, 32]: expected null: crops are for segmentation"),
     ({"models.mlp.train.loss": "dice"},
      "models.mlp.train.loss = 'dice': expected 'cross_entropy' for a classification model"),
-    ({"models.mlp.train.class_weights": [1, 2, 1, 1]},
-     "models.mlp.train.class_weights = [1.0, 2.0, 1.0, 1.0]: expected null for a "
-     "classification model"),
+    ({"models.mlp.train.class_weights": "balance"},
+     "models.mlp.train.class_weights = 'balance': expected a list of at least 1 values, each a "
+     "number >= 0 and <= 1000 or one of 'balanced' or null"),
     ({"models.vgg.train.monitor": "val_mean_iou"},
      "models.vgg.train.monitor = 'val_mean_iou': expected val_loss or val_accuracy"),
     ({"models.unet.export_parity.coreml": {"max_abs_diff": 1e-4, "min_agreement": 0.99}},
@@ -175,6 +175,17 @@ def test_cross_field_checks_name_the_key(default_params_dict, edits, expected):
     for dotted, value in edits.items():
         data = _with(data, dotted, value)
     assert expected in _error(data)
+
+
+@pytest.mark.parametrize("model", ["mlp", "yolo", "unet"])
+@pytest.mark.parametrize("value, parsed", [([1, 2.5, 0, 1], (1.0, 2.5, 0.0, 1.0)),
+                                           ("balanced", "balanced"), (None, None)])
+def test_class_weights_apply_to_every_task(default_params_dict, model, value, parsed):
+    """A list (checked against the classes when training starts) or balanced, for a
+    classifier, a detector and a segmentation model alike."""
+    params = parse_params(_with(default_params_dict, f"models.{model}.train.class_weights",
+                                value))
+    assert params.model(model).train.class_weights == parsed
 
 
 def test_shapes_split_sizes_are_counts(default_params_dict):
@@ -243,6 +254,8 @@ def _cli(args, cwd):
     ("models.mlp.train.learning_rate", -1, "models.mlp.train.learning_rate = -1"),
     ("models.mlp.train.momentun", 0.9, "models.mlp.train.momentun: unknown key"),
     ("models.mlp.architecture.activation", 3, "models.mlp.architecture.activation = 3"),
+    ("models.yolo.train.class_weights", [1, -2], "models.yolo.train.class_weights = [1.0, "
+     "-2.0]: expected every value >= 0"),
 ])
 def test_cli_bad_params_exit_nonzero_with_one_line(tmp_path, default_params_dict, dotted,
                                                    value, fragment):

@@ -170,12 +170,17 @@ class TrainConfig:
     early_stopping_min_delta: Float = Field(0.0, ge=0)  # smaller improvements don't count
     shuffle_buffer: Int = Field(10000, ge=1)
     restore_best: Bool = True  # final model = the best epoch by `monitor`
-    # Segmentation: per-pixel cross_entropy, soft dice, or ce_dice (their sum); class_weights
-    # (one per class, in class order) weight both. Classification uses cross-entropy.
+    # Segmentation: per-pixel cross_entropy, soft dice, or ce_dice (their sum). Classification
+    # uses cross-entropy; detection its own losses (the family's).
     loss: Literal["cross_entropy", "dice", "ce_dice"] = Field(
         "cross_entropy", json_schema_extra=tasks("segmentation"))
-    class_weights: tuple[Annotated[Float, Field(ge=0, le=1000)], ...] | None = Field(
-        None, min_length=1, json_schema_extra=tasks("segmentation"))
+    # Every task: null (unweighted), one weight per class in class order, or balanced:
+    # n / (K * n_c) from the train split's counts of images (classification), boxes
+    # (detection) or pixels (segmentation) per class (visionpipe.class_weights). They weight
+    # each image's cross-entropy by its class, each class's column of a detector's class loss,
+    # and segmentation's cross-entropy and dice. model.json and MLflow record the weights used.
+    class_weights: (Annotated[tuple[Annotated[Float, Field(ge=0, le=1000)], ...],
+                              Field(min_length=1)] | Literal["balanced"] | None) = None
     # TensorFlow op determinism: same params and seed give the same weights, run after run,
     # on any device. Off by default: on this 2-core CPU it made training about 2x slower, and
     # CPU runs here already repeat bit for bit without it (docs/training.md, "Determinism").
@@ -198,6 +203,13 @@ class TrainConfig:
     # tf.data parallel decoding keeps record order (with the seeded shuffle, the same batches
     # every run); false lets finished records jump the queue: faster, batches differ per run.
     deterministic_input: Bool = True
+    # Fine-tuning a pretrained backbone (families with one: applications), keras-io's recipe:
+    # the first freeze_epochs train with the backbone frozen (its batch norm in inference
+    # mode); then unfreeze (all, or the top N blocks of the backbone; 0: none) trains too, at
+    # fine_tune_learning_rate (null: learning_rate / 10), with a fresh optimizer.
+    freeze_epochs: Int = Field(0, ge=0, le=10000)
+    unfreeze: Literal["all"] | Annotated[Int, Field(ge=0, le=1000)] = "all"
+    fine_tune_learning_rate: Float | None = Field(None, gt=0, le=10)
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -248,6 +260,9 @@ class EvaluateConfig:
     latency_warmup: Int = Field(5, ge=0, le=1000)
     top_k: Int = Field(2, ge=1, le=1000)  # top_<k>_accuracy, k capped at the number of classes
     gallery: Int = Field(16, ge=0, le=256)  # misclassified test images shown, most confident first
+    # Classification: test images in gradcam.png with their Grad-CAM heat maps, about half the
+    # most confident correct and half the most confident wrong; 0: none.
+    gradcam_images: Int = Field(16, ge=0, le=64)
     # Segmentation: test images larger than the model's input are predicted in tiles that
     # overlap by this fraction, blended so seams do not show.
     tile_overlap: Float = Field(0.25, ge=0, le=0.9)

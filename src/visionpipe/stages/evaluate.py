@@ -29,18 +29,20 @@ def co2_summary(stages: list[dict]) -> dict:
 def run(params: Params, model_name: str, layout: Layout) -> dict:
     """Write reports/metrics/<model>.json and reports/plots/<model>/."""
     with measure_co2(params, layout, model_name, "evaluate") as carbon:
-        metrics = _evaluate(params, model_name, layout)
+        metrics, explained = _evaluate(params, model_name, layout)
     train_co2 = read_report(layout.emissions(model_name) / "train.json")
     metrics["co2"] = co2_summary([train_co2, carbon.report.to_dict()])
     records.write_json(layout.metrics(model_name), metrics)
     records.write_json(layout.headline(model_name), headline(metrics))
     log_stage(params, model_name, layout, "evaluate", log_evaluate)
-    print(evaluate_lines(model_name, metrics, layout), flush=True)
+    print(evaluate_lines(model_name, metrics, layout, explained), flush=True)
     return metrics
 
 
-def evaluate_lines(model_name: str, metrics: dict, layout: Layout) -> str:
-    """The task's headline test metrics beside the baseline, and where the plots are."""
+def evaluate_lines(model_name: str, metrics: dict, layout: Layout,
+                   explained: dict | None = None) -> str:
+    """The task's headline test metrics beside the baseline, where the plots are, and what
+    the task's explain() drew (or why nothing), where it says anything."""
     test = metrics["test"]
     figures = headline(metrics)
     names = test_metrics(metrics["task"])
@@ -51,14 +53,20 @@ def evaluate_lines(model_name: str, metrics: dict, layout: Layout) -> str:
     latency = figures.get("latency_ms")
     cost = f"; {latency:.2f} ms/image" if latency is not None else ""
     plots_dir = layout.plots(model_name).relative_to(layout.root)
-    return (f"evaluate@{model_name}: test {shown}{cost} "
-            f"on {test.get('num_test_images', '?')} images\n"
-            f"evaluate@{model_name}: plots in {plots_dir}/, all figures in "
-            f"{layout.metrics(model_name).relative_to(layout.root)}")
+    lines = (f"evaluate@{model_name}: test {shown}{cost} "
+             f"on {test.get('num_test_images', '?')} images\n"
+             f"evaluate@{model_name}: plots in {plots_dir}/, all figures in "
+             f"{layout.metrics(model_name).relative_to(layout.root)}")
+    if explained:
+        where = explained.get("path")
+        lines += (f"\nevaluate@{model_name}: {explained['summary']}"
+                  + (f" in {where.relative_to(layout.root)}" if where is not None else ""))
+    return lines
 
 
-def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
-    """Test metrics, plots and cost of one model (everything but CO2)."""
+def _evaluate(params: Params, model_name: str, layout: Layout) -> tuple[dict, dict]:
+    """Test metrics, plots and cost of one model (everything but CO2), and what the task's
+    explain() returned."""
     cfg = params.model(model_name)
     task = task_for(cfg.family, cfg.task)
     model_path = layout.model_file(model_name)
@@ -81,6 +89,8 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
         records.write_json(out_dir / "per_class.json",
                            [{"class": name, **scores} for name, scores in per_class.items()])
     task.plots(images, ids, np.asarray(truths), outputs, names, out_dir, params.evaluate)
+    explained = task.explain(model, images, ids, np.asarray(truths), outputs, names, out_dir,
+                             params.evaluate)
     history_path = layout.history(model_name)
     if history_path.exists():
         plots.learning_curves_png(plots.read_history(history_path),
@@ -107,4 +117,4 @@ def _evaluate(params: Params, model_name: str, layout: Layout) -> dict:
         "test": test,
         "cost": cost,
     }
-    return metrics
+    return metrics, explained

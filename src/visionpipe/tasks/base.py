@@ -115,6 +115,14 @@ class Task(abc.ABC):
         """The model as evaluate runs it (``cfg``: the evaluate params)."""
         return model
 
+    def explain(self, model, images: np.ndarray, ids: list[str], truths, outputs,
+                class_names: list[str], out_dir: Path, cfg) -> dict:
+        """Figures of where the model looked on test images, written into ``out_dir`` beside
+        plots()'s (``cfg``: the evaluate params). Returns ``summary`` (a few words for
+        evaluate's console line: what was drawn, or why nothing was) and ``path`` (the figure,
+        or None); {} when the task explains nothing (the default)."""
+        return {}
+
     def export_model(self, model, cfg):
         """The model as export writes it (``cfg``: the export params)."""
         return model

@@ -69,6 +69,32 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
     }
 
 
+@keras.saving.register_keras_serializable(package="visionpipe")
+class ClassWeightedCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy with each image's term times the weight of its true class,
+    then averaged over the batch: what Keras' ``fit(class_weight=...)`` computes, kept in the
+    loss so that validation loss is weighted alike. Label smoothing applies to the targets
+    first, as in ``CategoricalCrossentropy``; the weight comes from the unsmoothed one-hot
+    label (a soft label mixes its classes' weights). Weights of all ones give that loss."""
+
+    def __init__(self, class_weights, label_smoothing: float = 0.0,
+                 name: str = "class_weighted_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.class_weights = [float(w) for w in class_weights]
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        per_image = keras.losses.categorical_crossentropy(
+            y_true, y_pred, label_smoothing=self.label_smoothing)
+        weights = keras.ops.convert_to_tensor(self.class_weights, per_image.dtype)
+        return per_image * keras.ops.sum(keras.ops.cast(y_true, per_image.dtype) * weights,
+                                         axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "class_weights": self.class_weights,
+                "label_smoothing": self.label_smoothing}
+
+
 class ClassificationTask(Task):
     """Softmax over classes; labels are one-hot so label smoothing works."""
 
@@ -89,8 +115,11 @@ class ClassificationTask(Task):
         return fn
 
     def loss(self, cfg: TrainConfig, num_classes: int) -> keras.losses.Loss:
-        """Categorical cross-entropy with the configured label smoothing."""
-        return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+        """Categorical cross-entropy with the configured label smoothing; with class weights
+        (resolved: one per class), each image's term times its class's weight."""
+        if cfg.class_weights is None:
+            return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+        return ClassWeightedCrossentropy(cfg.class_weights, label_smoothing=cfg.label_smoothing)
 
     def metrics(self, num_classes: int) -> list:
         """Metrics reported every epoch by fit."""
@@ -153,3 +182,25 @@ class ClassificationTask(Task):
         curves = one_vs_rest_pngs(y_true, outputs, class_names, out_dir,
                                   f"one-vs-rest, {len(y_true)} test images")
         return [out_dir / "confusion.json", png, gallery, *curves]
+
+    def explain(self, model: keras.Model, images: np.ndarray, ids: list[str],
+                y_true: np.ndarray, outputs: np.ndarray, class_names: list[str],
+                out_dir: Path, cfg: EvaluateConfig) -> dict:
+        """``gradcam.png``: Grad-CAM heat maps (Selvaraju et al., 2017) of the predicted class
+        on ``cfg.gradcam_images`` test images, the most confident correct and wrong ones
+        (:func:`visionpipe.gradcam.gradcam_png`); none for a model without convolutions."""
+        from visionpipe.gradcam import gradcam_png
+
+        path = out_dir / "gradcam.png"
+        path.unlink(missing_ok=True)  # an earlier run's figure must not pass for this one's
+        if cfg.gradcam_images == 0:
+            return {"summary": "Grad-CAM off (evaluate.gradcam_images: 0)", "path": None}
+        shown = gradcam_png(model, images, np.asarray(y_true), outputs, class_names,
+                            cfg.gradcam_images, path)
+        if shown is None:
+            return {"summary": "no Grad-CAM: the model has no convolutional feature map",
+                    "path": None}
+        right = sum(shown["correct"])
+        return {"summary": f"Grad-CAM of {len(shown['shown'])} test images ({right} correct, "
+                           f"{len(shown['shown']) - right} wrong) at layer {shown['layer']}",
+                "path": path, **{k: shown[k] for k in ("layer", "shown", "correct")}}
