@@ -223,14 +223,15 @@ class Checkpoints:
             return checkpoint_problem(exc)
         return None
 
-    def restore(self, state: State, model: keras.Model, build: Callable[[], keras.Model]
+    def restore(self, state: State, model: keras.Model, build: Callable[[int], keras.Model]
                 ) -> tuple[keras.Model, State | None, str]:
         """Load ``state``'s last epoch into ``model``; returns the model to train on, the
         state to resume from (None: start at epoch 1) and a line saying which and why.
 
         The best epoch, when it is another file, is loaded first to check it. A damaged last
-        epoch falls back to an earlier best one (``build`` makes a fresh compiled model for it,
-        and for a start at epoch 1: a failed load leaves weights half set)."""
+        epoch falls back to an earlier best one (``build(epochs_done)`` makes a fresh compiled
+        model set up as training was after that many epochs, for it and for a start at epoch 1:
+        a failed load leaves weights half set)."""
         last, best = state.last, state.best
         best_problem = self.load(model, best) if best and best != last else None
         last_problem = self.load(model, last) if last else "missing"
@@ -247,7 +248,7 @@ class Checkpoints:
         damaged = (f"{self.folder / last} is missing" if last_problem == "missing"
                    else f"{self.folder / last} is damaged ({last_problem})")
         if best and best != last and best_problem is None:
-            model = build()
+            model = build(state.best_epoch)
             if self.load(model, best) is None:
                 k = state.best_epoch
                 again = f"epoch {k + 1}" if k + 1 == state.epochs_done else (
@@ -257,7 +258,7 @@ class Checkpoints:
                     "trained again")
         elif best and best != last:
             damaged += f", and {best} too ({best_problem})"
-        return build(), None, (f"{damaged}; no earlier epoch is kept (only the last and the "
+        return build(0), None, (f"{damaged}; no earlier epoch is kept (only the last and the "
                                "best are), so training starts over at epoch 1")
 
     def reset(self) -> State:

@@ -549,6 +549,22 @@ def test_changing_tracking_params_retrains_nothing(repo):
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
 
 
+def test_a_new_or_changed_weights_file_retrains(repo):
+    """A model's local starting weights (architecture.weights: weights/<file>) are a dep of
+    train: a file added to weights/ or changed there retrains; nothing else reruns for it."""
+    added = repo / "weights" / "start.weights.h5"
+    added.write_bytes(b"not yet a real file: dvc status only hashes it")
+    try:
+        status = run(["dvc", "status", "--json"], repo)
+    finally:
+        added.unlink()
+    assert status.returncode == 0, status.stdout
+    changed = json.loads(status.stdout)
+    assert set(changed) == {"train@mlp"}, changed
+    assert {"changed deps": {"weights": "modified"}} in changed["train@mlp"], changed
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+
+
 def test_exp_run_with_new_learning_rate_reruns_only_the_mlp(repo):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline outputs"], repo)

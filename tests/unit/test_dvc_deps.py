@@ -234,6 +234,12 @@ def module_imports(module: str) -> Imports:
         trees = [tree, *(parse(m) for m in sorted(found.modules) if m in package_modules())]
         named = {m.group(1) for t in trees for n in ast.walk(t) if isinstance(n, ast.Constant)
                  and isinstance(n.value, str) and (m := MODULE_STRING.match(n.value))}
+        # pkgutil.iter_modules in a module (the model registry's discovery of family files)
+        # reaches every module of that module's own package.
+        if any(isinstance(n, ast.Call) and called_name(n) == "iter_modules"
+               for n in ast.walk(tree)):
+            own = module.rsplit(".", 1)[0]
+            named |= {m for m in package_modules() if m.rsplit(".", 1)[0] == own}
         named = {n for n in named if n in package_modules()}
         if not named:
             found.problems.append(f"{found.where}: imports a computed module name and names no "

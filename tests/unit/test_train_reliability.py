@@ -279,7 +279,8 @@ def test_a_damaged_last_epoch_falls_back_to_the_earlier_best_one(tmp_path, how):
     state, why = ckpt.resumable()
     assert state is not None and why.startswith("resuming from")
     built = []
-    model, state, why = ckpt.restore(state, _model(seed=1), lambda: built.append(1) or _model())
+    model, state, why = ckpt.restore(state, _model(seed=1),
+                                     lambda _done: built.append(1) or _model())
     damaged = ("is missing" if DAMAGE[how] is None else f"is damaged {DAMAGE[how]}")
     assert why == (f"{tmp_path}/epoch-0003.keras {damaged}; resuming from epoch-0001.keras, "
                    "the best epoch (1): epochs 2-3 trained again")
@@ -295,7 +296,7 @@ def test_a_damaged_best_epoch_leaves_the_last_as_the_best(tmp_path):
     ckpt, weights = _three_epochs(tmp_path)
     _foreign(tmp_path / "epoch-0001.keras")
     state, _ = ckpt.resumable()
-    model, state, why = ckpt.restore(state, _model(seed=1), _model)
+    model, state, why = ckpt.restore(state, _model(seed=1), lambda _done: _model())
     assert why == (f"{tmp_path}/epoch-0001.keras (the best epoch, 1) is damaged "
                    f"{DAMAGE['foreign']}; resuming from epoch-0003.keras: 3 epoch(s) already "
                    "done, the best of them now this last one")
@@ -312,7 +313,7 @@ def test_damaged_with_no_earlier_good_epoch_starts_over_on_a_fresh_model(tmp_pat
     _damage(tmp_path / "epoch-0001.keras", "truncated")
     _damage(tmp_path / "epoch-0003.keras", "flipped byte")
     state, _ = ckpt.resumable()
-    model, state, why = ckpt.restore(state, _model(seed=1), _model)
+    model, state, why = ckpt.restore(state, _model(seed=1), lambda _done: _model())
     assert state is None and why == (
         f"{tmp_path}/epoch-0003.keras is damaged {DAMAGE['flipped byte']}, and "
         f"epoch-0001.keras too {DAMAGE['truncated']}; no earlier epoch is kept (only the last "
@@ -325,7 +326,7 @@ def test_damaged_with_no_earlier_good_epoch_starts_over_on_a_fresh_model(tmp_pat
     _foreign(first.folder / "epoch-0001.keras")
     state, _ = first.resumable()
     assert state is not None and state.last == state.best
-    _, state, why = first.restore(state, _model(seed=1), _model)
+    _, state, why = first.restore(state, _model(seed=1), lambda _done: _model())
     assert state is None and why.endswith(
         f"epoch-0001.keras is damaged {DAMAGE['foreign']}; no earlier epoch is kept (only the "
         "last and the best are), so training starts over at epoch 1")

@@ -47,8 +47,15 @@ def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
 
 
 def _load_families() -> None:
-    # Importing the family modules runs their @register decorators.
-    from visionpipe.models import mlp, resnet, unet, vgg, yolo  # noqa: F401
+    """Import every module of visionpipe.models: the families' @register decorators run, so a
+    new family is one new file there (docs/extending.md)."""
+    import importlib
+    import pkgutil
+
+    import visionpipe.models as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def known_families() -> list[str]:

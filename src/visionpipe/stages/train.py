@@ -12,7 +12,7 @@ from pathlib import Path
 
 import keras
 
-from visionpipe import atomic
+from visionpipe import atomic, class_weights, finetune
 from visionpipe.callbacks import Diverged, DivergenceGuard, EpochLine, LearningRateLogger
 from visionpipe.checkpoints import (
     Checkpoints,
@@ -35,8 +35,9 @@ from visionpipe.distribute import (
     uneven_split_note,
     worker_params,
 )
-from visionpipe.errors import DataError, ModelError, ParamsError, TrainingDivergedError
+from visionpipe.errors import DataError, ModelError, TrainingDivergedError
 from visionpipe.layout import Layout
+from visionpipe.models import pretrained
 from visionpipe.models.registry import create_model, parse_architecture
 from visionpipe.models.saving import load_model
 from visionpipe.stages.common import measure_co2, set_seed
@@ -117,6 +118,9 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
     val_manifest = records.verify_shards(val_dir, restore[val_dir])
     names = manifest["class_names"]
     h, w = manifest["image_size"]
+    # None, a list, or balanced: one weight per class (from the train split's counts).
+    weights = class_weights.resolve(t.class_weights, train_dir, cfg.task, names,
+                                    f"models.{model_name}.train.class_weights")
     io = with_image_shape(task.to_model_io(len(names)), (h, w))
     cache_dir = Path(tempfile.mkdtemp(prefix=f"visionpipe-cache-{model_name}-"))
     padding = task.padding_values()
@@ -124,19 +128,33 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
     val_ds, _ = input_dataset(val_dir, "val", io, t, params.seed, cache_dir, padding)
 
     steps_per_epoch = math.ceil(manifest["counts"]["train"] / t.batch_size)
-    if t.class_weights is not None and len(t.class_weights) != len(names):
-        raise ParamsError(f"params.yaml: models.{model_name}.train.class_weights = "
-                          f"{list(t.class_weights)}: expected one weight per class, "
-                          f"{len(names)} in class order ({', '.join(names)})")
 
-    def build() -> keras.Model:
-        """The compiled model before training: the same weights every time (seeded)."""
-        set_seed(params.seed)
+    key = f"models.{model_name}.train"
+    plan: list[finetune.Phase] = []
+    # Where the starting weights come from (None: random); a local file's SHA-256 is part of
+    # what a checkpoint was trained from. A bad path is reported by the builder, named.
+    with pretrained.context(f"models.{model_name}.architecture", layout.root):
+        start = pretrained.record(architecture, layout.root)
+
+    def compile_for(built: keras.Model, phase: finetune.Phase) -> None:
+        """Set what trains in ``phase`` and compile with a fresh optimizer for it."""
         with dist.scope(), dtype_policy(t.precision):
-            built = create_model(cfg.family, (h, w, 3), len(names), architecture)
+            finetune.apply(built, phase, key, keep_statistics=start is not None)
             # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer itself.
-            task.compile(built, make_optimizer(t, steps_per_epoch), t, architecture,
-                         len(names))
+            task.compile(built, make_optimizer(finetune.phase_config(t, phase),
+                                               steps_per_epoch),
+                         dataclasses.replace(t, class_weights=weights), architecture, len(names))
+
+    def build(epochs_done: int = 0) -> keras.Model:
+        """The compiled model before training (the same weights every time: seeded), set up
+        as the phase a checkpoint after ``epochs_done`` epochs was saved in."""
+        set_seed(params.seed)
+        with dist.scope(), dtype_policy(t.precision), \
+                pretrained.context(f"models.{model_name}.architecture", layout.root):
+            built = create_model(cfg.family, (h, w, 3), len(names), architecture)
+        if not plan:
+            plan.extend(finetune.phases(t, pretrained.nested_backbone(built) is not None, key))
+        compile_for(built, finetune.phase_at(plan, epochs_done))
         return built
 
     model = build()
@@ -152,18 +170,20 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
     trained_on = fingerprint(
         seed=params.seed, family=cfg.family, task=cfg.task, architecture=cfg.architecture,
         train=dataclasses.asdict(t), train_data=manifest["checksum"],
-        val_data=val_manifest["checksum"])
+        val_data=val_manifest["checksum"], **({"start": start} if start else {}))
     ckpt = Checkpoints(out.checkpoints(model_name), trained_on, t.monitor)
     # A non-chief worker resumes from the chief's checkpoints (read only, on a shared folder).
     source = Checkpoints(layout.checkpoints(model_name), trained_on, t.monitor)
     state, why = resume_point(source, dist)
     if state is not None:  # a damaged file: the best epoch before it, or epoch 1
+        if finetune.phase_at(plan, state.epochs_done) != plan[0]:  # saved after unfreezing
+            model = build(state.epochs_done)
         with dist.scope():
             model, state, why = source.restore(state, model, build)
         # Every worker is here or none is (resume_point agreed on the epochs done); they
         # may disagree about a file only when they do not share the folder.
         if not dist.all_equal(state.epochs_done if state is not None else 0):
-            model, state, why = build(), None, (
+            model, state, why = build(0), None, (
                 f"the workers found different complete epochs in {source.folder}; training "
                 "starts at epoch 1")
     print(f"train@{model_name}: {why}", flush=True)
@@ -175,38 +195,56 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
                                       min_delta=t.early_stopping_min_delta, mode=mode,
                                       verbose=1, restored=restored)
 
+    # Early stopping counts in the last phase only: after frozen epochs, fine-tuning still runs.
+    last = plan[-1]
     early = None
     if t.early_stopping_patience:
-        if state.epochs_done and state.early_stopping is None:  # rolled back to its best
-            state.early_stopping = replay_early_stopping(early_stopping(None), model,
-                                                         state.history[t.monitor])
+        if state.epochs_done > last.start and state.early_stopping is None:  # rolled back
+            state.early_stopping = replay_early_stopping(
+                early_stopping(None), model, state.history[t.monitor][last.start:])
         early = early_stopping(state.early_stopping)
-    callbacks = [DivergenceGuard(), LearningRateLogger(), *([early] if early else []),
-                 EpochCheckpoint(ckpt, state, mode, early)]
+    fine_tuning = len(plan) > 1 or plan[0].unfreeze != "all"
     verbosity = fit_verbosity()
-    if verbosity == 0:  # not a terminal: one line per epoch instead of a progress bar
-        callbacks.append(EpochLine(model_name, t.epochs))
     run = RunLogger(params, model_name, out).start()
     if run.client is not None:
-        callbacks.append(run.keras_callback())
         for epoch in range(state.epochs_done):  # the epochs a killed run completed
             run.log_metrics({k: v[epoch] for k, v in state.history.items()},
                             step=epoch + 1, what="epoch metrics")
+
+    def callbacks(phase: finetune.Phase) -> list:
+        stops = early if phase is last else None
+        found = [DivergenceGuard(), LearningRateLogger(),
+                 *([finetune.TrainableLogger()] if fine_tuning else []),
+                 *([stops] if stops else []), EpochCheckpoint(ckpt, state, mode, stops)]
+        if verbosity == 0:  # not a terminal: one line per epoch instead of a progress bar
+            found.append(EpochLine(model_name, t.epochs))
+        if run.client is not None:
+            found.append(run.keras_callback())
+        return found
+
     try:
         with measure_co2(params, out, model_name, "train"), run.system_metrics(), \
                 damaged_records(restore):
-            stopped = early is not None and state.early_stopping is not None and (
-                state.early_stopping["wait"] >= t.early_stopping_patience)
-            if state.epochs_done < t.epochs and not stopped:
+            for phase in plan:
+                stopped = early is not None and state.early_stopping is not None and (
+                    state.early_stopping["wait"] >= t.early_stopping_patience)
+                if state.epochs_done >= phase.end or stopped:
+                    continue
+                if phase.index and state.epochs_done == phase.start:  # a new phase begins
+                    compile_for(model, phase)
+                if fine_tuning:
+                    print(f"train@{model_name}: epochs {phase.start + 1}-{phase.end}: "
+                          f"{phase.describe()}, learning rate {phase.learning_rate:g}, "
+                          f"{finetune.trainable_params(model):,} trainable params", flush=True)
                 if dist.own_loop:  # not Keras' fit under a strategy (visionpipe.distribute)
                     fit_distributed(model, dist.strategy, train_ds, validation_data=val_ds,
-                                    epochs=t.epochs, initial_epoch=state.epochs_done,
-                                    callbacks=callbacks, verbose=verbosity)
+                                    epochs=phase.end, initial_epoch=state.epochs_done,
+                                    callbacks=callbacks(phase), verbose=verbosity)
                 else:
                     # shuffle=False: the dataset shuffles itself (Keras would warn otherwise).
-                    model.fit(train_ds, validation_data=val_ds, epochs=t.epochs,
+                    model.fit(train_ds, validation_data=val_ds, epochs=phase.end,
                               shuffle=False, initial_epoch=state.epochs_done,
-                              callbacks=callbacks, verbose=verbosity)
+                              callbacks=callbacks(phase), verbose=verbosity)
     except (Diverged, DataError) as exc:
         if run.client is not None and run.run_id is not None:
             run.call("run status", "set_terminated", run.run_id, "FAILED")
@@ -254,6 +292,13 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
                         "count": val_manifest["counts"]["val"]},
         "kept_epoch_metrics": {k: float(v[best]) for k, v in final.items()},
     }
+    if weights is not None:  # the weights each class's loss had (balanced: as computed)
+        meta["class_weights"] = class_weights.as_mapping(weights, names)
+    if start is not None:  # where the weights came from (models starting from pretrained ones)
+        meta["start_weights"] = start
+    if fine_tuning:  # what trained when (history.csv's trainable_params: per epoch)
+        meta["fine_tuning"] = [{"epochs": [p.start + 1, p.end], "trainable": p.describe(),
+                                "learning_rate": p.learning_rate} for p in plan]
     records.write_json(out.model_meta(model_name), meta)
     # Last: a kill before this line leaves an unfinished state, and the rerun only rewrites
     # the outputs above (no epoch left to train); after it, a rerun trains from epoch 1.
