@@ -1,4 +1,5 @@
-"""U-Net family: shapes, layout from params, the input-size check, learning, saving."""
+"""U-Net family: shapes, layout from params, the input-size check, learning, saving; and the
+U-Net on a keras.applications encoder (random or local weights: no network here)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import keras
 import numpy as np
 import pytest
 
+from visionpipe import finetune
 from visionpipe.errors import ModelError, ParamsError
-from visionpipe.models.registry import create_model, get_family, known_families
+from visionpipe.models import pretrained
+from visionpipe.models.registry import (
+    create_model,
+    get_family,
+    known_families,
+    parse_architecture,
+)
 from visionpipe.models.saving import load_model
 
 
@@ -173,3 +181,186 @@ def test_save_and_safe_load_predict_identically(upsampling, tmp_path):
     loaded = load_model(path)
     assert loaded.name == "unet"
     np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), probs)
+
+
+def _paper_layout(depth: int, base: int, classes: int) -> tuple[list[str], int]:
+    """Layer names and parameter count of the encoder-less U-Net with batch norm and transposed
+    convolutions, from the paper's layout: 3x3 convs without bias + BN (4 numbers per channel),
+    2x2 transposed convs with bias, a 1x1 softmax conv."""
+    names, params, channels = ["image", "rescale"], 0, 3
+
+    def double(name, cin, cout):
+        count = 0
+        for c, width_in in enumerate((cin, cout), start=1):
+            names.extend([f"{name}_conv{c}", f"{name}_conv{c}_bn", f"{name}_conv{c}_relu"])
+            count += 9 * width_in * cout + 4 * cout
+        return count
+
+    for level in range(1, depth + 1):
+        filters = base * 2 ** (level - 1)
+        params += double(f"enc{level}", channels, filters)
+        names.append(f"down{level}")
+        channels = filters
+    params += double("bottleneck", channels, base * 2 ** depth)
+    channels = base * 2 ** depth
+    for level in range(depth, 0, -1):
+        filters = base * 2 ** (level - 1)
+        names.extend([f"up{level}", f"dec{level}_concat"])
+        params += 4 * channels * filters + filters + double(f"dec{level}", 2 * filters, filters)
+        channels = filters
+    names.append("head_softmax")
+    return names, params + channels * classes + classes
+
+
+@pytest.mark.parametrize(("depth", "base"), [(2, 4), (4, 8)])  # (4, 8): params.yaml's U-Net
+def test_without_an_encoder_the_unet_is_the_papers_layout(depth, base):
+    names, params = _paper_layout(depth, base, 3)
+    model = create_model("unet", (64, 64, 3), 3, {"depth": depth, "base_filters": base})
+    assert [layer.name for layer in model.layers] == names
+    assert model.count_params() == params
+    # The new keys at their defaults build the same model, weight for weight.
+    keras.utils.set_random_seed(0)
+    plain = create_model("unet", (64, 64, 3), 3, {"depth": depth, "base_filters": base})
+    keras.utils.set_random_seed(0)
+    explicit = create_model("unet", (64, 64, 3), 3, {"depth": depth, "base_filters": base,
+                                                     "encoder": "none", "weights": None,
+                                                     "alpha": 1.0})
+    assert explicit.get_config() == plain.get_config()
+    for a, b in zip(plain.get_weights(), explicit.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
+KEY = "models.unet.architecture"
+MOBILENET = {"encoder": "mobilenet_v2", "alpha": 0.35, "depth": 5, "base_filters": 4}
+# The layers at strides 2, 4, 8, 16 that unet.SKIPS names, and the backbone's output channels.
+ENCODERS = {"mobilenet_v2": (MOBILENET, 1280), "resnet50": ({"encoder": "resnet50"}, 2048),
+            "efficientnet_b0": ({"encoder": "efficientnet_b0"}, 1280),
+            "vgg16": ({"encoder": "vgg16"}, 512)}
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_each_encoder_builds_a_per_pixel_softmax_of_the_input_size(name):
+    arch, bottom = ENCODERS[name]
+    model = create_model("unet", (64, 64, 3), 3, {"depth": 5, "base_filters": 4, **arch})
+    assert model.name == "unet"
+    probs = np.asarray(model(_images(2, 64, 64), training=False))
+    assert probs.shape == (2, 64, 64, 3) and probs.dtype == np.float32
+    assert (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-5)
+    backbone = model.get_layer("backbone")
+    assert [tuple(o.shape[1:3]) for o in backbone.outputs] == [(32, 32), (16, 16), (8, 8),
+                                                              (4, 4), (2, 2)]
+    assert backbone.outputs[-1].shape[-1] == bottom
+    assert len(finetune.blocks(backbone)) > 2  # the stem and several blocks to unfreeze
+    assert finetune.block_count(model) == len(finetune.blocks(backbone)) - 1
+    # Five decoder levels back to the input size; the skips join levels 5..2.
+    assert [model.get_layer(f"up{i}").output.shape[1] for i in (5, 4, 3, 2, 1)] == [
+        4, 8, 16, 32, 64]
+    assert model.get_layer("dec1_conv2").output.shape[1:] == (64, 64, 4)
+    assert model.get_layer("dec5_conv2").output.shape[1:] == (4, 4, 4 * 16)
+
+
+def _build(root, size=32, **arch):
+    with pretrained.context(KEY, root):
+        return create_model("unet", (size, size, 3), 3, {**MOBILENET, **arch})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project root whose weights/ holds an applications classifier (MobileNetV2 0.35, its
+    weights nudged off a fresh build's) and one of another width (0.5)."""
+    root = tmp_path_factory.mktemp("unet_weights")
+    (root / "weights").mkdir()
+    classifier = create_model("applications", (64, 64, 3), 3,
+                              {"backbone": "mobilenet_v2", "alpha": 0.35})
+    rng = np.random.default_rng(0)
+    classifier.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype)
+                            for w in classifier.get_weights()])
+    classifier.save(root / "weights" / "classifier.keras")
+    create_model("applications", (32, 32, 3), 3, {"backbone": "mobilenet_v2", "alpha": 0.5}
+                 ).save(root / "weights" / "wider.keras")
+    return root, classifier
+
+
+def _assert_same_backbone(model, source) -> None:
+    mine, theirs = model.get_layer("backbone"), source.get_layer("backbone")
+    assert len(mine.weights) == len(theirs.weights) > 100
+    for a, b in zip(mine.weights, theirs.weights, strict=True):
+        assert a.path == b.path
+        assert np.array_equal(np.asarray(a), np.asarray(b)), a.path
+
+
+def _moved_by_a_training_call(model, x) -> set[str]:
+    """Batch-norm moving means that one training-mode call changes."""
+    before = {v.path: np.asarray(v).copy() for v in model.weights if "moving_mean" in v.path}
+    model(x, training=True)
+    return {v.path for v in model.weights
+            if v.path in before and not np.array_equal(before[v.path], np.asarray(v))}
+
+
+DECODER_BN = {f"dec{i}_conv{c}_bn/moving_mean" for i in range(1, 6) for c in (1, 2)}
+
+
+def test_an_applications_classifier_backbone_loads_exactly_and_saves(project, tmp_path):
+    root, classifier = project
+    model = _build(root, weights="weights/classifier.keras")
+    _assert_same_backbone(model, classifier)
+    x = _images(2, 32, 32)
+    # Unfrozen with pretrained weights, as train sets it: the backbone's batch norm keeps the
+    # statistics it came with, even in a training step; the decoder's move.
+    finetune.apply(model, finetune.Phase(0, 0, 1, "all", 1e-3), "t", keep_statistics=True)
+    assert _moved_by_a_training_call(model, x) == DECODER_BN
+    _assert_same_backbone(model, classifier)
+    model.save(tmp_path / "unet.keras")
+    loaded = load_model(tmp_path / "unet.keras")
+    assert loaded.name == "unet"
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)),
+                                  np.asarray(model(x, training=False)))
+    # A U-Net of the same encoder is a source too.
+    (tmp_path / "unet.keras").rename(root / "weights" / "unet.keras")
+    _assert_same_backbone(_build(root, weights="weights/unet.keras"), classifier)
+    # Without keep_statistics (random weights) the backbone's batch norm learns as usual.
+    finetune.apply(loaded, finetune.Phase(0, 0, 1, "all", 1e-3), "t")
+    assert _moved_by_a_training_call(loaded, x) > DECODER_BN
+
+
+def _error(match: str, call, *args, **kwargs) -> str:
+    with pytest.raises(ParamsError) as caught:
+        call(*args, **kwargs)
+    text = str(caught.value)
+    assert "\n" not in text and match in text, text
+    return text
+
+
+def test_weight_files_of_another_architecture_or_missing_name_the_key(project):
+    root, _ = project
+    text = _error(f"{KEY}.weights = 'weights/wider.keras'", _build, root,
+                  weights="weights/wider.keras")
+    assert "another architecture" in text
+    _error(f"{KEY}.weights = 'weights/missing.keras': no such file", _build, root,
+           weights="weights/missing.keras")
+    # The classifier is MobileNetV2: not a VGG16 encoder.
+    text = _error(f"{KEY}.weights = 'weights/classifier.keras'", _build, root,
+                  weights="weights/classifier.keras", encoder="vgg16", alpha=1.0)
+    assert "another architecture" in text
+
+
+@pytest.mark.parametrize(("arch", "message"), [
+    ({"weights": "imagenet"}, f"{KEY}.weights = 'imagenet': the U-Net without an encoder"),
+    ({"weights": "weights/a.keras"}, f"{KEY}.weights = 'weights/a.keras': the U-Net without"),
+    ({"encoder": "vgg16"}, f"{KEY}.depth = 4: an encoder has 5 levels"),
+    ({"encoder": "vgg16", "depth": 5, "alpha": 0.5}, f"{KEY}.alpha = 0.5: only the mobilenet_v2"),
+    ({"alpha": 0.5}, f"{KEY}.alpha = 0.5: only the mobilenet_v2"),
+    ({**MOBILENET, "weights": "imagenet21k"}, f"{KEY}.weights = 'imagenet21k': expected null"),
+    ({"encoder": "mobilenet_v3"}, f"{KEY}.encoder = 'mobilenet_v3': expected one of 'none'"),
+])
+def test_bad_encoder_params_fail_at_parse_time_naming_the_key(arch, message):
+    _error(message, parse_architecture, "unet", arch, KEY)
+
+
+def test_an_encoder_needs_input_sides_multiple_of_32():
+    with pytest.raises(ModelError) as err:
+        create_model("unet", (100, 96, 3), 2, {"encoder": "vgg16", "depth": 5})
+    assert str(err.value) == ("unet: input size 100x96 is not a multiple of 32 (the stride of "
+                              "encoder vgg16); use e.g. 96x96 or 128x96 "
+                              "(prepare.segmentation.image_size / crop_size)")
