@@ -1,17 +1,30 @@
 """YOLO (keras-cv YOLOv8) behind the registry: sizes from params, the stride check, NMS
-from params, safe save/load, and boxes mapped back through the serving resize."""
+from params, safe save/load, boxes mapped back through the serving resize, and the backbone's
+starting weights (random, a keras-cv preset folder or file in weights/, a COCO preset that
+cannot be downloaded here: this machine has no network)."""
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from visionpipe import finetune
 from visionpipe.config import NMSConfig
 from visionpipe.errors import ModelError, ParamsError
 from visionpipe.geometry import boxes_to_input, fit_boxes, fit_images
-from visionpipe.models.registry import create_model, known_families, parse_architecture
-from visionpipe.models.yolo import BOX_CHANNELS, YOLOParams, detect, set_nms
+from visionpipe.models import pretrained
+from visionpipe.models.registry import create_model, get_family, known_families, parse_architecture
+from visionpipe.models.yolo import (
+    BOX_CHANNELS,
+    PRESETS,
+    VARIANTS,
+    YOLOParams,
+    detect,
+    nms_layer,
+    set_nms,
+)
 from visionpipe.tasks.registry import task_for
 
 TINY = {"variant": "n", "width_multiplier": 0.25}  # 8-16-32-64 channels
@@ -119,3 +132,181 @@ def test_boxes_map_back_through_the_serving_resize(hw, policy):
     rows, cols = np.flatnonzero(fitted_image.max(1) > 0), np.flatnonzero(fitted_image.max(0) > 0)
     np.testing.assert_allclose(fitted[0], [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1],
                                atol=1e-3)
+
+
+# ------------------------------------------------------------------- starting weights
+
+KEY = "models.det.architecture"
+
+
+def _build(root, arch, size=32):
+    with pretrained.context(KEY, root):
+        return create_model("yolo", (size, size, 3), 3, arch)
+
+
+def _error(match: str, call, *args) -> str:
+    with pytest.raises(ParamsError) as caught:
+        call(*args)
+    text = str(caught.value)
+    assert "\n" not in text and match in text, text
+    return text
+
+
+def _keras_cv():
+    import keras_cv
+
+    return keras_cv
+
+
+def test_weights_null_builds_the_detector_as_before(tmp_path):
+    """null: keras-cv's backbone and detector built straight from the variant's stages, as
+    before presets existed: same layers, same names, same initial weights (seeded)."""
+    keras_cv = _keras_cv()
+    p = parse_architecture("yolo", get_family("yolo").tiny, KEY)
+    assert p.weights is None
+    keras.utils.set_random_seed(5)
+    model = _build(tmp_path, p)
+    keras.utils.set_random_seed(5)
+    channels, depths = p.stages()
+    reference = keras_cv.models.YOLOV8Detector(
+        num_classes=3, bounding_box_format="xyxy", fpn_depth=p.fpn_depth,
+        backbone=keras_cv.models.YOLOV8Backbone(
+            stackwise_channels=channels, stackwise_depth=depths, include_rescaling=True,
+            activation="swish", input_shape=(32, 32, 3)),
+        prediction_decoder=nms_layer(NMSConfig()), name="yolov8n")
+
+    def layers(m):  # auto-numbered names (input_layer_3, rescaling_2) differ per build
+        return [(type(layer).__name__, layer.name.rstrip("_0123456789"))
+                for layer in m.backbone.layers + m.layers]
+
+    assert model.name == reference.name == "yolov8n"
+    assert layers(model) == layers(reference)
+    assert model.count_params() == reference.count_params()
+    mine, theirs = model.get_weights(), reference.get_weights()
+    assert len(mine) == len(theirs) > 100
+    assert all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
+@pytest.fixture(scope="module")
+def preset_project(tmp_path_factory):
+    """A project root whose weights/ holds a keras-cv preset folder of the registry's tiny
+    YOLOv8 backbone (saved by keras-cv's own save_to_preset, without its rescaling layer, as
+    a preset may be) and the same backbone's .weights.h5; its weights nudged off any fresh
+    initialisation."""
+    from keras_cv.src.utils.preset_utils import save_to_preset
+
+    keras_cv = _keras_cv()
+    root = tmp_path_factory.mktemp("yolo_weights")
+    channels, depths = parse_architecture("yolo", get_family("yolo").tiny, KEY).stages()
+    source = keras_cv.models.YOLOV8Backbone(
+        stackwise_channels=channels, stackwise_depth=depths, include_rescaling=False,
+        input_shape=(32, 32, 3))
+    rng = np.random.default_rng(0)
+    source.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype)
+                        for w in source.get_weights()])
+    save_to_preset(source, str(root / "weights" / "tiny_yolo"))
+    with_rescaling = keras_cv.models.YOLOV8Backbone(
+        stackwise_channels=channels, stackwise_depth=depths, include_rescaling=True,
+        input_shape=(32, 32, 3))
+    with_rescaling.set_weights(source.get_weights())
+    with_rescaling.save_weights(str(root / "weights" / "tiny_yolo.weights.h5"))
+    return root, source
+
+
+@pytest.mark.parametrize("weights", ["weights/tiny_yolo", "weights/tiny_yolo.weights.h5"])
+def test_a_local_preset_loads_the_backbone_exactly(preset_project, weights):
+    root, source = preset_project
+    model = _build(root, {**get_family("yolo").tiny, "weights": weights})
+    backbone = pretrained.nested_backbone(model)
+    assert backbone is model.backbone
+    assert len(backbone.weights) == len(source.weights) > 50
+    for a, b in zip(backbone.weights, source.weights, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), a.path
+    # The model still takes 0..255 pixels: one rescaling by 1/255 inside, whatever the
+    # preset held (this one was saved without).
+    scales = [layer.scale for layer in backbone.layers
+              if isinstance(layer, keras.layers.Rescaling)]
+    assert scales == [pytest.approx(1 / 255)]
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(backbone(pixels).numpy(), source(pixels / 255).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    # train's fine-tuning schedule finds the backbone's stages as blocks after the stem.
+    groups = finetune.blocks(backbone)
+    assert [g[0].name.split("_")[0] for g in groups[1:]] == ["stack1", "stack2", "stack3",
+                                                            "stack4"]
+    assert finetune.block_count(model) == 4
+
+
+def test_a_local_preset_of_another_shape_names_the_key_to_change(preset_project):
+    root, _ = preset_project
+    arch = {**get_family("yolo").tiny, "variant": "s", "weights": "weights/tiny_yolo"}
+    text = _error(f"{KEY}.variant = 's': the preset in weights/tiny_yolo has channels "
+                  "8-16-32-64 and blocks 1-1-1-1", _build, root, arch)
+    assert "set variant: n, width_multiplier: 0.25, depth_multiplier: 0.5" in text
+    text = _error(f"{KEY}.width_multiplier = 1.0", _build, root,
+                  {"weights": "weights/tiny_yolo", "depth_multiplier": 0.5})
+    assert "set variant: n, width_multiplier: 0.25" in text
+
+
+def test_a_missing_or_foreign_preset_folder_is_one_line_naming_the_key(preset_project,
+                                                                      tmp_path):
+    root, _ = preset_project
+    tiny = get_family("yolo").tiny
+    _error(f"{KEY}.weights = 'weights/nothing': no such folder", _build, root,
+           {**tiny, "weights": "weights/nothing"})
+    (root / "weights" / "empty").mkdir(exist_ok=True)
+    _error("not a keras-cv preset folder (no config.json)", _build, root,
+           {**tiny, "weights": "weights/empty"})
+    (root / "weights" / "other").mkdir(exist_ok=True)
+    (root / "weights" / "other" / "config.json").write_text(
+        '{"class_name": "ResNetBackbone", "config": {}}')
+    _error("is a ResNetBackbone, not a YOLOV8Backbone", _build, root,
+           {**tiny, "weights": "weights/other"})
+    _error("must lie in weights/", _build, root, {**tiny, "weights": str(tmp_path)})
+
+
+def test_preset_names_are_checked_when_params_are_parsed():
+    text = _error(f"{KEY}.weights = 'yolo_v8_l_backbone_coco': expected null", parse_architecture,
+                  "yolo", {"weights": "yolo_v8_l_backbone_coco"}, KEY)
+    assert all(name in text for name in PRESETS) and "weights/" in text
+    _error(f"{KEY}.variant = 'n': the preset yolo_v8_s_backbone_coco is variant s",
+           parse_architecture, "yolo", {"weights": "yolo_v8_s_backbone_coco"}, KEY)
+    text = _error(f"{KEY}.width_multiplier = 0.5", parse_architecture, "yolo",
+                  {"weights": "yolo_v8_m_backbone_coco", "variant": "m",
+                   "width_multiplier": 0.5}, KEY)
+    assert text.endswith("set width_multiplier: 1.0")
+    arch = parse_architecture("yolo", {"weights": "yolo_v8_s_backbone_coco", "variant": "s"},
+                              KEY)
+    assert arch.stages() == ([64, 128, 256, 512], [1, 2, 2, 1])
+
+
+def test_presets_are_keras_cvs_with_the_variants_shapes():
+    """Each preset named here is one of keras-cv's COCO backbones, and the variant it maps to
+    has its parameter count (keras-cv's metadata)."""
+    keras_cv = _keras_cv()
+    known = keras_cv.models.YOLOV8Backbone.presets_with_weights
+    for name, variant in PRESETS.items():
+        channels, depths = VARIANTS[variant]
+        backbone = keras_cv.models.YOLOV8Backbone(
+            stackwise_channels=list(channels), stackwise_depth=list(depths),
+            include_rescaling=True, input_shape=(32, 32, 3))
+        assert backbone.count_params() == known[name]["metadata"]["params"], name
+
+
+def test_a_preset_download_without_network_is_one_line_naming_the_key(
+        tmp_path, monkeypatch, capsys):
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    capsys.readouterr()
+    text = _error(f"{KEY}.weights = 'yolo_v8_xs_backbone_coco': the keras-cv preset "
+                  "yolo_v8_xs_backbone_coco could not be downloaded from "
+                  "https://www.kaggle.com/models/keras/yolov8/keras/yolo_v8_xs_backbone_coco/2",
+                  _build, tmp_path, {"weights": "yolo_v8_xs_backbone_coco"})
+    assert ("kagglehub.model_download('keras/yolov8/keras/yolo_v8_xs_backbone_coco/2', "
+            "output_dir='weights/yolo_v8_xs_backbone_coco')") in text
+    assert "set weights: weights/yolo_v8_xs_backbone_coco" in text
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert not list((tmp_path / "kagglehub").rglob("*.h5"))

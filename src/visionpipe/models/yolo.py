@@ -1,22 +1,37 @@
-"""YOLO (keras-cv's YOLOv8): an anchor-free one-stage object detector, trained from scratch.
+"""YOLO (keras-cv's YOLOv8): an anchor-free one-stage object detector, from scratch or from a
+COCO-pretrained backbone.
 
 keras-cv stays behind this module: the stages build, decode and configure detectors only
 through the functions here. The model takes float32 RGB pixels in 0..255 (it rescales inside)
 and returns raw head outputs; :func:`detect` decodes them into boxes with non-maximum
 suppression (NMS) set by :func:`set_nms` from params (``evaluate.nms``, ``export.nms``).
+
+``architecture.weights`` picks the backbone's starting weights: null (random, the build of
+``variant`` and the multipliers), a keras-cv preset name (its COCO weights, downloaded from
+Kaggle), a local keras-cv preset folder in ``weights/`` (``config.json`` and
+``model.weights.h5``), or a local file (a visionpipe ``.keras`` YOLO or the backbone's
+``.weights.h5``). The neck and head always start from random weights (a new set of classes).
+With a preset the backbone's shape comes from the preset, and ``variant``, ``width_multiplier``
+and ``depth_multiplier`` must describe it (an error says the values to set), so params and
+model.json say what was trained.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from visionpipe.config import NMSConfig, spec
-from visionpipe.errors import ModelError
+from visionpipe.errors import ModelError, ParamsError
+from visionpipe.models import pretrained
 from visionpipe.models.registry import register
-from visionpipe.tasks.detection import DetectorHooks
+from visionpipe.tasks.detection import ClassWeightedBinaryCrossentropy, DetectorHooks
 
 STRIDE = 32  # the coarsest feature map (P5) is the input over 32
 BOX_FORMAT = "xyxy"  # absolute pixels, as prepare stores them
@@ -28,6 +43,11 @@ VARIANTS = {
     "s": ((64, 128, 256, 512), (1, 2, 2, 1)),
     "m": ((96, 192, 384, 576), (2, 4, 4, 2)),
 }
+# keras-cv's COCO-pretrained backbone presets (weights on Kaggle) -> the variant each one is at
+# width and depth 1.0 (same channels, blocks and parameter count: 1,277,680, 5,089,760 and
+# 11,872,464). Its l and xl presets have no variant here.
+PRESETS = {"yolo_v8_xs_backbone_coco": "n", "yolo_v8_s_backbone_coco": "s",
+           "yolo_v8_m_backbone_coco": "m"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,33 @@ class YOLOParams:
     # (keras-cv's, and ultralytics', 7.5 and 0.5).
     box_loss_weight: float = spec(7.5, gt=0, le=100)
     class_loss_weight: float = spec(0.5, gt=0, le=100)
+    # The backbone's starting weights: null (random); a keras-cv COCO preset
+    # (yolo_v8_xs_backbone_coco = variant n, yolo_v8_s_backbone_coco = s,
+    # yolo_v8_m_backbone_coco = m; multipliers 1.0), downloaded from Kaggle; or in weights/: a
+    # keras-cv preset folder (config.json + model.weights.h5), a visionpipe YOLO model.keras,
+    # or the backbone's .weights.h5. The neck and head start from random weights.
+    weights: str | None = None
+
+    def validate(self, path: str) -> None:
+        """Checks across fields; registry.parse_architecture calls this with the params key."""
+        w = self.weights
+        if w is None or pretrained.is_local(w):
+            return  # a local preset's shape is checked when the model is built
+        if w not in PRESETS:
+            raise ParamsError(
+                f"params.yaml: {path}.weights = {w!r}: expected null (random), a keras-cv COCO "
+                "preset (" + ", ".join(f"{name} = variant {v}" for name, v in PRESETS.items())
+                + f") or a local preset folder or file in {pretrained.WEIGHTS_DIR}/ (e.g. "
+                f"{pretrained.WEIGHTS_DIR}/yolo_v8_xs_backbone_coco)")
+        channels, depths = VARIANTS[PRESETS[w]]
+        mismatch = _mismatch(self, {"variant": PRESETS[w], "width_multiplier": 1.0,
+                                    "depth_multiplier": 1.0})
+        if mismatch:
+            field, value, want = mismatch
+            raise ParamsError(
+                f"params.yaml: {path}.{field} = {value!r}: the preset {w} is variant "
+                f"{PRESETS[w]} at full width and depth (channels {_dashed(channels)}, blocks "
+                f"{_dashed(depths)}; the preset decides the backbone); set {field}: {want}")
 
     def stages(self) -> tuple[list[int], list[int]]:
         """The backbone's channels and blocks per stage after the multipliers."""
@@ -51,6 +98,35 @@ class YOLOParams:
         # Channels stay even: the C2f blocks split them in two halves.
         return ([max(8, 2 * round(c * self.width_multiplier / 2)) for c in channels],
                 [max(1, round(d * self.depth_multiplier)) for d in depths])
+
+
+def _dashed(values) -> str:
+    return "-".join(str(v) for v in values)
+
+
+def _mismatch(p: YOLOParams, want: dict) -> tuple[str, object, object] | None:
+    """The first of variant, width_multiplier, depth_multiplier that differs from ``want``:
+    (field, value in p, wanted value); None when all agree."""
+    for field, value in want.items():
+        if getattr(p, field) != value:
+            return field, getattr(p, field), value
+    return None
+
+
+def _params_for(channels: list[int], depths: list[int]) -> dict | None:
+    """A variant and multipliers whose backbone has these channels and blocks; None if none."""
+    if len(channels) != 4 or len(depths) != 4:
+        return None
+    for variant, (base_channels, base_depths) in VARIANTS.items():
+        width = round(channels[0] / base_channels[0], 4)
+        ratios = {round(d / b, 4) for d, b in zip(depths, base_depths, strict=True)}
+        for depth in [1.0, *sorted(ratios - {1.0})]:
+            if not (0 < width <= 4 and 0 < depth <= 4):
+                continue
+            p = YOLOParams(variant=variant, width_multiplier=width, depth_multiplier=depth)
+            if p.stages() == (list(channels), list(depths)):
+                return {"variant": variant, "width_multiplier": width, "depth_multiplier": depth}
+    return None
 
 
 def check_input_size(input_shape: tuple) -> None:
@@ -85,8 +161,9 @@ def nms_layer(nms: NMSConfig):
 class YOLOHooks(DetectorHooks):
     """What the detection task needs from a YOLOv8 model (the functions below)."""
 
-    def compile(self, model, optimizer, architecture: YOLOParams) -> None:
-        compile_detector(model, optimizer, architecture)
+    def compile(self, model, optimizer, architecture: YOLOParams,
+                class_weights: tuple[float, ...] | None = None) -> None:
+        compile_detector(model, optimizer, architecture, class_weights)
 
     def set_nms(self, model, nms: NMSConfig) -> None:
         set_nms(model, nms)
@@ -119,23 +196,143 @@ class YOLOHooks(DetectorHooks):
           tiny={"variant": "n", "width_multiplier": 0.25, "depth_multiplier": 0.1},
           tiny_input=(32, 32), hooks=YOLOHooks())
 def build(input_shape: tuple[int, int, int], num_classes: int, p: YOLOParams):
-    """A YOLOv8 detector with random weights (nothing is downloaded)."""
+    """A YOLOv8 detector: the backbone from ``p.weights`` (random when null), the neck and head
+    random. A preset is downloaded only when ``p.weights`` names one of keras-cv's."""
     check_input_size(input_shape)
     keras_cv = _keras_cv()
-    channels, depths = p.stages()
-    backbone = keras_cv.models.YOLOV8Backbone(
-        stackwise_channels=channels, stackwise_depth=depths, include_rescaling=True,
-        activation="swish", input_shape=tuple(input_shape))
+    backbone = build_backbone(p, input_shape)
     return keras_cv.models.YOLOV8Detector(
         num_classes=num_classes, bounding_box_format=BOX_FORMAT, backbone=backbone,
         fpn_depth=p.fpn_depth, prediction_decoder=nms_layer(NMSConfig()),
         name=f"yolov8{p.variant}")
 
 
-def compile_detector(model, optimizer, p: YOLOParams) -> None:
-    """YOLOv8's own loss: CIoU on boxes, binary cross-entropy on classes (keras-cv)."""
+def build_backbone(p: YOLOParams, input_shape: tuple[int, int, int]):
+    """keras-cv's YOLOV8Backbone with the weights ``p.weights`` names; it rescales 0..255
+    pixels to 0..1 inside, once, whatever a preset says (ultralytics' COCO weights, which
+    keras-cv's presets hold, were trained on 0..1 images)."""
+    keras_cv = _keras_cv()
+    if p.weights is not None and (p.weights in PRESETS or (
+            pretrained.is_local(p.weights)
+            and not p.weights.endswith(pretrained.FILE_SUFFIXES))):
+        return _from_preset(p, input_shape)
+    channels, depths = p.stages()
+    backbone = keras_cv.models.YOLOV8Backbone(
+        stackwise_channels=channels, stackwise_depth=depths, include_rescaling=True,
+        activation="swish", input_shape=tuple(input_shape))
+    if p.weights is not None:  # a visionpipe .keras YOLO or a .weights.h5 of this backbone
+        pretrained.load_into(backbone, p.weights)
+    return backbone
+
+
+def kaggle_handle(preset: str) -> str:
+    """Where keras-cv downloads ``preset`` from: its Kaggle handle, e.g.
+    ``keras/yolov8/keras/yolo_v8_xs_backbone_coco/2``."""
+    handle = _keras_cv().models.YOLOV8Backbone.presets[preset]["kaggle_handle"]
+    return handle.removeprefix("kaggle://")
+
+
+def _from_preset(p: YOLOParams, input_shape: tuple[int, int, int]):
+    keras_cv = _keras_cv()
+    overrides = {"input_shape": tuple(input_shape), "include_rescaling": True}
+    if p.weights in PRESETS:  # validate() checked that the params describe it
+        handle = kaggle_handle(p.weights)
+        local = f"{pretrained.WEIGHTS_DIR}/{p.weights}"
+        return pretrained.download(
+            "weights", p.weights, f"keras-cv preset {p.weights}",
+            lambda: _download_preset(p.weights, handle, overrides),
+            then=f"on a machine with a network run python -c \"import kagglehub; "
+                 f"kagglehub.model_download('{handle}', output_dir='{local}')\" in the "
+                 f"project, copy {local}/ here and set weights: {local}")
+    path = pretrained.local_path(p.weights, folder=True)
+    config = _preset_config(p.weights, path)
+    channels = list(config.get("stackwise_channels") or [])
+    depths = list(config.get("stackwise_depth") or [])
+    if p.stages() != (channels, depths):
+        _shape_error(p, channels, depths)
+    import warnings
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backbone = keras_cv.models.YOLOV8Backbone.from_preset(str(path), **overrides)
+        skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
+        if skipped:  # Keras loads what matches and warns about the rest: a damaged file
+            raise ValueError(skipped[0])
+    except Exception as exc:  # noqa: BLE001 - keras-cv and Keras raise ValueError, OSError, ...
+        text = " ".join(str(exc).split())[:200]
+        raise pretrained.fail("weights", p.weights, f"the keras-cv preset in {path.name} cannot "
+                              f"be loaded ({type(exc).__name__}: {text}); save it again with "
+                              "the same keras-cv version") from None
+    return backbone
+
+
+def _preset_config(value: str, path) -> dict:
+    """The YOLOV8Backbone config of the preset folder ``path``, checked."""
+    file = path / "config.json"
+    try:
+        saved = json.loads(file.read_text())
+        config = saved["config"]
+        kind = saved.get("class_name")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = "no config.json" if not file.exists() else f"config.json unreadable: {exc}"
+        raise pretrained.fail("weights", value, f"not a keras-cv preset folder ({why}); a "
+                              "preset folder holds config.json and model.weights.h5, as "
+                              "kagglehub downloads it (see docs/detection.md)") from None
+    if kind != "YOLOV8Backbone" or not isinstance(config, dict):
+        raise pretrained.fail("weights", value, f"the preset in {path.name} is a {kind}, not "
+                              "a YOLOV8Backbone; use a keras-cv YOLOv8 backbone preset")
+    return config
+
+
+def _shape_error(p: YOLOParams, channels: list[int], depths: list[int]):
+    """A local preset whose backbone the params do not describe: name the key to change."""
+    mine = p.stages()
+    have = (f"the preset in {p.weights} has channels {_dashed(channels)} and blocks "
+            f"{_dashed(depths)} per stage, where variant {p.variant}, width_multiplier "
+            f"{p.width_multiplier}, depth_multiplier {p.depth_multiplier} give "
+            f"{_dashed(mine[0])} and {_dashed(mine[1])}")
+    want = _params_for(channels, depths)
+    mismatch = _mismatch(p, want) if want else None
+    if mismatch is None:
+        raise pretrained.fail("weights", p.weights, f"{have}; no variant ({', '.join(VARIANTS)})"
+                              " and multipliers give that backbone: use a preset of keras-cv's "
+                              "xs, s or m shape")
+    field, value, _ = mismatch
+    raise ParamsError(f"params.yaml: {pretrained.key(field)} = {value!r}: {have}; the preset "
+                      "decides the backbone: set "
+                      + ", ".join(f"{k}: {v}" for k, v in want.items()))
+
+
+def _download_preset(name: str, handle: str, overrides: dict):
+    """keras-cv's ``from_preset(name)`` quietly (kagglehub logs each download on stdout and
+    draws progress bars on stderr); a failure names the Kaggle page and the reason."""
+    import logging
+
+    log = logging.getLogger("kagglehub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _keras_cv().models.YOLOV8Backbone.from_preset(name, **overrides)
+    except Exception as exc:  # noqa: BLE001 - requests, kagglehub and OS errors alike
+        text = " ".join(str(exc).split())
+        errno = re.search(r"\[Errno [^\]]+\][^'\")]*", text)
+        reason = errno.group(0).strip() if errno else text[:120]
+        raise RuntimeError(f"https://www.kaggle.com/models/{handle} -- "
+                           f"{type(exc).__name__}: {reason}") from None
+    finally:
+        log.setLevel(level)
+
+
+def compile_detector(model, optimizer, p: YOLOParams,
+                     class_weights: tuple[float, ...] | None = None) -> None:
+    """YOLOv8's own loss: CIoU on boxes, binary cross-entropy on classes (keras-cv), each
+    class's column of it times its weight when ``class_weights`` are given."""
+    classification_loss = ("binary_crossentropy" if class_weights is None  # keras-cv's own
+                           else ClassWeightedBinaryCrossentropy(class_weights, reduction="sum"))
     model.compile(optimizer=optimizer, box_loss="ciou",
-                  classification_loss="binary_crossentropy",
+                  classification_loss=classification_loss,
                   box_loss_weight=p.box_loss_weight,
                   classification_loss_weight=p.class_loss_weight)
 
