@@ -1,7 +1,8 @@
-"""Starting from a backbone trained here, with the real train and export stages: the weights
-load exactly, a frozen backbone does not move while the head trains, unfreezing moves it (and
-batch norm keeps its statistics), history.csv and model.json say what trained when, the export
-agrees with the Keras model, and an ImageNet download that cannot happen is one line.
+"""Starting from a backbone trained here, with the real train and export stages: one epoch
+with the backbone frozen, then one with its top 2 blocks unfrozen. Layers that stayed frozen
+do not move, unfrozen ones do, batch norm keeps the file's statistics, history.csv and
+model.json say what trained when, the export agrees with the Keras model, and an ImageNet
+download that cannot happen is one line.
 
 Weight files come from a model trained on shapes in this test (no network here)."""
 
@@ -31,7 +32,7 @@ ARCH = {"backbone": "mobilenet_v2", "alpha": 0.35, "weights": None, "pooling": "
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, default_params_dict):
     """32x32 shapes; ``source`` trained from random weights and copied into weights/; then
-    ``frozen`` (1 epoch, backbone frozen) and ``tuned`` (1 frozen epoch, 1 with all layers)."""
+    ``tuned``: 1 epoch with the backbone frozen, 1 with its top 2 blocks unfrozen."""
     root = tmp_path_factory.mktemp("pretrained")
     data = tiny_params(default_params_dict)
     data["prepare"]["classification"]["image_size"] = [32, 32]
@@ -44,44 +45,41 @@ def project(tmp_path_factory, default_params_dict):
     (root / "weights").mkdir()
     shutil.copy(root / "models/source/model.keras", root / "weights/source.keras")
     start = {**ARCH, "weights": "weights/source.keras"}
-    data["models"]["frozen"] = {**entry, "architecture": start,
-                                "train": {**base, "epochs": 1, "freeze_epochs": 1}}
     data["models"]["tuned"] = {
         **entry, "architecture": start,
-        "train": {**base, "epochs": 2, "freeze_epochs": 1, "restore_best": False},
+        "train": {**base, "epochs": 2, "freeze_epochs": 1, "unfreeze": 2,
+                  "restore_best": False},
         "export_formats": ["keras", "saved_model", "tflite"]}
     data["export"]["parity_samples"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     params = parse_params(data)
-    meta = {name: train.run(params, name, layout) for name in ("frozen", "tuned")}
-    return root, params, layout, meta
+    return root, params, layout, {"tuned": train.run(params, "tuned", layout)}
 
 
 def _backbone(path):
     return {w.path: np.asarray(w) for w in load_model(path).get_layer("backbone").weights}
 
 
-def test_frozen_epochs_leave_the_backbone_and_its_statistics_unchanged(project):
-    root, *_ = project
-    source = _backbone(root / "weights/source.keras")
-    frozen = _backbone(root / "models/frozen/model.keras")
-    assert source.keys() == frozen.keys() and len(source) > 100
-    assert all(np.array_equal(source[k], frozen[k]) for k in source)
-    head = [load_model(root / f"models/{m}/model.keras").get_layer("head_softmax").get_weights()
-            for m in ("source", "frozen")]
-    assert not np.array_equal(head[0][0], head[1][0])  # the new head trained
-
-
-def test_unfreezing_trains_the_backbone_but_batch_norm_keeps_its_statistics(project):
+def test_frozen_layers_stay_the_files_unfrozen_ones_train_and_statistics_stay(project):
     root, *_ = project
     source = _backbone(root / "weights/source.keras")
     tuned = _backbone(root / "models/tuned/model.keras")
+    assert source.keys() == tuned.keys() and len(source) > 100
+    top = ("block_15_", "block_16_", "Conv_1/", "Conv_1_bn/")  # MobileNetV2's top 2 blocks
     kernels = [k for k in source if k.endswith("kernel")]
     stats = [k for k in source if k.endswith(("moving_mean", "moving_variance"))]
-    assert kernels and stats
-    assert sum(not np.array_equal(source[k], tuned[k]) for k in kernels) == len(kernels)
-    # Pretrained: the backbone runs in inference mode, frozen or not (keras-io's advice).
-    assert all(np.array_equal(source[k], tuned[k]) for k in stats)
+    unfrozen = [k for k in kernels if k.startswith(top)]
+    frozen = [k for k in source if not k.startswith(top)]
+    assert len(unfrozen) >= 6 and len(frozen) > 100 and stats
+    # Never unfrozen: exactly the file's weights, through both epochs.
+    assert [k for k in frozen if not np.array_equal(source[k], tuned[k])] == []
+    # Unfrozen for the second epoch: every kernel moved.
+    assert [k for k in unfrozen if np.array_equal(source[k], tuned[k])] == []
+    # Pretrained: batch norm runs in inference mode, frozen or not (keras-io's advice).
+    assert [k for k in stats if not np.array_equal(source[k], tuned[k])] == []
+    head = [load_model(root / f"models/{m}/model.keras").get_layer("head_softmax").get_weights()
+            for m in ("source", "tuned")]
+    assert not np.array_equal(head[0][0], head[1][0])  # the new head trained
 
 
 def test_history_and_model_json_say_what_trained_when(project):
@@ -92,13 +90,13 @@ def test_history_and_model_json_say_what_trained_when(project):
     head = 1280 * classes + classes  # MobileNetV2's 1280 features -> the softmax
     trainable = [float(r["trainable_params"]) for r in rows]
     assert trainable[0] == head
-    assert trainable[1] > 50 * head
-    # Batch norm's scale and offset stay frozen with its statistics (keep_statistics).
+    # Then the head and the top 2 blocks' convolutions; batch norm's scale and offset stay
+    # frozen with its statistics (keep_statistics).
     tuned = load_model(root / "models/tuned/model.keras")
-    norms = [layer for layer in tuned.get_layer("backbone").layers
-             if type(layer).__name__ == "BatchNormalization"]
-    assert norms and trainable[1] == tuned.count_params() - sum(
-        layer.count_params() for layer in norms)
+    top = [layer for layer in tuned.get_layer("backbone").layers
+           if layer.name.startswith(("block_15_", "block_16_", "Conv_1"))
+           and type(layer).__name__ != "BatchNormalization"]
+    assert trainable[1] == head + sum(layer.count_params() for layer in top) > 10 * head
     lr = params.models["tuned"].train.learning_rate
     assert [float(r["learning_rate"]) for r in rows] == pytest.approx([lr, lr / 10])
     digest = hashlib.sha256((root / "weights/source.keras").read_bytes()).hexdigest()
@@ -106,7 +104,8 @@ def test_history_and_model_json_say_what_trained_when(project):
     assert saved["start_weights"] == {"weights": "weights/source.keras", "sha256": digest}
     assert saved["fine_tuning"] == [
         {"epochs": [1, 1], "trainable": "backbone frozen", "learning_rate": lr},
-        {"epochs": [2, 2], "trainable": "all layers", "learning_rate": pytest.approx(lr / 10)}]
+        {"epochs": [2, 2], "trainable": "top 2 backbone blocks",
+         "learning_rate": pytest.approx(lr / 10)}]
     assert meta["tuned"]["fine_tuning"] == saved["fine_tuning"]
     # A model trained without a schedule records neither.
     source = json.loads((root / "models/source/model.json").read_text())
@@ -127,7 +126,7 @@ def test_the_fine_tuned_model_exports_with_parity(project):
 def test_an_imagenet_download_that_fails_is_one_line_naming_the_key(project, tmp_path):
     root, *_ = project
     data = yaml.safe_load((root / "params.yaml").read_text())
-    data["models"]["imnet"] = {**data["models"]["frozen"],
+    data["models"]["imnet"] = {**data["models"]["tuned"],
                                "architecture": {**ARCH, "weights": "imagenet"}}
     (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     # Whatever the network: a proxy that refuses, and an empty Keras cache.
