@@ -70,6 +70,19 @@ def run(cmd: list[str], cwd: Path, timeout: int = 900, **env: str) -> subprocess
                           text=True, timeout=timeout, env=child_env(**env), check=False)
 
 
+def params_error(match: str, call: Callable, *args, **kwargs) -> str:
+    """The ParamsError ``call(*args, **kwargs)`` raises: one line holding ``match``."""
+    import pytest
+
+    from visionpipe.errors import ParamsError
+
+    with pytest.raises(ParamsError) as caught:
+        call(*args, **kwargs)
+    text = str(caught.value)
+    assert "\n" not in text and match in text, text
+    return text
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

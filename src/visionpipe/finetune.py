@@ -148,9 +148,8 @@ def _set_trainable(backbone: keras.Model, phase: Phase, key: str) -> None:
     groups = blocks(backbone)
     available = len(groups) - 1  # the stem never counts as a block
     if phase.unfreeze > available:
-        raise ParamsError(f"params.yaml: {key}.unfreeze = {phase.unfreeze}: the backbone "
-                          f"{backbone.name} has {available} blocks; expected at most "
-                          f"{available}, or all")
+        raise ParamsError(f"params.yaml: {key}.unfreeze = {phase.unfreeze}: the backbone has "
+                          f"{available} blocks; expected at most {available}, or all")
     top = {id(layer) for group in groups[len(groups) - phase.unfreeze:] for layer in group}
     for layer in backbone.layers:
         layer.trainable = id(layer) in top

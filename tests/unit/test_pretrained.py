@@ -10,9 +10,9 @@ import keras
 import numpy as np
 import pytest
 
+from tests.helpers import params_error
 from visionpipe import finetune
 from visionpipe.config import TrainConfig
-from visionpipe.errors import ParamsError
 from visionpipe.models import pretrained
 from visionpipe.models.applications import CaffePreprocess, build_backbone
 from visionpipe.models.registry import create_model, parse_architecture
@@ -42,14 +42,6 @@ def project(tmp_path_factory):
     return root, source
 
 
-def _error(match: str, call, *args, **kwargs) -> str:
-    with pytest.raises(ParamsError) as caught:
-        call(*args, **kwargs)
-    text = str(caught.value)
-    assert "\n" not in text and match in text, text
-    return text
-
-
 def test_a_local_model_file_loads_its_backbone_exactly(project):
     root, source = project
     for name in ("weights/source.keras", "weights/source.weights.h5"):
@@ -65,31 +57,34 @@ def test_a_local_model_file_loads_its_backbone_exactly(project):
 
 def test_a_file_of_another_architecture_or_place_is_one_line_naming_the_key(project, tmp_path):
     root, _ = project
-    text = _error(f"{KEY}.weights = 'weights/source.keras'", _build, root,
-                  weights="weights/source.keras", alpha=0.5)
+    text = params_error(f"{KEY}.weights = 'weights/source.keras'", _build, root,
+                        weights="weights/source.keras", alpha=0.5)
     assert "another architecture" in text and "has shape" in text
-    _error("another architecture", _build, root, weights="weights/source.weights.h5", alpha=0.5)
-    _error("no such file", _build, root, weights="weights/missing.keras")
+    params_error("another architecture", _build, root, weights="weights/source.weights.h5",
+                 alpha=0.5)
+    params_error("no such file", _build, root, weights="weights/missing.keras")
     outside = tmp_path / "elsewhere.keras"
     shutil.copy(root / "weights" / "source.keras", outside)
-    text = _error("must lie in weights/", _build, root, weights=str(outside))
+    text = params_error("must lie in weights/", _build, root, weights=str(outside))
     assert "cp " in text
     (root / "weights" / "notes.txt").write_text("not weights")
-    _error("expected a file ending in .keras", _build, root, weights="weights/notes.txt")
+    params_error("expected a file ending in .keras", _build, root, weights="weights/notes.txt")
     # A model without a nested backbone: nothing to start from.
     create_model("mlp", (32, 32, 3), 3, {"hidden_units": [8]}).save(root / "weights" / "m.keras")
-    _error("has no nested 'backbone'", _build, root, weights="weights/m.keras")
+    params_error("has no nested 'backbone'", _build, root, weights="weights/m.keras")
     # A damaged weights file.
     (root / "weights" / "broken.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
-    _error("cannot be loaded into backbone", _build, root, weights="weights/broken.weights.h5")
+    params_error("cannot be loaded into backbone", _build, root,
+                 weights="weights/broken.weights.h5")
 
 
 def test_bad_architecture_values_fail_at_parse_time_naming_the_key():
-    _error(f"{KEY}.weights = 'imagenet21k'", parse_architecture, "applications",
-           {**TINY, "weights": "imagenet21k"}, KEY)
-    _error(f"{KEY}.alpha = 0.5: only the MobileNets", parse_architecture, "applications",
-           {"backbone": "resnet50", "alpha": 0.5}, KEY)
-    _error(f"{KEY}.backbone", parse_architecture, "applications", {"backbone": "resnet51"}, KEY)
+    params_error(f"{KEY}.weights = 'imagenet21k'", parse_architecture, "applications",
+                 {**TINY, "weights": "imagenet21k"}, KEY)
+    params_error(f"{KEY}.alpha = 0.5: only the MobileNets", parse_architecture, "applications",
+                 {"backbone": "resnet50", "alpha": 0.5}, KEY)
+    params_error(f"{KEY}.backbone", parse_architecture, "applications",
+                 {"backbone": "resnet51"}, KEY)
 
 
 def test_record_gives_the_file_and_its_sha256(project):
@@ -147,18 +142,18 @@ def test_unfreezing_the_top_blocks_trains_only_those_layers(project):
     assert finetune.trainable_params(model) < model.count_params()
     finetune.apply(model, finetune.Phase(1, 1, 4, "all", 1e-4), "t")
     assert all(layer.trainable for layer in backbone.layers)
-    _error("t.unfreeze = 18: the backbone backbone has 17 blocks", finetune.apply, model,
-           finetune.Phase(1, 1, 4, 18, 1e-4), "t")
+    params_error("t.unfreeze = 18: the backbone has 17 blocks", finetune.apply, model,
+                 finetune.Phase(1, 1, 4, 18, 1e-4), "t")
 
 
 def test_fine_tuning_values_are_checked_with_their_key():
-    _error("k.freeze_epochs = 2: this model has no pretrained backbone", finetune.phases,
-           TrainConfig(freeze_epochs=2), False, "k")
-    _error("k.unfreeze = 3", finetune.phases, TrainConfig(unfreeze=3), False, "k")
-    _error("k.freeze_epochs = 5: expected at most epochs (4)", finetune.phases,
-           TrainConfig(epochs=4, freeze_epochs=5), True, "k")
-    _error("k.fine_tune_learning_rate = 0.01: applies after frozen epochs", finetune.phases,
-           TrainConfig(fine_tune_learning_rate=0.01), True, "k")
+    params_error("k.freeze_epochs = 2: this model has no pretrained backbone", finetune.phases,
+                 TrainConfig(freeze_epochs=2), False, "k")
+    params_error("k.unfreeze = 3", finetune.phases, TrainConfig(unfreeze=3), False, "k")
+    params_error("k.freeze_epochs = 5: expected at most epochs (4)", finetune.phases,
+                 TrainConfig(epochs=4, freeze_epochs=5), True, "k")
+    params_error("k.fine_tune_learning_rate = 0.01: applies after frozen epochs", finetune.phases,
+                 TrainConfig(fine_tune_learning_rate=0.01), True, "k")
     plan = finetune.phases(TrainConfig(epochs=3, freeze_epochs=3), True, "k")
     assert [(p.start, p.end, p.unfreeze) for p in plan] == [(0, 3, "frozen")]
     plan = finetune.phases(TrainConfig(epochs=3, freeze_epochs=1, unfreeze=0,

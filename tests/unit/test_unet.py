@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.helpers import params_error
 from visionpipe import finetune
 from visionpipe.errors import ModelError, ParamsError
 from visionpipe.models import pretrained
@@ -324,24 +325,16 @@ def test_an_applications_classifier_backbone_loads_exactly_and_saves(project, tm
     assert _moved_by_a_training_call(loaded, x) > DECODER_BN
 
 
-def _error(match: str, call, *args, **kwargs) -> str:
-    with pytest.raises(ParamsError) as caught:
-        call(*args, **kwargs)
-    text = str(caught.value)
-    assert "\n" not in text and match in text, text
-    return text
-
-
 def test_weight_files_of_another_architecture_or_missing_name_the_key(project):
     root, _ = project
-    text = _error(f"{KEY}.weights = 'weights/wider.keras'", _build, root,
-                  weights="weights/wider.keras")
+    text = params_error(f"{KEY}.weights = 'weights/wider.keras'", _build, root,
+                        weights="weights/wider.keras")
     assert "another architecture" in text
-    _error(f"{KEY}.weights = 'weights/missing.keras': no such file", _build, root,
-           weights="weights/missing.keras")
+    params_error(f"{KEY}.weights = 'weights/missing.keras': no such file", _build, root,
+                 weights="weights/missing.keras")
     # The classifier is MobileNetV2: not a VGG16 encoder.
-    text = _error(f"{KEY}.weights = 'weights/classifier.keras'", _build, root,
-                  weights="weights/classifier.keras", encoder="vgg16", alpha=1.0)
+    text = params_error(f"{KEY}.weights = 'weights/classifier.keras'", _build, root,
+                        weights="weights/classifier.keras", encoder="vgg16", alpha=1.0)
     assert "another architecture" in text
 
 
@@ -355,7 +348,7 @@ def test_weight_files_of_another_architecture_or_missing_name_the_key(project):
     ({"encoder": "mobilenet_v3"}, f"{KEY}.encoder = 'mobilenet_v3': expected one of 'none'"),
 ])
 def test_bad_encoder_params_fail_at_parse_time_naming_the_key(arch, message):
-    _error(message, parse_architecture, "unet", arch, KEY)
+    params_error(message, parse_architecture, "unet", arch, KEY)
 
 
 def test_an_encoder_needs_input_sides_multiple_of_32():
