@@ -53,7 +53,7 @@ def shrink(params: dict) -> None:
     mlp["architecture"]["hidden_units"] = [32]
     mlp["architecture"]["input_pool"] = 1
     mlp["train"].update(epochs=EPOCHS, batch_size=16, deterministic=True)
-    params["evaluate"].update(latency_samples=5, latency_warmup=1)
+    params["evaluate"].update(latency_samples=5, latency_warmup=1, gradcam_images=4)
     params["export"]["parity_samples"] = 16
     params["tracking"]["system_metrics_interval"] = 0.5
 

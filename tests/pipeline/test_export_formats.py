@@ -29,6 +29,10 @@ SIZE = 32
 PARITY_N = 400
 # The largest change of any class probability int8 quantisation may make (export.parity).
 INT8_LIMITS = {"tflite_dynamic": 0.05, "tflite_int8": 0.1}
+# MobileNetV2's depthwise convolutions and ReLU6 drift further under int8 activations: 0.258
+# for this tiny model and 0.285 for the default one (params.yaml gives it the same 0.35), with
+# every label kept in both (2026-12-03).
+FAMILY_INT8_LIMITS = {"applications": {"tflite_int8": 0.35}}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,10 @@ def project(tmp_path_factory, default_params_dict):
     # Label agreement of the int8 files, judged over PARITY_N images (see the parity test).
     for fmt, limit in INT8_LIMITS.items():
         data["export"]["parity"][fmt] = {"max_abs_diff": limit, "min_agreement": 0.9}
+    for family, limits in FAMILY_INT8_LIMITS.items():
+        if family in data["models"]:
+            data["models"][family]["export_parity"] = {
+                fmt: {"max_abs_diff": limit, "min_agreement": 0.9} for fmt, limit in limits.items()}
     data["tracking"].update(mlflow=False, codecarbon=False)
     params = parse_params(data)
     layout = Layout(root)
@@ -92,7 +100,7 @@ def test_every_format_keeps_parity(family, project, tmp_path):
     assert formats["keras"]["max_abs_diff"] == 0.0
     for fmt in ("saved_model", "tflite", "onnx"):
         assert formats[fmt]["max_abs_diff"] <= 1e-4 and formats[fmt]["label_agreement"] == 1.0
-    for fmt, limit in INT8_LIMITS.items():
+    for fmt, limit in {**INT8_LIMITS, **FAMILY_INT8_LIMITS.get(family, {})}.items():
         assert 0 < formats[fmt]["max_abs_diff"] <= limit, (fmt, formats[fmt])
         # Where flips can happen: when no probability moves by more than max_abs_diff, an
         # image whose top class leads the runner-up by more than twice that keeps its label;

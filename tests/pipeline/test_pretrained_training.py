@@ -21,7 +21,7 @@ import yaml
 from tests.helpers import prepare_project, run, tiny_params
 from visionpipe.config import parse_params
 from visionpipe.models.saving import load_model
-from visionpipe.stages import evaluate, export, train
+from visionpipe.stages import export, train
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +48,13 @@ def project(tmp_path_factory, default_params_dict):
     data["models"]["tuned"] = {
         **entry, "architecture": start,
         "train": {**base, "epochs": 2, "freeze_epochs": 1, "unfreeze": 2,
-                  "restore_best": False},
-        "export_formats": ["keras", "saved_model", "tflite"]}
+                  "restore_best": False, "class_weights": "balanced"},
+        # Every format of this family is checked in test_export_formats.py; here the ones a
+        # model that started from a file and was fine-tuned could break first.
+        "export_formats": ["keras", "tflite"]}
     data["export"]["parity_samples"] = 8
+    # The fine-tuned model is tracked: MLflow on sqlite in the project (the default URI).
+    data["tracking"].update(mlflow=True, system_metrics=False)
     (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     params = parse_params(data)
     return root, params, layout, {"tuned": train.run(params, "tuned", layout)}
@@ -107,17 +111,37 @@ def test_history_and_model_json_say_what_trained_when(project):
         {"epochs": [2, 2], "trainable": "top 2 backbone blocks",
          "learning_rate": pytest.approx(lr / 10)}]
     assert meta["tuned"]["fine_tuning"] == saved["fine_tuning"]
+    # class_weights: balanced, from the train split's images per class (n / (K * n_c)).
+    # No augmented copies here: the train split as prepared, whose counts stats.json holds.
+    stats = json.loads((root / "reports/prepare/classification/stats.json").read_text())
+    images = {c: v["images"] for c, v in stats["splits"]["train"]["classes"].items()}
+    n, k = sum(images.values()), len(images)
+    assert list(saved["class_weights"]) == saved["class_names"]
+    assert saved["class_weights"] == pytest.approx({c: n / (k * images[c]) for c in images})
+    assert len(set(saved["class_weights"].values())) > 1  # the tiny split is not balanced
+    # MLflow has the same: trainable params per epoch, the phases' params, the class weights.
+    from mlflow import MlflowClient
+
+    state = json.loads((root / "models/tuned/mlflow_run.json").read_text())
+    client = MlflowClient(state["tracking_uri"])
+    logged = client.get_run(state["run_id"])
+    history = client.get_metric_history(state["run_id"], "trainable_params")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (1, trainable[0]), (2, trainable[1])]
+    assert logged.data.params["model.train.freeze_epochs"] == "1"
+    assert logged.data.params["model.train.unfreeze"] == "2"
+    assert logged.data.params["class_weights_resolved"] == ", ".join(
+        f"{c}={w:.6g}" for c, w in saved["class_weights"].items())
     # A model trained without a schedule records neither.
     source = json.loads((root / "models/source/model.json").read_text())
     assert "fine_tuning" not in source and "start_weights" not in source
 
 
-def test_the_fine_tuned_model_exports_with_parity(project):
+def test_the_fine_tuned_model_exports_with_parity(project, tmp_path):
     _, params, layout, _ = project
-    evaluate.run(params, "tuned", layout)  # the model card quotes its metrics
-    report = export.run(params, "tuned", layout)
+    report = export._export(params, "tuned", layout, tmp_path)  # the files and parity only
     formats = report["formats"]
-    assert set(formats) == {"keras", "saved_model", "tflite"}
+    assert set(formats) == {"keras", "tflite"} and (tmp_path / "model.tflite").is_file()
     for name, check in formats.items():
         assert check["passed"], (name, check)
         assert check["label_agreement"] == 1.0 and check["max_abs_diff"] < 1e-4, (name, check)
