@@ -39,12 +39,19 @@ def project(tmp_path_factory):
                         for w in source.get_weights()])
     source.save(root / "weights" / "source.keras")
     source.get_layer("backbone").save_weights(root / "weights" / "source.weights.h5")
+    # The legacy HDF5 layout of the *_notop.h5 files keras.applications downloads (Keras'
+    # own writer of that layout; Keras 3's save_weights only writes .weights.h5).
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(root / "weights" / "source_notop.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, source.get_layer("backbone"))
     return root, source
 
 
 def test_a_local_model_file_loads_its_backbone_exactly(project):
     root, source = project
-    for name in ("weights/source.keras", "weights/source.weights.h5"):
+    for name in ("weights/source.keras", "weights/source.weights.h5", "weights/source_notop.h5"):
         model = _build(root, weights=name)
         mine, theirs = model.get_layer("backbone"), source.get_layer("backbone")
         assert len(mine.weights) == len(theirs.weights) > 100
