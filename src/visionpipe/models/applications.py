@@ -47,14 +47,12 @@ def _tf(_p):
 
 # name -> (constructor, preprocessing outside the backbone (None: it has its own), its kwargs)
 BACKBONES = {
-    "resnet50": (lambda **kw: keras.applications.ResNet50(**kw), _caffe, ()),
-    "vgg16": (lambda **kw: keras.applications.VGG16(**kw), _caffe, ()),
-    "mobilenet_v2": (lambda **kw: keras.applications.MobileNetV2(**kw), _tf, ("alpha",)),
-    "mobilenet_v3_small": (lambda **kw: keras.applications.MobileNetV3Small(**kw), None,
-                           ("alpha",)),
-    "mobilenet_v3_large": (lambda **kw: keras.applications.MobileNetV3Large(**kw), None,
-                           ("alpha",)),
-    "efficientnet_b0": (lambda **kw: keras.applications.EfficientNetB0(**kw), None, ()),
+    "resnet50": (keras.applications.ResNet50, _caffe, ()),
+    "vgg16": (keras.applications.VGG16, _caffe, ()),
+    "mobilenet_v2": (keras.applications.MobileNetV2, _tf, ("alpha",)),
+    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, None, ("alpha",)),
+    "mobilenet_v3_large": (keras.applications.MobileNetV3Large, None, ("alpha",)),
+    "efficientnet_b0": (keras.applications.EfficientNetB0, None, ()),
 }
 # keras.applications' own constructor names, for the command users with a network run.
 CONSTRUCTORS = {"resnet50": "ResNet50", "vgg16": "VGG16", "mobilenet_v2": "MobileNetV2",

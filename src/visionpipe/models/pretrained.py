@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import io
+import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -177,7 +179,7 @@ def record(architecture, root: Path) -> dict | None:
     """Where a model's starting weights come from, for model.json and the checkpoints'
     fingerprint: the params value, and for a local file its path and SHA-256 (a folder: of
     each file in it); None when the architecture starts from random weights."""
-    import hashlib
+    from visionpipe.integrity import record_files, sha256_of
 
     value = getattr(architecture, "weights", None)
     if value is None:
@@ -187,14 +189,10 @@ def record(architecture, root: Path) -> dict | None:
         full = Path(value) if Path(value).is_absolute() else Path(root) / value
         with context(_where().key, root):
             path = local_path(value, folder=full.is_dir())  # checked: inside weights/
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-        out["sha256"] = digest.hexdigest()
+        # A preset folder: the SHA-256 of its files' list (path, SHA-256, size), as export.json
+        # records an export's files.
+        out["sha256"] = (hashlib.sha256(json.dumps(record_files(path), sort_keys=True).encode())
+                         .hexdigest() if path.is_dir() else sha256_of(path))
     return out
 
 
