@@ -1,8 +1,11 @@
-"""How a model is set up to train: its precision policy, optimizer and learning-rate schedule."""
+"""How a model is set up to train: its precision policy, TensorFlow's threads, optimizer and
+learning-rate schedule."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 
 import keras
 
@@ -18,6 +21,128 @@ def dtype_policy(name: str):
         yield
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+# CPU flags of native bfloat16 maths (oneDNN runs bfloat16 matmuls and convolutions on them):
+# AVX-512 BF16 (Cooper Lake, Zen 4 and later) and AMX (Sapphire Rapids and later).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+# Tensor cores multiply float16 from this CUDA compute capability on (Volta).
+FLOAT16_CAPABILITY = (7, 0)
+
+
+def _cpu_flags(cpuinfo_text: str | None = None) -> list[str] | None:
+    """The first CPU's flags in ``cpuinfo_text`` (default: /proc/cpuinfo); None when there is
+    no such file (not Linux) or it cannot be read."""
+    if cpuinfo_text is None:
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            cpuinfo_text = CPUINFO.read_text(errors="replace")
+        except OSError:
+            return None
+    for line in cpuinfo_text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == "flags":
+            return value.split()
+    return None
+
+
+def cpu_bf16_flags(cpuinfo_text: str | None = None) -> list[str]:
+    """The bfloat16 flags (BF16_FLAGS) this CPU has, from ``cpuinfo_text`` or /proc/cpuinfo;
+    empty off Linux or when cpuinfo cannot be read."""
+    flags = set(_cpu_flags(cpuinfo_text) or ())
+    return [flag for flag in BF16_FLAGS if flag in flags]
+
+
+def _gpu_precision() -> tuple[str, str] | None:
+    """(policy, reason) from the GPUs TensorFlow sees; None without one. Listing physical
+    devices does not start TensorFlow's runtime (threads can still be set after it)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    found = []
+    for gpu in gpus:
+        details = tf.config.experimental.get_device_details(gpu)
+        found.append((details.get("compute_capability"), details.get("device_name", gpu.name)))
+    # The slowest GPU decides: mirrored training runs the same policy on every one.
+    capability, name = min(found, key=lambda f: f[0] or (0, 0))
+    if capability is None:
+        return "float32", f"GPU {name}, compute capability unknown: float16 tensor cores unsure"
+    shown = ".".join(str(part) for part in capability)
+    if tuple(capability) >= FLOAT16_CAPABILITY:
+        return "mixed_float16", f"GPU {name}, compute capability {shown}: float16 tensor cores"
+    return "float32", (f"GPU {name}, compute capability {shown}: no float16 tensor cores "
+                       f"(they need 7.0 or later)")
+
+
+# Families that train in float32 only, and why (measured: the mixed policies fail in fit).
+FLOAT32_ONLY = {"yolo": "keras-cv 0.9's YOLOv8 label encoder multiplies float32 values by the "
+                        "model's scores, so fit fails under a mixed policy (TypeError in Mul)"}
+
+
+def resolve_precision(setting: str, family: str | None = None,
+                      key: str = "models.<name>.train") -> tuple[str, str]:
+    """The Keras dtype policy for params' ``precision`` and why: a policy named in params is
+    used as is; ``auto`` picks mixed_float16 on a GPU with tensor cores, mixed_bfloat16 on a
+    CPU with native bfloat16 maths, float32 otherwise, and float32 for a ``family`` that
+    trains in float32 only (a mixed policy named for one is a ParamsError at ``key``)."""
+    if family in FLOAT32_ONLY:
+        if setting.startswith("mixed"):
+            from visionpipe.errors import ParamsError
+
+            raise ParamsError(f"params.yaml: {key}.precision = {setting}: family {family} "
+                              f"trains in float32 only ({FLOAT32_ONLY[family]}); use auto or "
+                              "float32")
+        return "float32", ("set in params" if setting == "float32" else
+                           f"family {family} trains in float32 only: {FLOAT32_ONLY[family]}")
+    if setting != "auto":
+        return setting, "set in params"
+    on_gpu = _gpu_precision()
+    if on_gpu is not None:
+        return on_gpu
+    flags = _cpu_flags()
+    if flags is None:
+        return "float32", (f"no GPU; CPU flags unknown ({CPUINFO} unreadable), so neither "
+                           f"{' nor '.join(BF16_FLAGS)} was found")
+    present = [flag for flag in BF16_FLAGS if flag in flags]
+    if present:
+        return "mixed_bfloat16", f"no GPU; CPU with {' and '.join(present)}: native bfloat16"
+    vector = [f for f in flags if f.startswith(("avx", "amx")) or f == "fma"]
+    return "float32", (f"no GPU; CPU without AVX-512 BF16 or AMX (no "
+                       f"{' or '.join(BF16_FLAGS)} in its flags: "
+                       f"{' '.join(vector) or 'no avx/amx/fma flags'})")
+
+
+def apply_threads(cfg: TrainConfig, key: str) -> dict:
+    """Set TensorFlow's intra-op and inter-op thread counts from ``cfg`` (0: leave TensorFlow's
+    choice) and return those in effect: ``{"intra_op": n, "inter_op": m}`` (0: TensorFlow's
+    default), plus a ``note`` when TensorFlow was already running with other counts (they
+    can only be set before its runtime starts; the ones in effect are kept). ``key``: the
+    params section (``models.<name>.train``), named in the note."""
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    setters = {"intra_op": threading.set_intra_op_parallelism_threads,
+               "inter_op": threading.set_inter_op_parallelism_threads}
+    wanted = {"intra_op": cfg.intra_op_threads, "inter_op": cfg.inter_op_threads}
+    refused = []
+    for what, count in wanted.items():
+        if count:
+            try:
+                setters[what](count)
+            except RuntimeError:  # "... cannot be modified after initialization."
+                refused.append(f"{key}.{what}_threads = {count}")
+    effect = {"intra_op": threading.get_intra_op_parallelism_threads(),
+              "inter_op": threading.get_inter_op_parallelism_threads()}
+    if refused:
+        effect["note"] = (f"TensorFlow was already running: threads unchanged ("
+                          f"{', '.join(refused)} not applied; in effect: intra_op "
+                          f"{effect['intra_op']}, inter_op {effect['inter_op']}, 0 being "
+                          f"TensorFlow's default)")
+    return effect
 
 
 def learning_rate(cfg: TrainConfig, steps_per_epoch: int):

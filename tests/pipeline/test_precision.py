@@ -44,6 +44,8 @@ def test_mixed_bfloat16_trains_in_bfloat16_with_float32_variables_and_outputs(pr
                                                                              default_params_dict):
     meta, model = train(project, default_params_dict, precision="mixed_bfloat16")
     assert meta["precision"] == "mixed_bfloat16" and meta["epochs"] == 2
+    assert (meta["precision_setting"], meta["precision_reason"]) == ("mixed_bfloat16",
+                                                                     "set in params")
     assert all(np.isfinite(v) for v in meta["kept_epoch_metrics"].values())
     dense = model.get_layer("dense1")
     assert dense.dtype_policy.name == "mixed_bfloat16"
@@ -63,9 +65,21 @@ def test_mixed_bfloat16_trains_in_bfloat16_with_float32_variables_and_outputs(pr
 
 def test_float32_default_records_its_precision_and_keras_jit_choice(project,
                                                                      default_params_dict):
+    import tensorflow as tf
+
+    from visionpipe.training import resolve_precision
+
     meta, model = train(project, default_params_dict)
     # jit_compile auto: Keras turns XLA off on a machine without GPU.
     assert (meta["precision"], meta["jit_compile"]) == ("float32", False)
+    # params' setting, and the policy it resolves to on this machine with the reason
+    setting = default_params_dict["models"][MODEL]["train"]["precision"]
+    assert meta["precision_setting"] == setting
+    assert (meta["precision"], meta["precision_reason"]) == resolve_precision(setting)
+    # threads 0 (TensorFlow's choice) in params: what runs in this process is recorded
+    threading = tf.config.threading
+    assert meta["threads"] == {"intra_op": threading.get_intra_op_parallelism_threads(),
+                               "inter_op": threading.get_inter_op_parallelism_threads()}
     assert meta["distribute"] == {"strategy": "none", "replicas": 1, "workers": 1}
     assert model.get_layer("dense1").compute_dtype == "float32"
 

@@ -188,7 +188,14 @@ class TrainConfig:
     # Speed switches (docs/performance.md); each is recorded in model.json and MLflow.
     # precision: the Keras dtype policy. mixed_float16 (GPUs) trains with a LossScaleOptimizer;
     # mixed_bfloat16 needs no loss scaling and also runs on CPUs. Softmax outputs stay float32.
-    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    # auto picks for this machine (visionpipe.training.resolve_precision): mixed_float16 on a
+    # GPU of compute capability 7.0+, mixed_bfloat16 on a CPU with avx512_bf16 or amx_bf16,
+    # else float32. model.json records the policy used and why.
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    # TensorFlow's thread pools: threads inside one op (a matmul, a convolution) and ops run
+    # at once; 0 leaves them to TensorFlow (its own default). model.json records them.
+    intra_op_threads: Int = Field(0, ge=0, le=1024)
+    inter_op_threads: Int = Field(0, ge=0, le=1024)
     # XLA compilation of the train step: auto is Keras' choice (on with a GPU, off on CPUs).
     jit_compile: Bool | Literal["auto"] = "auto"
     # none: one device; mirrored: every GPU (or CPU device) of this machine, model.fit under

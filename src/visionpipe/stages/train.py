@@ -44,7 +44,7 @@ from visionpipe.stages.common import measure_co2, set_seed
 from visionpipe.tasks.registry import task_for
 from visionpipe.tracking.mlflow_runs import RunLogger
 from visionpipe.tracking.stage_logs import log_train
-from visionpipe.training import dtype_policy, make_optimizer
+from visionpipe.training import apply_threads, dtype_policy, make_optimizer, resolve_precision
 
 
 def divergence_message(model_name: str, cfg: TrainConfig, exc: Diverged, folder: Path,
@@ -90,20 +90,29 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     writes into ``layout`` and tracks the run, the others into a temporary folder
     (visionpipe.distribute)."""
     cfg = params.model(model_name)
-    # First: a multi-worker strategy must exist before TensorFlow's runtime starts.
+    # First: thread counts and a multi-worker strategy must be set before TensorFlow's runtime
+    # starts (nothing before this line starts it: params, architectures, imports).
+    threads = apply_threads(cfg.train, f"models.{model_name}.train")
+    if "note" in threads:  # TensorFlow already ran in this process (train.run in-process)
+        print(f"train@{model_name}: {threads['note']}", flush=True)
     dist = make_distribution(cfg.train.distribute, f"models.{model_name}.train.distribute")
     with output_root(layout.root, dist) as root:
-        return _train(worker_params(params, dist), model_name, layout, Layout(root), dist)
+        return _train(worker_params(params, dist), model_name, layout, Layout(root), dist,
+                      threads)
 
 
 def _train(params: Params, model_name: str, layout: Layout, out: Layout,
-           dist: Distribution) -> dict:
+           dist: Distribution, threads: dict) -> dict:
     """:func:`run` on one worker: data and checkpoints to resume from are read from
-    ``layout``, outputs written to ``out``."""
+    ``layout``, outputs written to ``out``; ``threads``: TensorFlow's, as apply_threads set."""
     cfg = params.model(model_name)
     architecture = parse_architecture(cfg.family, cfg.architecture,
                                       f"models.{model_name}.architecture")
-    t = cfg.train
+    # precision: auto becomes this machine's policy for everything below, the checkpoint
+    # fingerprint too: a checkpoint trained in bfloat16 does not resume in float32 elsewhere.
+    precision, precision_reason = resolve_precision(cfg.train.precision, cfg.family,
+                                                    f"models.{model_name}.train")
+    t = dataclasses.replace(cfg.train, precision=precision)
     if t.deterministic:  # before any op runs; recorded in model.json
         import tensorflow as tf
 
@@ -283,7 +292,10 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
         "kept_epoch": best + 1,
         "monitor": t.monitor,
         "deterministic": t.deterministic,
-        "precision": t.precision,
+        "precision": precision,  # the policy used (params' auto resolved)
+        "precision_setting": cfg.train.precision,
+        "precision_reason": precision_reason,
+        "threads": threads,
         "jit_compile": jit_compile,
         "distribute": dist.describe(),
         "train_dataset": {"path": str(train_dir.relative_to(layout.root)),

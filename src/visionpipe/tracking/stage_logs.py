@@ -71,6 +71,17 @@ def class_weight_params(meta: dict) -> dict[str, str]:
     return {"class_weights_resolved": text}
 
 
+def resolved_params(meta: dict) -> dict[str, str]:
+    """What params' ``auto`` settings became on the machine that trained (model.json):
+    ``precision_resolved`` (the Keras dtype policy) and ``threads_resolved``."""
+    found = {}
+    if isinstance(meta.get("precision"), str):
+        found["precision_resolved"] = meta["precision"]
+    if isinstance(meta.get("threads"), dict):
+        found["threads_resolved"] = ", ".join(f"{k}={v}" for k, v in meta["threads"].items())
+    return found
+
+
 def evaluate_headline(metrics: dict) -> dict[str, float]:
     """headline() with the test metrics named test_<name> (test_accuracy, test_macro_f1,
     ...); its rounded co2_g is left to co2_grams."""
@@ -117,7 +128,7 @@ def log_train(run: RunLogger, model=None, *, live_epochs: bool = False,
     model's input for its signature (default: read from the validation split)."""
     layout, name = run.layout, run.model_name
     meta = records.read_json(layout.model_meta(name)) or {}
-    run.log_params({**run.run_params(), **class_weight_params(meta)})
+    run.log_params({**run.run_params(), **class_weight_params(meta), **resolved_params(meta)})
     run.log_dataset()
     log_data_stats(run)
     if not live_epochs:

@@ -1,0 +1,174 @@
+"""precision: auto and TensorFlow's thread counts (models.<name>.train): what auto resolves to
+and why, the CPU flags it reads, threads set in a fresh TensorFlow and kept in a running one,
+and bad values as one-line errors naming the key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.helpers import child_env, params_error
+from visionpipe.config import TrainConfig, parse_dataclass
+from visionpipe.training import BF16_FLAGS, apply_threads, cpu_bf16_flags, resolve_precision
+
+# Two processors of a Zen 4 EPYC (flags shortened): AVX-512 BF16, no AMX.
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9454 48-Core Processor
+flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512bw avx512_bf16 avx512_vnni
+bogomips\t: 5491.89
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512bw avx512_bf16 avx512_vnni
+"""
+SAPPHIRE_RAPIDS = "flags\t\t: avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx fma avx2 bmi2\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sha1 sha2 crc32 bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (ZEN4, ["avx512_bf16"]),
+    (SAPPHIRE_RAPIDS, ["avx512_bf16", "amx_bf16"]),
+    (AVX2_ONLY, []),
+    (ARM, []),  # no x86 flags line
+    ("", []),
+])
+def test_cpu_bf16_flags_reads_the_flags_line(text, expected):
+    assert cpu_bf16_flags(text) == expected
+
+
+def test_cpu_bf16_flags_ignores_flags_that_only_contain_the_name():
+    assert cpu_bf16_flags("flags : avx512_bf16x amx_bf16_tile xavx512_bf16\n") == []
+    assert cpu_bf16_flags("model name : avx512_bf16 amx_bf16\n") == []
+
+
+def test_auto_on_this_machine_follows_its_gpu_and_cpu_flags():
+    """This machine (no GPU, AVX2 and FMA only) trains in float32; the reason names what was
+    looked for and the CPU's vector flags."""
+    import tensorflow as tf
+
+    policy, reason = resolve_precision("auto")
+    if tf.config.list_physical_devices("GPU"):
+        assert reason.startswith("GPU ") and "compute capability" in reason
+        assert policy in ("mixed_float16", "float32")
+    elif cpu_bf16_flags():
+        assert policy == "mixed_bfloat16"
+        assert all(flag in reason for flag in cpu_bf16_flags())
+    else:
+        assert policy == "float32"
+        assert reason.startswith("no GPU; CPU without AVX-512 BF16 or AMX")
+        assert all(flag in reason for flag in BF16_FLAGS)
+        shown = reason.rpartition(": ")[2].rstrip(")").split()
+        assert shown and all(f.startswith(("avx", "amx")) or f == "fma" for f in shown)
+
+
+@pytest.mark.parametrize("setting", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_a_policy_named_in_params_is_used_as_is(setting):
+    assert resolve_precision(setting) == (setting, "set in params")
+
+
+FRESH = """
+import json, tensorflow as tf
+from visionpipe.config import TrainConfig
+from visionpipe.training import apply_threads
+key = "models.m.train"
+first = apply_threads(TrainConfig(intra_op_threads=1, inter_op_threads=1), key)
+total = float(tf.reduce_sum(tf.ones((64, 64)) @ tf.ones((64, 64))))  # the runtime starts
+again = apply_threads(TrainConfig(intra_op_threads=3, inter_op_threads=1), key)
+same = apply_threads(TrainConfig(intra_op_threads=1, inter_op_threads=1), key)
+default = apply_threads(TrainConfig(), key)
+print(json.dumps([first, total, again, same, default]))
+"""
+
+
+def test_threads_are_set_in_a_fresh_tensorflow_and_kept_once_it_runs():
+    done = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True,
+                          timeout=300, env=child_env(), check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, total, again, same, default = json.loads(done.stdout)  # nothing else on stdout
+    assert first == {"intra_op": 1, "inter_op": 1}
+    assert total == 64.0 ** 3
+    # After the runtime started: no crash, the counts in effect are kept and the note says so.
+    assert {k: again[k] for k in ("intra_op", "inter_op")} == {"intra_op": 1, "inter_op": 1}
+    assert again["note"].startswith("TensorFlow was already running: threads unchanged")
+    assert "models.m.train.intra_op_threads = 3 not applied" in again["note"]
+    assert "inter_op_threads" not in again["note"]  # 1 was already in effect
+    assert same == {"intra_op": 1, "inter_op": 1}
+    assert default == {"intra_op": 1, "inter_op": 1}  # 0: nothing to set, what runs is shown
+
+
+def test_threads_zero_leaves_tensorflow_its_choice_in_this_process():
+    import tensorflow as tf
+
+    tf.ones(2) + 1  # the runtime runs (as after any earlier test)
+    effect = apply_threads(TrainConfig(), "models.m.train")
+    assert effect == {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                      "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+    wanted = effect["intra_op"] + 1
+    late = apply_threads(TrainConfig(intra_op_threads=wanted), "models.m.train")
+    assert late["intra_op"] == effect["intra_op"]
+    assert f"models.m.train.intra_op_threads = {wanted} not applied" in late["note"]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("precision", "bfloat16", "'auto', 'float32', 'mixed_float16', 'mixed_bfloat16'"),
+    ("precision", "AUTO", "'auto', 'float32'"),
+    ("intra_op_threads", -1, "expected a value >= 0"),
+    ("inter_op_threads", -2, "expected a value >= 0"),
+    ("intra_op_threads", 4096, "<= 1024"),
+    ("inter_op_threads", "two", "an integer >= 0 and <= 1024"),
+    ("intra_op_threads", 1.5, "an integer"),
+])
+def test_bad_precision_and_threads_name_the_key(key, value, expected):
+    text = params_error(f"models.m.train.{key} = {value!r}: ", parse_dataclass, TrainConfig,
+                        {key: value}, "models.m.train")
+    assert expected in text
+
+
+def test_defaults_keep_float32_and_tensorflows_threads():
+    t = TrainConfig()
+    assert (t.precision, t.intra_op_threads, t.inter_op_threads) == ("float32", 0, 0)
+    assert TrainConfig(precision="auto", intra_op_threads=2).intra_op_threads == 2
+
+
+def test_cli_names_an_unknown_precision_in_one_line(tmp_path, default_params_dict):
+    data = json.loads(json.dumps(default_params_dict))
+    data["models"]["mlp"]["train"]["precision"] = "bf16"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "visionpipe.cli", "train", "--model", "mlp",
+                           "--params", "params.yaml", "--root", str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=child_env(),
+                          check=False)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("visionpipe: error: params.yaml: models.mlp.train.precision = "
+                           "'bf16': expected one of 'auto', 'float32', 'mixed_float16', "
+                           "'mixed_bfloat16'\n")
+
+
+def test_mlflow_gets_what_auto_became_from_model_json():
+    from visionpipe.tracking.stage_logs import resolved_params
+
+    meta = {"precision": "float32", "precision_setting": "auto",
+            "threads": {"intra_op": 2, "inter_op": 1}}
+    assert resolved_params(meta) == {"precision_resolved": "float32",
+                                     "threads_resolved": "intra_op=2, inter_op=1"}
+    assert resolved_params({}) == {}  # a model.json from before: nothing invented
+
+
+def test_a_float32_only_family_gets_float32_from_auto_and_refuses_mixed():
+    from visionpipe.errors import ParamsError
+    from visionpipe.training import FLOAT32_ONLY, resolve_precision
+
+    policy, why = resolve_precision("auto", "yolo", "models.yolo.train")
+    assert policy == "float32" and "float32 only" in why and FLOAT32_ONLY["yolo"] in why
+    assert resolve_precision("float32", "yolo") == ("float32", "set in params")
+    for mixed in ("mixed_float16", "mixed_bfloat16"):
+        with pytest.raises(ParamsError) as err:
+            resolve_precision(mixed, "yolo", "models.yolo.train")
+        assert str(err.value).startswith(f"params.yaml: models.yolo.train.precision = {mixed}:")
+    assert resolve_precision("mixed_bfloat16", "mlp") == ("mixed_bfloat16", "set in params")
