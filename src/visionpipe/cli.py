@@ -37,7 +37,9 @@ COMMANDS = {
                          "Needs only models/<model>/export/."),
     "summary": (None, "One table of every model in params from reports/: task, headline "
                       "test metric beside its baseline, parameters, latency, CO2 in grams, "
-                      "training time, kept/run epochs and the export verdict."),
+                      "training time, kept/run epochs and the export verdict; then each "
+                      "stage's own time in seconds and how much of it was start-up "
+                      "(reports/timings/)."),
     "schema": (None, "Print the JSON Schema of params.yaml (what params.schema.json holds, "
                      "for editors): `visionpipe schema > params.schema.json`."),
 }
@@ -137,10 +139,21 @@ def add_benchmark(sub) -> None:
     add_project_args(p, "data/ and reports/")
     p.add_argument("--output", type=Path, default=None,
                    help="folder for benchmark.json and benchmark.png (default: ROOT/reports)")
+    p.add_argument("--json-name", default="benchmark.json", metavar="NAME",
+                   help="file name of the JSON in --output; the PNG takes its stem (default: "
+                        "benchmark.json; scripts/gpu_check.sh writes benchmark-gpu.json)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: few images, one repeat (figures not comparable)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per figure, medians over them (default: 4; quick: 1)")
+    p.add_argument("--compare", type=Path, default=None, metavar="PATH",
+                   help="an earlier benchmark.json (copy reports/benchmark.json aside before "
+                        "the run): each model's images/s and share of the matmul peak beside "
+                        "its figures there, by model name")
+    p.add_argument("--skip", default="", metavar="SECTIONS",
+                   help="comma-separated sections to leave out: precision, threads, "
+                        "scaling (default: none; GPU rows are added whenever TensorFlow sees "
+                        "a GPU)")
 
 
 def benchmark(args: argparse.Namespace) -> None:
@@ -156,17 +169,29 @@ def benchmark(args: argparse.Namespace) -> None:
         if args.repeats < 1:
             raise VisionpipeError(f"--repeats {args.repeats}: must be 1 or more")
         settings = dataclasses.replace(settings, repeats=args.repeats)
+    skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    unknown = [s for s in skip if s not in bench.SECTIONS]
+    if unknown:
+        raise VisionpipeError(f"--skip {args.skip}: unknown section(s) {', '.join(unknown)}; "
+                              f"choose from {', '.join(bench.SECTIONS)}")
+    settings = dataclasses.replace(settings, skip=skip)
+    name = args.json_name
+    if Path(name).name != name or not name.endswith(".json") or name == ".json":
+        raise VisionpipeError(f"--json-name {name}: a file name ending in .json, without a "
+                              "folder (the folder is --output)")
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     bench.run(load_params(args.params), Layout(args.root.resolve()), models, args.output,
-              settings)
+              settings, compare=args.compare, json_name=name)
 
 
-def run_stage(args: argparse.Namespace) -> None:
-    """Load params, then run the chosen stage."""
+def run_stage(args: argparse.Namespace, clock=None) -> None:
+    """Load params, then run the chosen stage; a pipeline stage that succeeds records its time
+    in reports/timings/<stage>@<key>.json (``clock``: main()'s, from the process start)."""
     from importlib import import_module
 
     from visionpipe.config import load_params
     from visionpipe.layout import Layout
+    from visionpipe.timing import StageClock
 
     if args.stage == "predict":
         predict(args)
@@ -194,7 +219,9 @@ def run_stage(args: argparse.Namespace) -> None:
         replay_run(params, args.model, layout)
         return
     stage = import_module(f"visionpipe.stages.{args.stage}")
-    stage.run(params, args.task if kind == "task" else args.model, layout)
+    key = args.task if kind == "task" else args.model
+    with (clock or StageClock.start()).running(layout.root, f"{args.stage}@{key}"):
+        stage.run(params, key, layout)
 
 
 def predict(args: argparse.Namespace) -> None:
@@ -212,13 +239,21 @@ def predict(args: argparse.Namespace) -> None:
 
 def summary(params, layout) -> None:
     """`visionpipe summary`: every model's headline figures, from its reports."""
-    from visionpipe.headline import summary_rows, summary_table
+    from visionpipe.headline import (
+        stage_time_rows,
+        stage_time_table,
+        summary_rows,
+        summary_table,
+    )
 
     rows = summary_rows(layout, list(params.models))
     print(summary_table(rows))
     missing = [r["model"] for r in rows if r.get("task") is None]
     if missing:
         print(f"no reports yet for {', '.join(missing)}: run `dvc repro`")
+    print()
+    print(stage_time_table(stage_time_rows(layout, list(params.prepare), list(params.augment),
+                                           list(params.models))))
     print("details: reports/metrics/<model>.json, reports/model_cards/<model>.md; "
           "compare runs: `dvc exp show`, `dvc plots show`, `mlflow ui` (README, docs/tracking.md)")
 
@@ -254,12 +289,20 @@ def replay_run(params, model: str, layout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a user's mistake prints one line and exits 2; no traceback."""
+    from visionpipe import warm
+    from visionpipe.timing import StageClock
+
+    clock = StageClock.start()  # first: what ran before is Python's start-up and imports
+    if warm.enabled(sys.argv[1:] if argv is None else argv):  # a stage under `dvc repro`
+        code = warm.run(sys.argv[1:] if argv is None else argv)
+        if code is not None:
+            return code
     args = build_parser().parse_args(argv)
     set_verbose(getattr(args, "verbose", False))
     if "pytest" not in sys.modules:  # in a test's process, pytest owns file descriptor 2
         quiet_native_logs()
     try:
-        run_stage(args)
+        run_stage(args, clock)
     except VisionpipeError as exc:
         print(f"visionpipe: error: {exc}", file=sys.stderr)
         return 2

@@ -83,9 +83,11 @@ class _StderrFilter:
         self.thread.join(timeout=5)
 
 
-def quiet_native_logs() -> None:
+def quiet_native_logs(filter_stderr: bool = True) -> None:
     """Keep native library log lines (and third-party Python warnings) off the console,
-    unless verbose. Call before TensorFlow is imported; idempotent."""
+    unless verbose. Call before TensorFlow is imported; idempotent. ``filter_stderr=False``:
+    only the settings, not the filter on file descriptor 2 (visionpipe.warm's worker, whose
+    stage children install their own)."""
     global _filter
     if is_verbose() or _filter is not None:
         return
@@ -103,6 +105,8 @@ def quiet_native_logs() -> None:
     for name in ("absl", "tensorflow", "codecarbon", "mlflow", "alembic", "tf2onnx",
                  "py.warnings"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not filter_stderr:
+        return
     try:
         _filter = _StderrFilter()
     except OSError:  # no file descriptor 2 to redirect: nothing to filter

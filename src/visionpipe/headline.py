@@ -1,12 +1,15 @@
 """The few numbers that say how a model did: one definition for the console, `visionpipe
-summary`, `dvc metrics show` (reports/headline/<model>.json) and MLflow's runs table."""
+summary`, `dvc metrics show` (reports/headline/<model>.json) and MLflow's runs table; and the
+summary's table of each stage's own time (reports/timings/, written by visionpipe.timing)."""
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from visionpipe.data.records import read_json
 from visionpipe.tasks.registry import task_class, task_names
+from visionpipe.timing import TIMINGS, timing_file
 
 
 def test_metrics(task: str | None) -> tuple[str, ...]:
@@ -121,4 +124,96 @@ def summary_table(rows: list[dict]) -> str:
     text = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     text += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
              for line in lines]
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------- each stage's own time
+
+TASK_STAGES = ("prepare", "augment")
+MODEL_STAGES = ("train", "evaluate", "export")
+
+
+def read_timing(layout, stage: str) -> dict | None:
+    """reports/timings/<stage>.json (visionpipe.timing) with its seconds as numbers; None when
+    the stage has not run (or the file is not one a stage wrote)."""
+    record = read_json(timing_file(layout.root, stage))
+    if record is None:
+        return None
+    seconds = {}
+    for key in ("total_s", "startup_s", "run_import_s"):
+        value = record.get(key, 0.0 if key == "run_import_s" else None)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            return None
+        seconds[key] = float(value)
+    return seconds
+
+
+def stage_time_rows(layout, prepare, augment, models) -> list[dict]:
+    """One row per task (its prepare and augment) then per model (train, evaluate, export), in
+    params order: {"name", "stages": {stage: timing or None}} holding only the stages that
+    apply (a task in prepare but not augment has no augment)."""
+    tasks = {"prepare": list(prepare), "augment": list(augment)}
+    rows = [{"name": name, "stages": {s: read_timing(layout, f"{s}@{name}")
+                                      for s in TASK_STAGES if name in tasks[s]}}
+            for name in dict.fromkeys([*tasks["prepare"], *tasks["augment"]])]
+    rows += [{"name": name, "stages": {s: read_timing(layout, f"{s}@{name}")
+                                       for s in MODEL_STAGES}}
+             for name in models]
+    return rows
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def startup_seconds(timing: dict) -> float:
+    """A stage's start-up: before its run() (Python, imports, params) plus the libraries its
+    run() imported on first use."""
+    return timing["startup_s"] + timing["run_import_s"]
+
+
+def stage_time_table(rows: list[dict]) -> str:
+    """Seconds per stage: a row per task and model, each row's total and start-up, then a
+    line with the sum over every stage and how much of it was start-up."""
+    header = ["seconds", *TASK_STAGES, *MODEL_STAGES, "total", "start-up"]
+    lines, timed, missing = [], [], []
+    for row in rows:
+        cells = [row["name"]]
+        done = []
+        for stage in (*TASK_STAGES, *MODEL_STAGES):
+            if stage not in row["stages"]:
+                cells.append("")
+                continue
+            timing = row["stages"][stage]
+            if timing is None:
+                missing.append(f"{stage}@{row['name']}")
+                cells.append("-")
+            else:
+                done.append(timing)
+                cells.append(_seconds(timing["total_s"]))
+        cells.append(_seconds(sum(t["total_s"] for t in done)) if done else "-")
+        cells.append(_seconds(sum(startup_seconds(t) for t in done)) if done else "-")
+        timed += done
+        lines.append(cells)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+
+    def join(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    text = [join(header), *(join(line) for line in lines)]
+    count = len(timed) + len(missing)
+    if not timed:
+        text.append(f"no stage timed yet ({TIMINGS}/): `dvc repro` records each stage's time")
+        return "\n".join(text)
+    total = sum(t["total_s"] for t in timed)
+    startup = sum(startup_seconds(t) for t in timed)
+    who = f"all {count} stages" if not missing else f"{len(timed)} of {count} stages timed"
+    text.append(f"{who}: {_seconds(total)} s, of which {_seconds(startup)} s start-up (Python "
+                f"start and library imports)")
+    if missing:
+        text.append(textwrap.fill(f"not timed yet: {', '.join(missing)}", width=100,
+                                  subsequent_indent="  ", break_on_hyphens=False))
     return "\n".join(text)

@@ -72,6 +72,7 @@ ALLOWED = {
     ("checkpoints.py", "on_epoch_end", "save"):
         "Checkpoints.save, which writes through atomic_path",
     ("tracking/mlflow_runs.py", "_sqlite_creation_lock", "open"): "a lock file, never read",
+    ("warm.py", "_child", "open"): "the process's own standard streams (descriptors 0-2)",
     ("benchmark.py", "subset_split", "TFRecordWriter"):
         "shards of a subset, in the benchmark's own temporary folder (deleted after the run)",
     ("video.py", "write", "open"):
