@@ -13,7 +13,15 @@ For every model in params.yaml (or those chosen), in one process and one run:
 - FLOPs per image (TF profiler) and the achieved FLOP/s as a share of a float32 matmul peak
   measured by a probe in the same run;
 - process peak memory; MLflow + codecarbon on against off; epoch time against dataset size
-  (1x, 2x, 4x) and image size (native and half).
+  (1x, 2x, 4x) and image size (native and half);
+- precision: the model in float32 and in a mixed policy (mixed_bfloat16 on a CPU, the
+  ``precision: auto`` choice where that is not float32), images/s and the headline test metric
+  after the same short training from the same weights, with a verdict;
+- threads: training images/s under a few (intra-op, inter-op) thread counts, each in a child
+  process of its own (TensorFlow fixes them when its runtime starts);
+- with ``--compare``: each model's images/s and share of the matmul peak beside an earlier
+  benchmark.json's; with a GPU: per-model GPU rows (rates, share of the GPU's matmul peak in
+  float32 and in the model's precision, device memory).
 
 Models are built from params with random weights (speed does not depend on the weights).
 Timed epochs cover a subset of each task's train split (``Settings.images``) so the run
@@ -29,9 +37,12 @@ import datetime
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +60,10 @@ TARGETS = {
     "tracking_slowdown": 0.03,   # tracking on at most 3% slower than off
     "resnet_peak_fraction": 0.55,  # ResNet training FLOP/s >= 55% of the matmul peak
 }
+# The mixed policy keeps "the same quality" when its headline test metric (higher is better)
+# is within this much (absolute) of float32's after the same short training.
+PRECISION_TOLERANCE = 0.02
+SECTIONS = ("precision", "threads", "scaling")  # what --skip may leave out
 
 CONVENTIONS = {
     "flops": "forward FLOPs per image from the TensorFlow profiler (float_operation) on the "
@@ -62,7 +77,10 @@ CONVENTIONS = {
     "achieved_flops": "training images/s x training FLOPs per image",
     "peak": "float32 tf.matmul of n x n matrices (2*n^3 FLOPs each), median GFLOP/s over "
             "repeats for each n, best n kept; probed at the start and the end of the run, the "
-            "higher of the two is the peak",
+            "higher of the two is the peak; the same probe in bfloat16/float16 (at the start) "
+            "for the compute dtype of every mixed policy the run uses or compares; larger n "
+            "on a GPU, where TensorFlow runs float32 matmuls in TF32 on Ampere and later "
+            "unless that is turned off (gpu.tf32_matmul says which)",
     "training_rate": "images of the timed epochs / their wall time (on_epoch_begin to "
                      "on_epoch_end, no validation); the first epoch of a model (tracing, "
                      "cold cache) is a warm-up and not timed",
@@ -74,7 +92,21 @@ CONVENTIONS = {
     "peak_memory": "process resident set high-water mark (VmHWM from /proc/self/status, reset "
                    "through /proc/self/clear_refs before each model): host memory of the whole "
                    "process (TensorFlow runtime, cached decoded images, model, optimizer); on a "
-                   "GPU the device's peak from tf.config.experimental.get_memory_info as well",
+                   "GPU the device's peak from tf.config.experimental.get_memory_info as well; "
+                   "the precision comparison runs first and its second model is dropped "
+                   "before the mark is reset for memory_training",
+    "precision": "float32 against a mixed policy, same weights, each model with its own "
+                 "copy of the production pipeline (same seed: the same batches every epoch), "
+                 "epochs taking turns; the training is the benchmark's subset for 1 + "
+                 "precision_repeats epochs, then the task's headline test metric (as the "
+                 "evaluate stage computes it) on the whole test split and the loss on the val "
+                 "split; verdict 'faster at the same quality' only when the mixed policy "
+                 "trains more images/s and its metric is within PRECISION_TOLERANCE",
+    "threads": "tf.config.threading intra-op / inter-op counts (0: TensorFlow's default), "
+               "set before the runtime starts in a child process per setting; the child "
+               "measures as the main figures do (warm-up epoch, then repeats timed epochs of "
+               "the production pipeline on the same subset); settings run one after another, "
+               "not interleaved",
 }
 
 
@@ -92,6 +124,15 @@ class Settings:
     matmul_seconds: float = 1.0
     scaling_model: str = "resnet"  # the model timed at 1x/2x/4x data and two image sizes
     scaling_images: int = 512  # images of the 1x dataset
+    # Precision comparison: timed epochs of each policy after one shared warm-up epoch (all
+    # of them train: 1 + precision_repeats epochs on the subset before the quality check).
+    precision_repeats: int = 2
+    # Thread settings: the models each child times (the cheapest dense and convolutional
+    # model to trace), and the (intra_op, inter_op) pairs; None: derived from the core count.
+    thread_models: tuple[str, ...] = ("mlp", "vgg")
+    thread_pairs: tuple[tuple[int, int], ...] | None = None
+    gpu_matmul_sizes: tuple[int, ...] = (4096, 8192)  # a GPU needs larger matrices to fill
+    skip: tuple[str, ...] = ()  # sections of SECTIONS left out
     quick: bool = False
 
     def images_for(self, task: str) -> int:
@@ -101,7 +142,9 @@ class Settings:
 QUICK = Settings(repeats=1, images=(("classification", 64), ("segmentation", 32),
                                     ("detection", 32)),
                  inference_seconds=0.05, inference_batch=16, matmul_sizes=(256, 512),
-                 matmul_seconds=0.1, scaling_images=32, quick=True)
+                 matmul_seconds=0.1, scaling_images=32, precision_repeats=1,
+                 thread_models=("mlp",), thread_pairs=((0, 0), (1, 1)),
+                 gpu_matmul_sizes=(1024, 2048), quick=True)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -111,15 +154,17 @@ def _median(values) -> float:
     return float(statistics.median(values))
 
 
-def matmul_peak(sizes: tuple[int, ...], repeats: int, seconds: float) -> dict:
-    """float32 GFLOP/s of ``tf.matmul`` on n x n matrices: the median of ``repeats`` timed
-    loops for each n; the best n is this machine's peak for dense compute."""
+def matmul_peak(sizes: tuple[int, ...], repeats: int, seconds: float,
+                dtype: str = "float32") -> dict:
+    """GFLOP/s of ``tf.matmul`` on n x n ``dtype`` matrices (on the default device: the GPU
+    where there is one): the median of ``repeats`` timed loops for each n; the best n is this
+    machine's peak for dense compute in that dtype."""
     import tensorflow as tf
 
     by_size = {}
     for n in sizes:
-        a = tf.random.uniform((n, n), dtype=tf.float32)
-        b = tf.random.uniform((n, n), dtype=tf.float32)
+        a = tf.cast(tf.random.uniform((n, n), dtype=tf.float32), dtype)
+        b = tf.cast(tf.random.uniform((n, n), dtype=tf.float32), dtype)
         tf.matmul(a, b).numpy()  # warm-up: thread pools, oneDNN primitives
         start = time.perf_counter()
         tf.matmul(a, b).numpy()
@@ -134,7 +179,7 @@ def matmul_peak(sizes: tuple[int, ...], repeats: int, seconds: float) -> dict:
         by_size[str(n)] = {"gflops": _median(rates), "repeats": rates, "calls": calls}
     best = max(by_size, key=lambda k: by_size[k]["gflops"])
     return {"gflops": by_size[best]["gflops"], "best_n": int(best), "by_size": by_size,
-            "dtype": "float32"}
+            "dtype": dtype}
 
 
 def flops(model, input_shape: tuple[int, ...]) -> dict:
@@ -385,16 +430,17 @@ def _environ(**values: str | None):
 
 
 def build(params: Params, name: str, input_shape: tuple[int, int, int], num_classes: int,
-          steps_per_epoch: int):
-    """The model of ``name`` built and compiled as the train stage does (random weights)."""
+          steps_per_epoch: int, precision: str | None = None):
+    """The model of ``name`` built and compiled as the train stage does (random weights), in
+    ``precision`` (a Keras dtype policy; None: what params' precision resolves to here)."""
     from visionpipe.models.registry import create_model, parse_architecture
     from visionpipe.tasks.registry import task_for
-    from visionpipe.training import dtype_policy, make_optimizer
+    from visionpipe.training import dtype_policy, make_optimizer, resolve_precision
 
     cfg = params.model(name)
     architecture = parse_architecture(cfg.family, cfg.architecture,
                                       f"models.{name}.architecture")
-    with dtype_policy(cfg.train.precision):
+    with dtype_policy(precision or resolve_precision(cfg.train.precision, cfg.family)[0]):
         model = create_model(cfg.family, input_shape, num_classes, architecture)
         task_for(cfg.family, cfg.task).compile(
             model, make_optimizer(cfg.train, steps_per_epoch), cfg.train, architecture,
@@ -495,35 +541,223 @@ def _inference(params: Params, name: str, layout: Layout, model, size, class_nam
     return out
 
 
-def benchmark_model(params: Params, name: str, layout: Layout, settings: Settings,
-                    tmp: Path) -> dict:
-    """Every per-model figure (module docstring) for ``name``."""
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+    """What training one model on its task's augmented train split needs."""
+
+    cfg: object  # the model's ModelConfig
+    task: object  # its Task
+    src: Path  # the augmented train data
+    manifest: dict
+    names: list[str]  # class names
+    size: tuple[int, int]  # (height, width)
+    io: object  # record -> (inputs, targets), static image shape set
+    padding: object  # the task's padding_values()
+
+
+def model_inputs(params: Params, name: str, layout: Layout) -> ModelInputs:
+    """The task, classes, image size and input function of ``name``, as the train stage
+    reads them from the augmented data's manifest."""
     from visionpipe.data import records
-    from visionpipe.data.pipeline import input_dataset, with_image_shape
+    from visionpipe.data.pipeline import with_image_shape
     from visionpipe.tasks.registry import task_for
 
     cfg = params.model(name)
-    t = cfg.train
     task = task_for(cfg.family, cfg.task)
-    padding = task.padding_values()
     src = layout.augmented(cfg.task)
     manifest = records.read_manifest(src)
     names = manifest["class_names"]
     h, w = (int(d) for d in manifest["image_size"])
-    io = with_image_shape(task.to_model_io(len(names)), (h, w))
+    return ModelInputs(cfg=cfg, task=task, src=src, manifest=manifest, names=names, size=(h, w),
+                       io=with_image_shape(task.to_model_io(len(names)), (h, w)),
+                       padding=task.padding_values())
+
+
+def compute_dtype(policy: str) -> str:
+    """The dtype a Keras dtype policy computes in (mixed_bfloat16: bfloat16)."""
+    return {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(policy, policy)
+
+
+def compared_policies(policy: str, auto: str) -> tuple[str, str]:
+    """float32 and the mixed policy it is compared with: the production ``policy`` where it
+    is mixed, else what ``precision: auto`` picks here where that is mixed, else
+    mixed_bfloat16 (which runs on any CPU)."""
+    return "float32", next(p for p in (policy, auto, "mixed_bfloat16") if p != "float32")
+
+
+def precision_verdict(speedup: float, base: float | None, mixed: float | None,
+                      tolerance: float = PRECISION_TOLERANCE) -> dict:
+    """Faster or slower (``speedup``: the mixed policy's images/s over float32's) at the same,
+    higher or lower quality (its headline metric against float32's, ``tolerance`` apart)."""
+    speed = "faster" if speedup > 1 else "slower"
+    if base is None or mixed is None or not (math.isfinite(base) and math.isfinite(mixed)):
+        return {"metric_delta": None, "quality": "not comparable",
+                "verdict": f"{speed}, quality not comparable (a test metric is missing)",
+                "recommended": "float32"}
+    delta = mixed - base
+    quality = "the same" if abs(delta) <= tolerance else ("higher" if delta > 0 else "lower")
+    better = speedup > 1 and quality != "lower"
+    return {"metric_delta": delta, "quality": quality, "verdict": f"{speed} at {quality} quality",
+            "recommended": "mixed" if better else "float32"}
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float, np.number)) else None
+
+
+def quality(params: Params, m: ModelInputs, model, val_ds, test: tuple) -> dict:
+    """The loss on the val split and the task's headline test metrics on ``test`` (images,
+    truths), computed as the evaluate stage computes them."""
+    from visionpipe.headline import test_metrics
+
+    ev = params.evaluate
+    val = model.evaluate(val_ds, verbose=0, return_dict=True)
+    images, truths = test
+    outputs = m.task.predict(m.task.evaluation_model(model, ev), images, ev.batch_size,
+                             ev.tile_overlap)
+    scores = m.task.evaluate(np.asarray(truths), outputs, m.names, ev)
+    metrics = test_metrics(m.cfg.task)
+    found = {k: _number(scores.get(k)) for k in metrics}
+    return {"val_loss": float(val["loss"]), "test": found, "metric": found[metrics[0]]}
+
+
+def error_line(exc: BaseException) -> str:
+    """One line saying why ``exc`` was raised: its type and the line of its message that
+    names the failing op where Keras wraps it (ANSI colours removed)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = next((x for x in lines if "does not match" in x or "Op has type" in x),
+                lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line}"[:400]
+
+
+def compare_precision(params: Params, name: str, layout: Layout, settings: Settings, model,
+                      policy: str, m: ModelInputs, data_dir: Path, images: int, steps: int,
+                      tmp: Path) -> dict:
+    """``model`` (built in ``policy``) against a copy with the same weights in the other of
+    compared_policies(): training images/s of each, epochs taking turns, then the quality
+    that training reached (CONVENTIONS["precision"]). A copy that cannot train in its policy
+    is reported with the error (the production model's own failure is raised)."""
+    import gc
+
+    from visionpipe.data import records
+    from visionpipe.data.pipeline import input_dataset, test_arrays
+    from visionpipe.headline import primary
+    from visionpipe.training import resolve_precision
+
+    t = m.cfg.train
+    auto, reason = resolve_precision("auto")
+    compared = compared_policies(policy, auto)
+    started = time.perf_counter()
+    models, failed = {policy: model}, {}
+    initial = model.get_weights()
+    datasets = {}
+    for p in compared:  # each its own pipeline, same seed: the same batches epoch by epoch
+        (tmp / p).mkdir(parents=True, exist_ok=True)
+        datasets[p], _ = input_dataset(data_dir, "train", m.io, t, params.seed, tmp / p,
+                                       m.padding)
+    print(f"benchmark@{name}: precision: warm-up epoch (tracing) of {' and '.join(compared)}",
+          flush=True)
+    warm = {}
+    for p in compared:
+        try:
+            if p not in models:
+                models[p] = build(params, name, (*m.size, 3), len(m.names), steps, p)
+                models[p].set_weights(initial)
+            warm[p] = timed_fit(models[p], datasets[p], images, 1)
+        except Exception as exc:  # a family that cannot train in p: a finding, not a crash
+            if p == policy:
+                raise
+            failed[p] = error_line(exc)
+            models.pop(p, None)
+    runs: dict[str, list[dict]] = {p: [] for p in models}
+    for r in range(settings.precision_repeats):
+        print(f"benchmark@{name}: precision: repeat {r + 1}/{settings.precision_repeats}: "
+              f"{', '.join(models)}", flush=True)
+        for p in models:
+            runs[p].append(timed_fit(models[p], datasets[p], images, 1))
+    print(f"benchmark@{name}: precision: test metric and val loss of "
+          f"{' and '.join(models)}", flush=True)
+    prepared = layout.prepared(m.cfg.task)
+    (tmp / "val").mkdir(parents=True, exist_ok=True)
+    val_ds, _ = input_dataset(prepared, "val", m.io, t, params.seed, tmp / "val", m.padding)
+    test_images, truths, _ = test_arrays(prepared, m.task.targets)
+    base, mixed = compared
+    out: dict = {
+        "compared": list(compared), "production": policy,
+        "auto": {"policy": auto, "reason": reason},
+        "how": (f"both from the same weights, trained on the first {images} train images for "
+                f"1 + {settings.precision_repeats} epochs (the warm-up and the timed epochs), "
+                f"then {primary(m.cfg.task)} on the {len(test_images)} test images and the "
+                f"loss on the val split (conventions.precision)"),
+        "images_per_epoch": images, "epochs_trained": 1 + settings.precision_repeats,
+        "test_images": len(test_images),
+        "val_images": int(records.read_manifest(prepared)["counts"]["val"]),
+        "metric": primary(m.cfg.task), "tolerance": PRECISION_TOLERANCE,
+    }
+    # keras-cv's detector re-makes its train function when evaluation_model sets its NMS,
+    # which would trace the production model's training step again; the step does not decode
+    # boxes, so the traced one is kept.
+    traced = model.train_function
+    for p in compared:
+        if p in failed:
+            out[p] = {"error": failed[p], "compute_dtype": compute_dtype(p)}
+            continue
+        fit = merge_fits(runs[p])
+        fit["warmup_epoch_seconds"] = warm[p]["epoch_seconds"]
+        fit["compute_dtype"] = compute_dtype(p)
+        start = time.perf_counter()
+        fit.update(quality(params, m, models[p], val_ds, (test_images, truths)))
+        fit["quality_seconds"] = time.perf_counter() - start
+        out[p] = fit
+    model.train_function = traced
+    if failed:
+        out.update(speedup=None, paired_speedup=None, val_loss_delta=None, metric_delta=None,
+                   quality="not comparable", recommended=base,
+                   verdict=f"does not train in {', '.join(failed)} ({'; '.join(failed.values())})")
+    else:
+        out["speedup"] = out[mixed]["images_per_s"] / out[base]["images_per_s"]
+        out["paired_speedup"] = _median([b["images_per_s"] / a["images_per_s"] for a, b in
+                                         zip(runs[base], runs[mixed], strict=True)])
+        out["val_loss_delta"] = out[mixed]["val_loss"] - out[base]["val_loss"]
+        out.update(precision_verdict(out["speedup"], out[base]["metric"],
+                                     out[mixed]["metric"]))
+        out["recommended"] = mixed if out["recommended"] == "mixed" else base
+    out["seconds"] = time.perf_counter() - started
+    models.clear()  # the other policy's model and the pipelines' caches go
+    datasets.clear()
+    gc.collect()
+    return out
+
+
+def benchmark_model(params: Params, name: str, layout: Layout, settings: Settings,
+                    tmp: Path) -> dict:
+    """Every per-model figure (module docstring) for ``name``."""
+    from visionpipe.data.pipeline import input_dataset
+    from visionpipe.training import resolve_precision
+
+    m = model_inputs(params, name, layout)
+    cfg = m.cfg
+    t = cfg.train
+    padding, names, io = m.padding, m.names, m.io
+    h, w = m.size
     reset = reset_peak_memory()
     started = time.perf_counter()
     data_dir = tmp / "data"
-    images = subset_split(src, "train", settings.images_for(cfg.task), data_dir)
+    images = subset_split(m.src, "train", settings.images_for(cfg.task), data_dir)
     steps = math.ceil(images / t.batch_size)
+    policy, why = resolve_precision(t.precision, cfg.family)
     result: dict = {
         "family": cfg.family, "task": cfg.task, "image_size": [h, w],
         "batch_size": t.batch_size, "train_images_per_epoch": images, "steps_per_epoch": steps,
-        "train_split_images": int(manifest["counts"]["train"]),
+        "train_split_images": int(m.manifest["counts"]["train"]),
         "cores": cores(),
         "train_params": {"cache": t.cache, "shuffle_buffer": t.shuffle_buffer,
                          "deterministic_input": t.deterministic_input,
-                         "precision": t.precision, "jit_compile": t.jit_compile,
+                         "precision": t.precision, "precision_resolved": policy,
+                         "precision_reason": why, "jit_compile": t.jit_compile,
                          "distribute": t.distribute},
     }
     ds, cache = input_dataset(data_dir, "train", io, t, params.seed, tmp, padding)
@@ -531,17 +765,24 @@ def benchmark_model(params: Params, name: str, layout: Layout, settings: Setting
     print(f"benchmark@{name}: input pipeline ({images} images)", flush=True)
     result["input_pipeline"] = input_pipeline(ds, settings.repeats)
 
-    model = build(params, name, (h, w, 3), len(names), steps)
+    model = build(params, name, (h, w, 3), len(names), steps, policy)
     result["params"] = int(model.count_params())
     result["train_params"]["jit_compile_resolved"] = bool(model.jit_compile)
     if t.distribute != "none":
         result["train_params"]["distribute_note"] = "the benchmark trains on one device"
+    if "precision" in settings.skip:
+        result["precision"] = None
+        print(f"benchmark@{name}: warm-up epoch (tracing)", flush=True)
+        warmup = timed_fit(model, ds, images, 1)["epoch_seconds"]
+    else:  # first: both policies start from the model's fresh weights
+        result["precision"] = compare_precision(params, name, layout, settings, model, policy,
+                                                m, data_dir, images, steps, tmp / "precision")
+        warmup = result["precision"][policy]["warmup_epoch_seconds"]
+        reset = reset_peak_memory() and reset  # without the other policy's model
     ideal_ds, ideal_images = in_memory_dataset(ds, padding)
     naive = naive_dataset(data_dir, io, t.batch_size, t.shuffle_buffer, params.seed, padding)
     naive_s, _ = iterate(naive)
     result["naive_input_images_per_s"] = images / naive_s  # the naive dataset alone, 1 pass
-    print(f"benchmark@{name}: warm-up epoch (tracing)", flush=True)
-    warm = timed_fit(model, ds, images, 1)
     # One epoch of each variant in turn, repeat after repeat: a machine whose load drifts
     # slows every variant alike, and each repeat gives a paired ratio.
     variants = {
@@ -559,7 +800,9 @@ def benchmark_model(params: Params, name: str, layout: Layout, settings: Setting
     ideal_ds = None  # frees the in-memory copy (the lambdas above read it when called)
     for key, fits in runs.items():
         result[key] = merge_fits(fits)
-    result["training"]["warmup_epoch_seconds"] = warm["epoch_seconds"]
+    result["training"]["warmup_epoch_seconds"] = warmup
+    result["training"]["warmup_is"] = ("this model's first epoch, in the precision comparison"
+                                       if result["precision"] else "its first epoch")
     on = result.pop("tracking_on")
     on.update({k: v for k, v in runs["tracking_on"][-1].items()
                if k not in on})  # status fields of the last tracked run
@@ -584,23 +827,26 @@ def benchmark_model(params: Params, name: str, layout: Layout, settings: Setting
     result["memory"] = peak_memory(reset)
     result["seconds"] = time.perf_counter() - started
     result["_model"] = model  # scaling reuses it; dropped before writing
+    result["_data"] = data_dir  # the subset, which the threads section's children read
     result["_io"] = io
     result["_padding"] = padding
     return result
 
 
-def derive(result: dict, peak_gflops: float) -> dict:
+def derive(result: dict, peak_gflops: float, peaks: dict[str, float] | None = None) -> dict:
     """Ratios and FLOP/s from one model's measurements (every ratio a quotient of rates
-    reported beside it)."""
+    reported beside it). ``peaks``: matmul GFLOP/s per dtype, for the share of the peak of
+    the dtype the model computes in and of each policy of its precision comparison."""
     train = result["training"]["images_per_s"]
     ideal = result["ideal"]["images_per_s"]
     naive = result["naive"]["images_per_s"]
     warm = result["input_pipeline"]["warm_images_per_s"]
     on = result["tracking"]["on"]["images_per_s"]
     off = result["tracking"]["off"]["images_per_s"]
-    achieved = train * result["flops"]["training_per_image"]
-    ideal_achieved = ideal * result["flops"]["training_per_image"]
-    return {
+    per_image = result["flops"]["training_per_image"]
+    achieved = train * per_image
+    ideal_achieved = ideal * per_image
+    out = {
         "train_vs_ideal": train / ideal,
         "train_vs_naive": train / naive,
         "input_vs_train": warm / train,
@@ -611,6 +857,20 @@ def derive(result: dict, peak_gflops: float) -> dict:
         "peak_fraction": achieved / (peak_gflops * 1e9),
         "ideal_peak_fraction": ideal_achieved / (peak_gflops * 1e9),
     }
+    peaks = {"float32": peak_gflops, **(peaks or {})}
+    dtype = compute_dtype(result["train_params"].get("precision_resolved", "float32"))
+    if dtype != "float32" and dtype in peaks:
+        out["own_dtype"] = dtype
+        out["own_dtype_peak_fraction"] = achieved / (peaks[dtype] * 1e9)
+    section = result.get("precision")
+    if section:
+        out["precision_peak_fraction"] = {}
+        for p in section["compared"]:
+            dt = compute_dtype(p)
+            if dt in peaks and "error" not in section[p]:
+                out["precision_peak_fraction"][p] = (section[p]["images_per_s"] * per_image
+                                                     / (peaks[dt] * 1e9))
+    return out
 
 
 def scaling(params: Params, name: str, result: dict, settings: Settings, layout: Layout,
@@ -661,6 +921,255 @@ def scaling(params: Params, name: str, result: dict, settings: Settings, layout:
     out["epoch_time_half_vs_native"] = (out["half_size"]["median_epoch_seconds"]
                                         / out["1x"]["median_epoch_seconds"])
     return out
+
+
+# --------------------------------------------------------------------------- threads
+
+CHILD_TIMEOUT_S = 900  # one thread setting's child process (TensorFlow start, traces, epochs)
+
+
+def thread_pairs(n: int) -> list[tuple[int, int]]:
+    """(intra_op, inter_op) settings for ``n`` cores: TensorFlow's default (0, 0), all cores
+    in one op and one op at a time (n, 1), a single thread (1, 1), and all cores with two
+    ops at once (n, 2)."""
+    pairs: list[tuple[int, int]] = []
+    for pair in ((0, 0), (n, 1), (1, 1), (n, 2)):
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def pair_key(intra: int, inter: int) -> str:
+    """``"intra/inter"``, the key of a thread setting in the report (0: TensorFlow's)."""
+    return f"{intra}/{inter}"
+
+
+def run_threads_child(params: Params, layout: Layout, data: dict[str, Path], repeats: int,
+                      intra: int, inter: int, tmp: Path) -> dict:
+    """One thread setting measured in a fresh Python process (threads_child); its report, or
+    an ``error`` naming what went wrong."""
+    from visionpipe import atomic
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = tmp / f"spec-{intra}-{inter}.pickle", tmp / f"out-{intra}-{inter}.json"
+    spec = {"params": params, "root": str(layout.root), "repeats": repeats, "intra_op": intra,
+            "inter_op": inter, "data": {m: str(p) for m, p in data.items()},
+            "output": str(out_path)}
+    with atomic.atomic_path(spec_path) as path:
+        path.write_bytes(pickle.dumps(spec))
+    entry: dict = {"intra_op": intra, "inter_op": inter, "loadavg_before": list(os.getloadavg())}
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "visionpipe.benchmark", "--threads-child", str(spec_path)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        entry["error"] = f"the child process ran past {CHILD_TIMEOUT_S} s and was stopped"
+        return entry
+    entry["wall_seconds"] = time.perf_counter() - start
+    if proc.returncode != 0 or not out_path.exists():
+        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:]
+        entry["error"] = (f"the child process exited with {proc.returncode}: "
+                          f"{last[0] if last else 'no message'}")
+        return entry
+    entry.update(json.loads(out_path.read_text()))
+    return entry
+
+
+def threads_child(spec_path: Path) -> None:
+    """In a child process: set the thread counts before TensorFlow's runtime starts, then time
+    each model as the main figures do; the report goes to the spec's ``output`` file."""
+    from visionpipe import atomic
+    from visionpipe.training import apply_threads
+
+    spec = pickle.loads(Path(spec_path).read_bytes())
+    params: Params = spec["params"]
+    start = time.perf_counter()
+    any_model = params.model(next(iter(spec["data"]))).train  # only the counts are read
+    effect = apply_threads(dataclasses.replace(any_model, intra_op_threads=spec["intra_op"],
+                                               inter_op_threads=spec["inter_op"]),
+                           "benchmark threads")
+    # After the counts are set: these start nothing, but nothing may run before them.
+    from visionpipe.data import records
+    from visionpipe.data.pipeline import input_dataset
+    from visionpipe.stages.common import set_seed
+
+    layout = Layout(Path(spec["root"]))
+    tmp = Path(tempfile.mkdtemp(prefix="visionpipe-benchmark-threads-"))
+    timed: dict = {}
+    try:
+        for name, data in spec["data"].items():
+            set_seed(params.seed)
+            m = model_inputs(params, name, layout)
+            t = m.cfg.train
+            (tmp / name).mkdir()
+            ds, _ = input_dataset(Path(data), "train", m.io, t, params.seed, tmp / name,
+                                  m.padding)
+            images = int(records.read_manifest(Path(data))["counts"]["train"])
+            model = build(params, name, (*m.size, 3), len(m.names),
+                          math.ceil(images / t.batch_size))
+            timed[name] = timed_fit(model, ds, images, spec["repeats"], warmup=1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic.write_text(Path(spec["output"]), json.dumps(
+        {"in_effect": effect, "models": timed, "child_seconds": time.perf_counter() - start},
+        default=_plain))
+
+
+def thread_settings(params: Params, layout: Layout, results: dict, settings: Settings,
+                    tmp: Path) -> dict:
+    """Training images/s of a few models under each (intra_op, inter_op) setting, each
+    setting in a child process (CONVENTIONS["threads"])."""
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    chosen = [m for m in settings.thread_models if m in results] or [next(iter(results))]
+    pairs = list(settings.thread_pairs or thread_pairs(cores()))
+    out: dict = {
+        "how": CONVENTIONS["threads"], "cores": cores(), "models": chosen,
+        "models_why": ("the models of settings.thread_models that this run benchmarks (else "
+                       "its first model): each setting costs a TensorFlow start and a trace "
+                       "of every model it times, so the cheapest dense and convolutional "
+                       "models stand for the rest"),
+        "main_process": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                         "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+        "settings": []}
+    for intra, inter in pairs:
+        print(f"benchmark threads: intra_op {intra}, inter_op {inter} (0: TensorFlow's "
+              f"default) for {', '.join(chosen)}, in a child process", flush=True)
+        out["settings"].append(run_threads_child(
+            params, layout, {m: results[m]["_data"] for m in chosen}, settings.repeats, intra,
+            inter, tmp / pair_key(intra, inter).replace("/", "-")))
+    done = [s for s in out["settings"] if "error" not in s]
+    default = next((s for s in done if (s["intra_op"], s["inter_op"]) == (0, 0)), None)
+    out["by_model"] = {}
+    for m in chosen:
+        rates = {pair_key(s["intra_op"], s["inter_op"]): s["models"][m]["images_per_s"]
+                 for s in done}
+        row: dict = {"images_per_s": rates,
+                     "main_process_images_per_s": results[m]["training"]["images_per_s"]}
+        if default is not None:
+            base = default["models"][m]["images_per_s"]
+            row["vs_default"] = {k: v / base for k, v in rates.items()}
+        if rates:
+            row["best"] = max(rates, key=rates.get)
+        out["by_model"][m] = row
+    out["errors"] = [f"{pair_key(s['intra_op'], s['inter_op'])}: {s['error']}"
+                     for s in out["settings"] if "error" in s]
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+# --------------------------------------------------------------------------- before / after
+
+
+def read_previous(path: Path) -> dict:
+    """An earlier benchmark.json for ``--compare``; an error saying what to pass otherwise."""
+    from visionpipe.errors import VisionpipeError
+
+    hint = ("copy reports/benchmark.json aside before the run (cp reports/benchmark.json "
+            "/tmp/benchmark-before.json) and pass the copy")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VisionpipeError(f"--compare {path}: no such file; {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VisionpipeError(f"--compare {path}: not readable as JSON ({exc}); {hint}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise VisionpipeError(f"--compare {path}: not a benchmark.json (no models section); "
+                              f"{hint}")
+    return data
+
+
+def _figures(r: dict) -> dict:
+    """A model's figures the before/after comparison shows (None where a run lacks one)."""
+    return {"images_per_s": _number((r.get("training") or {}).get("images_per_s")),
+            "peak_fraction": _number((r.get("derived") or {}).get("peak_fraction")),
+            "batch_size": r.get("batch_size"),
+            "train_images_per_epoch": r.get("train_images_per_epoch"),
+            "image_size": r.get("image_size"),
+            "precision": (r.get("train_params") or {}).get(
+                "precision_resolved", (r.get("train_params") or {}).get("precision"))}
+
+
+def _run_facts(report: dict) -> dict:
+    env = report.get("environment") or {}
+    return {"date": env.get("date"), "git_commit": env.get("git_commit"),
+            "mode": report.get("mode"), "cpu_count": env.get("cpu_count"),
+            "gpus": env.get("gpus"),
+            "matmul_peak_gflops": _number((report.get("matmul_peak") or {}).get("gflops"))}
+
+
+def compare_runs(previous: dict, path: Path, report: dict) -> dict:
+    """Each model in both runs, by name: training images/s and share of the matmul peak before
+    and after, with each run's batch size (the models' params may have changed between)."""
+    out: dict = {"before": {"path": str(path), **_run_facts(previous)},
+                 "after": _run_facts(report),
+                 "how": "by model name; before: the --compare file, after: this run; each "
+                        "share of the peak is against its own run's float32 matmul probe; "
+                        "params may differ between the runs (batch size, images per timed "
+                        "epoch and precision shown for each)",
+                 "models": {},
+                 "only_before": [m for m in previous["models"] if m not in report["models"]],
+                 "only_after": [m for m in report["models"] if m not in previous["models"]]}
+    for name, after in report["models"].items():
+        before = previous["models"].get(name)
+        if not isinstance(before, dict):
+            continue
+        b, a = _figures(before), _figures(after)
+        row: dict = {"before": b, "after": a}
+        if b["images_per_s"] and a["images_per_s"]:
+            row["images_per_s_after_vs_before"] = a["images_per_s"] / b["images_per_s"]
+        if b["peak_fraction"] is not None and a["peak_fraction"] is not None:
+            row["peak_fraction_after_minus_before"] = a["peak_fraction"] - b["peak_fraction"]
+        out["models"][name] = row
+    return out
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def gpu_devices() -> list[dict]:
+    """Each GPU TensorFlow sees: its name, model and compute capability."""
+    import tensorflow as tf
+
+    out = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details: dict = {}
+        with contextlib.suppress(Exception):
+            details = tf.config.experimental.get_device_details(gpu)
+        capability = details.get("compute_capability")
+        out.append({"name": gpu.name, "device_name": details.get("device_name"),
+                    "compute_capability": list(capability) if capability else None})
+    return out
+
+
+def gpu_rows(report: dict, peaks: dict[str, float]) -> dict:
+    """Per model on the GPU: training and inference images/s, the share of the GPU's matmul
+    peak in float32 and in the dtype the model computes in, and the device's peak memory.
+    (The whole run is on the GPU where there is one: these rows gather its GPU figures.)"""
+    rows = {}
+    for name, r in report["models"].items():
+        d, inf = r["derived"], r["inference"]
+        rows[name] = {
+            "precision": r["train_params"]["precision_resolved"],
+            "jit_compile": r["train_params"]["jit_compile_resolved"],
+            "batch_size": r["batch_size"],
+            "training_images_per_s": r["training"]["images_per_s"],
+            "inference_images_per_s": {
+                f"{f}_{b}": inf[f][b]["images_per_s"] for f in ("keras", "saved_model")
+                for b in ("batch_1", "eval_batch")},
+            "peak_fraction_float32": d["peak_fraction"],
+            "own_dtype": d.get("own_dtype", "float32"),
+            "peak_fraction_own_dtype": d.get("own_dtype_peak_fraction", d["peak_fraction"]),
+            "gpu_peak_bytes_training": r["memory_training"].get("gpu_peak_bytes"),
+            "gpu_peak_bytes": r["memory"].get("gpu_peak_bytes"),
+        }
+    import tensorflow as tf
+
+    return {"devices": gpu_devices(), "matmul_peak_gflops": peaks,
+            "tf32_matmul": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
+            "models": rows}
 
 
 # --------------------------------------------------------------------------- targets
@@ -764,62 +1273,98 @@ def _public(result: dict) -> dict:
 
 
 def run(params: Params, layout: Layout, models: list[str] | None = None,
-        output: Path | None = None, settings: Settings = Settings()) -> dict:
-    """Benchmark ``models`` (default: every model in params); write benchmark.json and
-    benchmark.png to ``output`` (default: ROOT/reports); return the report."""
+        output: Path | None = None, settings: Settings = Settings(),
+        compare: Path | None = None, json_name: str = "benchmark.json") -> dict:
+    """Benchmark ``models`` (default: every model in params); write ``json_name`` (and the
+    PNG of the same stem) to ``output`` (default: ROOT/reports); return the report.
+    ``compare``: an earlier benchmark.json to set each model's figures beside."""
+    import tensorflow as tf
+
     from visionpipe.errors import ParamsError
     from visionpipe.stages.common import set_seed
     from visionpipe.tasks.registry import task_class
+    from visionpipe.training import apply_threads, cpu_bf16_flags, resolve_precision
 
     models = list(models or params.models)
     unknown = [m for m in models if m not in params.models]
     if unknown:
         raise ParamsError(f"--models: unknown model(s) {', '.join(unknown)}; params.yaml has "
                           f"{', '.join(params.models)}")
+    previous = read_previous(compare) if compare is not None else None
     output = Path(output) if output is not None else layout.root / "reports"
+    # Before TensorFlow's runtime starts: the first model's thread counts for this process.
+    threads = apply_threads(params.model(models[0]).train, f"models.{models[0]}.train")
+    if len({(params.model(m).train.intra_op_threads, params.model(m).train.inter_op_threads)
+            for m in models}) > 1:
+        threads["note"] = (f"the models' thread counts differ; this process uses "
+                           f"models.{models[0]}.train's (one setting per process)")
     set_seed(params.seed)
     started = time.perf_counter()
-    report: dict = {"schema": 1, "mode": "quick" if settings.quick else "full",
-                    "environment": environment(layout),
+    auto, reason = resolve_precision("auto")
+    report: dict = {"schema": 2, "mode": "quick" if settings.quick else "full",
+                    "environment": {**environment(layout), "threads": threads},
                     "settings": dataclasses.asdict(settings),
-                    "conventions": CONVENTIONS, "targets_required": TARGETS}
+                    "conventions": CONVENTIONS, "targets_required": TARGETS,
+                    "precision_auto": {"policy": auto, "reason": reason,
+                                       "cpu_bf16_flags": cpu_bf16_flags()}}
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    sizes = settings.gpu_matmul_sizes if on_gpu else settings.matmul_sizes
     print("benchmark: matmul probe", flush=True)
-    probe_start = matmul_peak(settings.matmul_sizes, settings.repeats, settings.matmul_seconds)
+    probe_start = matmul_peak(sizes, settings.repeats, settings.matmul_seconds)
+    policies = {resolve_precision(params.model(m).train.precision, params.model(m).family)[0]
+                for m in models}
+    if "precision" not in settings.skip:
+        policies |= {compared_policies(p, auto)[1] for p in policies}
+    low = {}
+    for dtype in sorted({compute_dtype(p) for p in policies} - {"float32"}):
+        print(f"benchmark: matmul probe in {dtype}", flush=True)
+        low[dtype] = matmul_peak(sizes, settings.repeats, settings.matmul_seconds, dtype)
     results: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="visionpipe-benchmark-"))
     try:
         for name in models:
             results[name] = benchmark_model(params, name, layout, settings, tmp / name)
-        scale_name = (settings.scaling_model if settings.scaling_model in results else next(
-            (m for m in models if task_class(params.model(m).task).size_independent_targets),
-            models[0]))
-        report["scaling"] = scaling(params, scale_name, results[scale_name], settings,
-                                    layout, tmp / "scaling")
+        if "scaling" in settings.skip:
+            report["scaling"] = None
+        else:
+            scale_name = (settings.scaling_model if settings.scaling_model in results else next(
+                (m for m in models
+                 if task_class(params.model(m).task).size_independent_targets), models[0]))
+            report["scaling"] = scaling(params, scale_name, results[scale_name], settings,
+                                        layout, tmp / "scaling")
+        report["threads"] = (None if "threads" in settings.skip else
+                             thread_settings(params, layout, results, settings, tmp / "threads"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("benchmark: matmul probe again", flush=True)
-    probe_end = matmul_peak(settings.matmul_sizes, settings.repeats, settings.matmul_seconds)
+    probe_end = matmul_peak(sizes, settings.repeats, settings.matmul_seconds)
     peak = max(probe_start["gflops"], probe_end["gflops"])
-    report["matmul_peak"] = {"gflops": peak, "start": probe_start, "end": probe_end}
+    peaks = {"float32": peak, **{dt: probe["gflops"] for dt, probe in low.items()}}
+    report["matmul_peak"] = {"gflops": peak, "dtype": "float32", "start": probe_start,
+                             "end": probe_end, "by_dtype": peaks, "other_dtypes": low}
     for r in results.values():
-        r["derived"] = derive(r, peak)
+        r["derived"] = derive(r, peak, peaks)
     report["models"] = {name: _public(r) for name, r in results.items()}
     report["targets"] = targets(report["models"])
+    report["compare"] = (compare_runs(previous, Path(compare), report)
+                         if previous is not None else None)
+    report["gpu"] = gpu_rows(report, peaks) if on_gpu else None
+    if not on_gpu:
+        report["gpu_reason"] = "no GPU visible to TensorFlow: every figure is the CPU's"
     report["environment"]["loadavg_after"] = list(os.getloadavg())
     report["seconds"] = time.perf_counter() - started
-    write(report, output)
+    write(report, output, json_name)
     print(table(report))
     return report
 
 
-def write(report: dict, output: Path) -> None:
-    """benchmark.json and benchmark.png in ``output``."""
+def write(report: dict, output: Path, json_name: str = "benchmark.json") -> None:
+    """``json_name`` (benchmark.json) and the PNG of the same stem in ``output``."""
     from visionpipe import atomic
 
     output.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(output / "benchmark.json",
-                      json.dumps(report, indent=2, default=_plain) + "\n")
-    plot(report, output / "benchmark.png")
+    atomic.write_text(output / json_name, json.dumps(report, indent=2, default=_plain) + "\n")
+    plot(report, output / Path(json_name).with_suffix(".png").name)
 
 
 def _plain(value):
@@ -853,11 +1398,101 @@ def table(report: dict) -> str:
     lines.append(f"targets: {len(report['targets']) - len(missed)} met, {len(missed)} missed"
                  + "".join(f"\n  missed {t['target']} ({t['model']}): {t['value']:.3f}, "
                            f"required {t['required']}" for t in missed))
+    for part in (precision_table, threads_table, compare_table, gpu_table):
+        lines += part(report)
     return "\n".join(lines)
 
 
+def _fmt(value, spec: str, width: int) -> str:
+    return f"{value:{width}{spec}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
+def precision_table(report: dict) -> list[str]:
+    """float32 against the mixed policy per model: rates, their quotient, metric, verdict."""
+    rows = [(n, r["precision"]) for n, r in report["models"].items() if r.get("precision")]
+    if not rows:
+        return []
+    auto = report["precision_auto"]
+    lines = [f"precision (auto here: {auto['policy']}; {auto['reason']}); quality after "
+             f"{rows[0][1]['epochs_trained']} epochs of the subset, same within "
+             f"{PRECISION_TOLERANCE} on the metric",
+             f"{'model':8} {'mixed':>14} {'f32 img/s':>9} {'mix img/s':>9} {'mix/f32':>7} "
+             f"{'metric':>9} {'f32':>6} {'mixed':>6} {'valloss':>13} verdict"]
+    for name, p in rows:
+        base, mixed = (p[k] for k in p["compared"])
+        lines.append(
+            f"{name:8} {p['compared'][1]:>14} {_fmt(base.get('images_per_s'), '.0f', 9)} "
+            f"{_fmt(mixed.get('images_per_s'), '.0f', 9)} {_fmt(p['speedup'], '.2f', 7)} "
+            f"{p['metric']:>9} {_fmt(base.get('metric'), '.3f', 6)} "
+            f"{_fmt(mixed.get('metric'), '.3f', 6)} {_fmt(base.get('val_loss'), '.3f', 6)}/"
+            f"{_fmt(mixed.get('val_loss'), '.3f', 6)} {p['verdict']}")
+    return lines
+
+
+def threads_table(report: dict) -> list[str]:
+    """Training images/s per thread setting and model."""
+    th = report.get("threads")
+    if not th:
+        return []
+    keys = [pair_key(s["intra_op"], s["inter_op"]) for s in th["settings"]]
+    lines = ["threads: training images/s per intra_op/inter_op (0: TensorFlow's default), "
+             "one child process each",
+             f"{'model':8} " + " ".join(f"{k:>8}" for k in keys) + f" {'main':>8} best"]
+    for name, row in th["by_model"].items():
+        lines.append(f"{name:8} " + " ".join(_fmt(row["images_per_s"].get(k), ".0f", 8)
+                                             for k in keys)
+                     + f" {row['main_process_images_per_s']:8.0f} {row.get('best', '-')}")
+    lines += [f"  failed {e}" for e in th["errors"]]
+    return lines
+
+
+def compare_table(report: dict) -> list[str]:
+    """Before (the --compare file) and after, per model: batch, images/s, share of peak."""
+    cmp = report.get("compare")
+    if not cmp:
+        return []
+    lines = [f"before ({cmp['before']['date']}, {cmp['before']['path']}) -> this run: "
+             "training images/s and % of the float32 matmul peak",
+             f"{'model':8} {'batch':>9} {'before':>8} {'after':>8} {'x':>6} "
+             f"{'%pk bef':>7} {'%pk aft':>7}"]
+    for name, row in cmp["models"].items():
+        b, a = row["before"], row["after"]
+        pct = {k: 100 * v["peak_fraction"] if v["peak_fraction"] is not None else None
+               for k, v in (("b", b), ("a", a))}
+        lines.append(f"{name:8} {str(b['batch_size']) + '->' + str(a['batch_size']):>9} "
+                     f"{_fmt(b['images_per_s'], '.0f', 8)} {_fmt(a['images_per_s'], '.0f', 8)} "
+                     f"{_fmt(row.get('images_per_s_after_vs_before'), '.2f', 6)} "
+                     f"{_fmt(pct['b'], '.1f', 7)} {_fmt(pct['a'], '.1f', 7)}")
+    for key in ("only_before", "only_after"):
+        if cmp[key]:
+            lines.append(f"  {key.replace('_', ' ')}: {', '.join(cmp[key])}")
+    return lines
+
+
+def gpu_table(report: dict) -> list[str]:
+    """The GPU rows: rates, shares of the GPU's peaks, device memory."""
+    gpu = report.get("gpu")
+    if not gpu:
+        return []
+    devices = ", ".join(f"{d['device_name'] or d['name']} (cc {d['compute_capability']})"
+                        for d in gpu["devices"])
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in gpu["matmul_peak_gflops"].items())
+    lines = [f"GPU {devices}; matmul peak GFLOP/s: {peaks}",
+             f"{'model':8} {'precision':>15} {'train':>8} {'keras1':>8} {'kerasB':>8} "
+             f"{'%pk f32':>7} {'%pk own':>7} {'GPU MB':>7}"]
+    for name, g in gpu["models"].items():
+        mem = g["gpu_peak_bytes"] / 2**20 if g["gpu_peak_bytes"] is not None else None
+        lines.append(f"{name:8} {g['precision']:>15} {g['training_images_per_s']:8.0f} "
+                     f"{g['inference_images_per_s']['keras_batch_1']:8.0f} "
+                     f"{g['inference_images_per_s']['keras_eval_batch']:8.0f} "
+                     f"{100 * g['peak_fraction_float32']:7.1f} "
+                     f"{100 * g['peak_fraction_own_dtype']:7.1f} {_fmt(mem, '.0f', 7)}")
+    return lines
+
+
 def plot(report: dict, path: Path) -> None:
-    """Four panels: training rates, inference rates, share of peak, scaling."""
+    """Six panels: training rates, inference rates, share of peak (and before, with
+    --compare), scaling, float32 against the mixed policy, thread settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -868,7 +1503,7 @@ def plot(report: dict, path: Path) -> None:
     models = report["models"]
     names = list(models)
     x = np.arange(len(names))
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(3, 2, figsize=(13, 13))
     ax = axes[0][0]
     series = {"production": [models[m]["training"]["images_per_s"] for m in names],
               "in-memory ideal": [models[m]["ideal"]["images_per_s"] for m in names],
@@ -899,6 +1534,12 @@ def plot(report: dict, path: Path) -> None:
            label="in-memory ideal")
     ax.axhline(100 * TARGETS["resnet_peak_fraction"], color="k", ls="--", lw=1,
                label="ResNet target")
+    before = (report.get("compare") or {}).get("models", {})
+    shown = [(i, before[m]["before"]["peak_fraction"]) for i, m in enumerate(names)
+             if m in before and before[m]["before"]["peak_fraction"] is not None]
+    if shown:
+        ax.plot([i - 0.2 for i, _ in shown], [100 * v for _, v in shown], "kx", ms=9,
+                label=f"before ({report['compare']['before']['date']})")
     ax.set(xticks=x, xticklabels=names, ylabel="% of matmul peak",
            title=f"Achieved training FLOP/s (peak {report['matmul_peak']['gflops']:.0f} "
                  "GFLOP/s)")
@@ -918,6 +1559,48 @@ def plot(report: dict, path: Path) -> None:
         ax.set(xticks=ks, xlabel=f"dataset size (x {sc['base_images']} images)",
                ylabel="seconds per epoch", title="Scaling")
         ax.legend(fontsize=8)
+    else:
+        ax.set_axis_off()
+
+    ax = axes[2][0]
+    compared = [m for m in names if models[m].get("precision")]
+    if compared:
+        xs = np.arange(len(compared))
+        for i in range(2):  # float32, then the mixed policy
+            values, labels = [], set()
+            for m in compared:
+                p = models[m]["precision"]
+                policy = p["compared"][i]
+                labels.add(policy)
+                values.append(p[policy].get("images_per_s", 0.0))  # 0: it does not train
+            ax.bar(xs + (i - 0.5) * 0.4, values, 0.4, label=" / ".join(sorted(labels)))
+        ax.set(xticks=xs, yscale="log", ylabel="training images/s",
+               title=f"Precision (auto here: {report['precision_auto']['policy']})")
+        ax.set_xticklabels([f"{m}\n" + (f"{p['speedup']:.2f}x, {p['quality']}"
+                                         if p["speedup"] else "fails")
+                            for m, p in ((m, models[m]["precision"]) for m in compared)],
+                           fontsize=8)
+        ax.legend(fontsize=8)
+    else:
+        ax.set_axis_off()
+
+    ax = axes[2][1]
+    th = report.get("threads")
+    if th and th["by_model"]:
+        keys = [pair_key(s["intra_op"], s["inter_op"]) for s in th["settings"]
+                if "error" not in s]
+        rows = list(th["by_model"])
+        xs = np.arange(len(rows))
+        width = 0.8 / max(1, len(keys))
+        for i, k in enumerate(keys):
+            ax.bar(xs + i * width - 0.4 + width / 2,
+                   [th["by_model"][m]["images_per_s"][k] for m in rows], width,
+                   label=f"intra/inter {k}")
+        ax.set(xticks=xs, xticklabels=rows, ylabel="training images/s",
+               title=f"Thread settings ({th['cores']} cores; 0: TensorFlow's default)")
+        ax.legend(fontsize=8)
+    else:
+        ax.set_axis_off()
     env = report["environment"]
     fig.suptitle(f"visionpipe benchmark ({report['mode']}), {env['cpu_count']} CPUs, "
                  f"TF {env['tensorflow']}, {env['date']}, load {env['loadavg_before'][0]:.1f}")
@@ -925,3 +1608,22 @@ def plot(report: dict, path: Path) -> None:
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m visionpipe.benchmark --threads-child SPEC``: one setting of the threads
+    section, run by ``visionpipe benchmark`` in a process of its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m visionpipe.benchmark",
+        description="The child process of `visionpipe benchmark`'s thread settings (run "
+                    "`visionpipe benchmark` instead).")
+    parser.add_argument("--threads-child", type=Path, required=True, metavar="SPEC",
+                        help="the pickled spec the parent wrote")
+    threads_child(parser.parse_args(argv).threads_child)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,12 +2,14 @@
 
 No timed asserts: speed claims live in reports/benchmark.json. What is checked here is that
 every figure is what it says it is (rates = images / time, ratios = quotients of the rates
-reported beside them, FLOPs = the hand count), and that the files are written.
+reported beside them, FLOPs = the hand count, verdicts = what the figures beside them say),
+and that the files are written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import keras
@@ -21,6 +23,17 @@ from visionpipe.layout import Layout
 
 BATCH = 8
 TRAIN = 48  # prepared train images; augment doubles them
+TEST = 16
+JSON = "benchmark-test.json"  # --json-name: the PNG takes its stem
+# An earlier run for --compare: mlp at another batch size, and a model since removed.
+BEFORE = {"environment": {"date": "2026-01-02T03:04:05+00:00", "git_commit": "abc"},
+          "mode": "full", "matmul_peak": {"gflops": 50.0},
+          "models": {"mlp": {"batch_size": 64, "train_images_per_epoch": 1024,
+                             "training": {"images_per_s": 1000.0},
+                             "derived": {"peak_fraction": 0.125},
+                             "train_params": {"precision": "float32"}},
+                     "gone": {"batch_size": 16, "training": {"images_per_s": 5.0},
+                              "derived": {"peak_fraction": 0.5}}}}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +46,7 @@ def report(tmp_path_factory, default_params_dict):
     data = json.loads(json.dumps(default_params_dict))
     data["prepare"] = {"classification": {**data["prepare"]["classification"],
                                           "image_size": [32, 32], "shard_size": 32,
-                                          "splits": {"train": TRAIN, "val": 8, "test": 16}}}
+                                          "splits": {"train": TRAIN, "val": 8, "test": TEST}}}
     data["augment"] = {"classification": {**data["augment"]["classification"], "preview": 4}}
     mlp, vgg = data["models"]["mlp"], data["models"]["vgg"]
     mlp["architecture"].update(hidden_units=[16], input_pool=1)
@@ -48,10 +61,14 @@ def report(tmp_path_factory, default_params_dict):
     augment.run(params, "classification", layout)
     (root / "params.yaml").write_text(yaml.safe_dump(data))
     out = root / "bench"
+    before = root / "before.json"
+    before.write_text(json.dumps(BEFORE))
     code = cli.main(["benchmark", "--quick", "--root", str(root), "--params",
-                     str(root / "params.yaml"), "--output", str(out), "--models", "mlp,vgg"])
+                     str(root / "params.yaml"), "--output", str(out), "--models", "mlp,vgg",
+                     "--compare", str(before), "--json-name", JSON])
     assert code == 0
-    return json.loads((out / "benchmark.json").read_text()), out
+    assert not (out / "benchmark.json").exists()
+    return json.loads((out / JSON).read_text()), out
 
 
 def _rate_of(fit: dict) -> float:
@@ -135,9 +152,9 @@ def test_peak_targets_scaling_and_files(report):
     assert sc["half_size"]["image_size"] == [16, 16]
     env = rep["environment"]
     assert env["tensorflow"] and env["keras"] and len(env["loadavg_before"]) == 3
-    with Image.open(out / "benchmark.png") as image:
+    with Image.open(out / "benchmark-test.png") as image:
         image.verify()
-    with Image.open(out / "benchmark.png") as image:
+    with Image.open(out / "benchmark-test.png") as image:
         assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 400
 
 
@@ -161,3 +178,182 @@ def test_unknown_model_is_a_one_line_error(tmp_path, repo_root, capsys):
                      str(repo_root / "params.yaml"), "--root", str(tmp_path)])
     assert code == 2
     assert "unknown model(s) nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_precision_compares_float32_and_a_mixed_policy_after_the_same_training(report):
+    from visionpipe.training import resolve_precision
+
+    rep, _ = report
+    auto, reason = resolve_precision("auto")
+    assert rep["precision_auto"]["policy"] == auto and rep["precision_auto"]["reason"] == reason
+    peaks = rep["matmul_peak"]["by_dtype"]
+    for r in rep["models"].values():
+        p, d = r["precision"], r["derived"]
+        production = r["train_params"]["precision_resolved"]
+        assert production == resolve_precision(r["train_params"]["precision"])[0]
+        assert p["production"] == production and p["auto"] == {"policy": auto, "reason": reason}
+        base, mixed = p["compared"]
+        assert base == "float32" and mixed == benchmark.compared_policies(production, auto)[1]
+        assert mixed.startswith("mixed_") and production in p["compared"]
+        assert p["epochs_trained"] == 1 + benchmark.QUICK.precision_repeats
+        assert (p["test_images"], p["val_images"], p["metric"]) == (TEST, 8, "accuracy")
+        assert p["images_per_epoch"] == r["train_images_per_epoch"]
+        rates = {}
+        for policy in (base, mixed):
+            fit = p[policy]
+            rates[policy] = _rate_of(fit)
+            assert fit["images_per_epoch"] == r["train_images_per_epoch"]
+            assert len(fit["epoch_seconds"]) == benchmark.QUICK.precision_repeats
+            assert len(fit["warmup_epoch_seconds"]) == 1
+            assert fit["compute_dtype"] == benchmark.compute_dtype(policy)
+            assert fit["metric"] == fit["test"]["accuracy"] and 0.0 <= fit["metric"] <= 1.0
+            assert fit["metric"] * TEST == pytest.approx(round(fit["metric"] * TEST))  # k/16
+            assert 0.0 <= fit["test"]["macro_f1"] <= 1.0 and math.isfinite(fit["val_loss"])
+            assert d["precision_peak_fraction"][policy] == pytest.approx(
+                rates[policy] * r["flops"]["training_per_image"]
+                / (peaks[fit["compute_dtype"]] * 1e9))
+        assert p["speedup"] == pytest.approx(rates[mixed] / rates[base])
+        delta = p[mixed]["metric"] - p[base]["metric"]
+        assert p["metric_delta"] == pytest.approx(delta)
+        assert p["val_loss_delta"] == pytest.approx(p[mixed]["val_loss"] - p[base]["val_loss"])
+        assert p["tolerance"] == benchmark.PRECISION_TOLERANCE
+        quality = ("the same" if abs(delta) <= p["tolerance"]
+                   else "higher" if delta > 0 else "lower")
+        faster = rates[mixed] > rates[base]
+        assert (p["quality"], p["verdict"]) == (
+            quality, f"{'faster' if faster else 'slower'} at {quality} quality")
+        assert p["recommended"] == (mixed if faster and quality != "lower" else base)
+        # The production model's first epoch, in the comparison, is the main figures' warm-up.
+        assert r["training"]["warmup_epoch_seconds"] == p[production]["warmup_epoch_seconds"]
+
+
+@pytest.mark.parametrize(("speedup", "base", "mixed", "verdict", "recommended"), [
+    (1.5, 0.80, 0.79, "faster at the same quality", "mixed"),
+    (1.5, 0.80, 0.70, "faster at lower quality", "float32"),
+    (1.5, 0.70, 0.80, "faster at higher quality", "mixed"),
+    (0.5, 0.80, 0.81, "slower at the same quality", "float32"),
+    (0.5, 0.80, None, "slower, quality not comparable (a test metric is missing)", "float32"),
+])
+def test_precision_verdict_needs_speed_and_the_metric_within_the_tolerance(
+        speedup, base, mixed, verdict, recommended):
+    found = benchmark.precision_verdict(speedup, base, mixed, tolerance=0.02)
+    assert (found["verdict"], found["recommended"]) == (verdict, recommended)
+
+
+def test_thread_pairs_follow_the_core_count():
+    assert benchmark.thread_pairs(2) == [(0, 0), (2, 1), (1, 1), (2, 2)]
+    assert benchmark.thread_pairs(8) == [(0, 0), (8, 1), (1, 1), (8, 2)]
+    assert benchmark.thread_pairs(1) == [(0, 0), (1, 1), (1, 2)]
+
+
+@pytest.mark.slow
+def test_thread_settings_each_ran_in_a_child_with_the_counts_in_effect(report):
+    rep, _ = report
+    th = rep["threads"]
+    assert th["models"] == ["mlp"] and th["errors"] == [] and th["models_why"]
+    assert [(s["intra_op"], s["inter_op"]) for s in th["settings"]] == list(
+        benchmark.QUICK.thread_pairs)
+    images = rep["models"]["mlp"]["train_images_per_epoch"]
+    rates = {}
+    for s in th["settings"]:
+        # Read back from TensorFlow in the child: the counts asked for (0: its default).
+        assert s["in_effect"] == {"intra_op": s["intra_op"], "inter_op": s["inter_op"]}
+        fit = s["models"]["mlp"]
+        assert fit["images_per_epoch"] == images and len(fit["warmup_epoch_seconds"]) == 1
+        assert len(fit["epoch_seconds"]) == benchmark.QUICK.repeats
+        rates[f"{s['intra_op']}/{s['inter_op']}"] = _rate_of(fit)
+    row = th["by_model"]["mlp"]
+    assert row["images_per_s"] == rates
+    assert row["vs_default"] == pytest.approx({k: v / rates["0/0"] for k, v in rates.items()})
+    assert row["best"] == max(rates, key=rates.get)
+    assert row["main_process_images_per_s"] == rep["models"]["mlp"]["training"]["images_per_s"]
+    env = rep["environment"]["threads"]
+    assert (env["intra_op"], env["inter_op"]) == (th["main_process"]["intra_op"],
+                                                  th["main_process"]["inter_op"])
+
+
+@pytest.mark.slow
+def test_compare_sets_each_model_beside_the_earlier_run_by_name(report):
+    rep, out = report
+    cmp = rep["compare"]
+    assert cmp["before"]["path"] == str(out.parent / "before.json")
+    assert (cmp["before"]["date"], cmp["before"]["git_commit"]) == (
+        BEFORE["environment"]["date"], "abc")
+    assert cmp["before"]["matmul_peak_gflops"] == 50.0
+    assert cmp["after"]["date"] == rep["environment"]["date"]
+    assert cmp["after"]["matmul_peak_gflops"] == rep["matmul_peak"]["gflops"]
+    assert (list(cmp["models"]), cmp["only_before"], cmp["only_after"]) == (
+        ["mlp"], ["gone"], ["vgg"])
+    row, now = cmp["models"]["mlp"], rep["models"]["mlp"]
+    assert row["before"] == {"images_per_s": 1000.0, "peak_fraction": 0.125, "batch_size": 64,
+                             "train_images_per_epoch": 1024, "image_size": None,
+                             "precision": "float32"}
+    assert row["after"] == {"images_per_s": now["training"]["images_per_s"],
+                            "peak_fraction": now["derived"]["peak_fraction"],
+                            "batch_size": BATCH,
+                            "train_images_per_epoch": now["train_images_per_epoch"],
+                            "image_size": [32, 32],
+                            "precision": now["train_params"]["precision_resolved"]}
+    assert row["images_per_s_after_vs_before"] == pytest.approx(
+        now["training"]["images_per_s"] / 1000.0)
+    assert row["peak_fraction_after_minus_before"] == pytest.approx(
+        now["derived"]["peak_fraction"] - 0.125)
+
+
+@pytest.mark.slow
+def test_gpu_rows_gather_each_models_gpu_figures(report):
+    rep, _ = report
+    if rep["environment"]["gpus"]:
+        assert list(rep["gpu"]["models"]) == list(rep["models"])
+    else:  # this machine: the rows are absent and the report says why
+        assert rep["gpu"] is None and rep["gpu_reason"].startswith("no GPU visible")
+    peaks = rep["matmul_peak"]["by_dtype"]
+    rows = benchmark.gpu_rows(rep, peaks)
+    assert rows["matmul_peak_gflops"] == peaks
+    for name, r in rep["models"].items():
+        g, inf = rows["models"][name], r["inference"]
+        assert g["training_images_per_s"] == r["training"]["images_per_s"]
+        assert g["inference_images_per_s"] == {
+            f"{f}_{b}": inf[f][b]["images_per_s"] for f in ("keras", "saved_model")
+            for b in ("batch_1", "eval_batch")}
+        assert g["precision"] == r["train_params"]["precision_resolved"]
+        assert g["own_dtype"] == benchmark.compute_dtype(g["precision"])
+        assert g["peak_fraction_float32"] == r["derived"]["peak_fraction"]
+        assert g["peak_fraction_own_dtype"] == pytest.approx(
+            r["training"]["images_per_s"] * r["flops"]["training_per_image"]
+            / (peaks[g["own_dtype"]] * 1e9))
+        assert g["gpu_peak_bytes"] == r["memory"].get("gpu_peak_bytes")
+
+
+@pytest.mark.slow
+def test_table_shows_precision_threads_and_before_after(report):
+    rep, _ = report
+    text = benchmark.table(rep)
+    assert f"precision (auto here: {rep['precision_auto']['policy']}" in text
+    for name, r in rep["models"].items():
+        assert f"{name:8} {r['precision']['compared'][1]:>14}" in text
+        assert r["precision"]["verdict"] in text
+    assert "threads: training images/s" in text and " 0/0 " in text
+    assert f"before ({BEFORE['environment']['date']}" in text
+    assert f"{'mlp':8} {'64->' + str(BATCH):>9}" in text and "only before: gone" in text
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--skip", "threads,nope"], "--skip threads,nope: unknown section(s) nope; choose from "
+                                 "precision, threads, scaling"),
+    (["--json-name", "reports/x.json"], "--json-name reports/x.json: a file name ending in "
+                                        ".json, without a folder"),
+    (["--json-name", "x.txt"], "--json-name x.txt: a file name ending in .json"),
+    (["--compare", "{tmp}/missing.json"], "--compare {tmp}/missing.json: no such file; copy "
+                                          "reports/benchmark.json aside"),
+    (["--compare", "{tmp}/other.json"], "--compare {tmp}/other.json: not a benchmark.json"),
+])
+def test_bad_benchmark_options_are_one_line_errors(tmp_path, repo_root, capsys, args,
+                                                   message):
+    (tmp_path / "other.json").write_text('{"accuracy": 0.5}')
+    code = cli.main(["benchmark", "--models", "mlp", "--params", str(repo_root / "params.yaml"),
+                     "--root", str(tmp_path), *[a.format(tmp=tmp_path) for a in args]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("visionpipe: error: " + message.format(tmp=tmp_path))
