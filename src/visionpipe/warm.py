@@ -67,7 +67,8 @@ def fingerprint(environ: dict[str, str] | None = None) -> str:
     environ = os.environ if environ is None else environ
     package = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    h.update(f"{sys.executable}\0{sys.version}\0{os.getuid()}\0".encode())
+    # The interpreter's file, not the name it was started by (python, python3.11, a script).
+    h.update(f"{os.path.realpath(sys.executable)}\0{sys.version}\0{os.getuid()}\0".encode())
     for path in sorted(package.rglob("*.py")):
         st = path.stat()
         h.update(f"{path.relative_to(package)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
