@@ -10,6 +10,7 @@ give the same bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -37,10 +38,18 @@ def random_affine(rng: np.random.Generator, cfg: AugmentConfig, height: int,
     return back @ rot_scale @ flip @ to_centre
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) of each pixel centre of a (height, width) image, computed once per size."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    ys.flags.writeable = xs.flags.writeable = False
+    return ys, xs
+
+
 def _source_coords(matrix: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Input coordinates of each output pixel centre."""
     inv = np.linalg.inv(matrix)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    ys, xs = _pixel_centres(height, width)
     sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
     sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
     return sx, sy
@@ -53,23 +62,36 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, fill: np.ndarray,
     h, w = image.shape[:2]
     sx, sy = _source_coords(matrix, *(out_shape or (h, w)))
     x, y = sx - 0.5, sy - 0.5  # to pixel-centre index space
-    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
-    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    x0f, y0f = np.floor(x), np.floor(y)
+    x0, y0 = x0f.astype(int), y0f.astype(int)
+    fx, fy = (x - x0f)[..., None], (y - y0f)[..., None]
     src = image.astype(np.float32)
-    padded = np.concatenate([src, np.broadcast_to(fill, (1, w, src.shape[2]))], axis=0)
-    out_row = h  # index of the fill row in ``padded``
+    # Row h of ``flat`` (as (h + 1, w) pixels) is the fill: a neighbour outside the input.
+    flat = np.concatenate([src, np.broadcast_to(fill, (1, w, src.shape[2]))],
+                          axis=0).reshape(-1, src.shape[2])
+    rows_in = [(y0 >= 0) & (y0 < h), (y0 >= -1) & (y0 < h - 1)]  # y0, y0 + 1 inside
+    cols_in = [(x0 >= 0) & (x0 < w), (x0 >= -1) & (x0 < w - 1)]  # x0, x0 + 1 inside
+    cols = [np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)]
 
-    def take(yy, xx):
-        inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-        return padded[np.where(inside, yy, out_row), np.clip(xx, 0, w - 1)]
+    def take(dy: int, dx: int) -> np.ndarray:
+        """The (y0 + dy, x0 + dx) neighbour of every output pixel, or the fill."""
+        row = np.where(rows_in[dy] & cols_in[dx], y0 + dy, h)
+        return np.take(flat, row * w + cols[dx], axis=0)  # several times faster than flat[]
 
-    top = take(y0, x0) * (1 - fx) + take(y0, x0 + 1) * fx
-    bottom = take(y0 + 1, x0) * (1 - fx) + take(y0 + 1, x0 + 1) * fx
-    out = top * (1 - fy) + bottom * fy
+    if not (fx.any() or fy.any()):  # flips and whole-pixel shifts: each pixel is one input's
+        out = take(0, 0)
+    else:
+        gx, gy = 1 - fx, 1 - fy
+        top = take(0, 0) * gx
+        top += take(0, 1) * fx
+        bottom = take(1, 0) * gx
+        bottom += take(1, 1) * fx
+        out = top * gy
+        out += bottom * fy
     # A pixel whose centre maps outside the input is fill, not a blend with the border.
     outside = (sx < 0) | (sx > w) | (sy < 0) | (sy > h)
     out[outside] = fill
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(out, out=out), 0, 255, out=out).astype(np.uint8)
 
 
 def warp_mask(mask: np.ndarray, matrix: np.ndarray,
@@ -118,7 +140,8 @@ def colour_jitter(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfi
     out = image.astype(np.float32)
     if cfg.contrast:
         factor = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
-        out = (out - out.mean(axis=(0, 1))) * factor + out.mean(axis=(0, 1))
+        mean = out.mean(axis=(0, 1))
+        out = (out - mean) * factor + mean
     if cfg.brightness:
         out = out + rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
     if cfg.noise:

@@ -91,9 +91,12 @@ def deserialize(data: bytes) -> Example:
     return ex
 
 
-def write_split(examples: Iterable[Example], out_dir: Path, split: str,
+def write_split(examples: Iterable[Example | bytes], out_dir: Path, split: str,
                 shard_size: int) -> tuple[int, list[str]]:
-    """Write ``examples`` as shards ``<split>-NNNNN.tfrecord``; returns (count, shard names)."""
+    """Write ``examples`` as shards ``<split>-NNNNN.tfrecord``; returns (count, shard names).
+
+    An item that is ``bytes`` is a record already serialised (one read by ``read_records``
+    and kept as it is) and is written unchanged."""
     tf = _tf()
     out_dir.mkdir(parents=True, exist_ok=True)
     count, shards, writer = 0, [], None
@@ -104,7 +107,7 @@ def write_split(examples: Iterable[Example], out_dir: Path, split: str,
                     writer.close()
                 shards.append(f"{split}-{len(shards):05d}.tfrecord")
                 writer = tf.io.TFRecordWriter(str(out_dir / shards[-1]))
-            writer.write(serialize(ex))
+            writer.write(ex if isinstance(ex, bytes) else serialize(ex))
             count += 1
     finally:
         if writer is not None:
@@ -121,12 +124,34 @@ def shard_paths(data_dir: Path, split: str) -> list[Path]:
     return [data_dir / name for name in manifest["splits"][split]["shards"]]
 
 
+# Records read per step of tf.data: one eager step per record cost about as much as decoding
+# it. A step holds at most about this many bytes of decoded pixels, so large images are read
+# a few at a time.
+READ_BATCH = 256
+READ_BATCH_BYTES = 1 << 22
+
+
+def _read_batch(manifest: dict) -> int:
+    """Records per read step for the images a manifest describes."""
+    sizes = [manifest.get(k) for k in ("image_size", "test_image_size")]
+    pixels = max((int(s[0]) * int(s[1]) for s in sizes
+                  if isinstance(s, list) and len(s) == 2), default=0)
+    return max(1, min(READ_BATCH, READ_BATCH_BYTES // max(3 * pixels, 1)))
+
+
+def read_records(data_dir: Path, split: str) -> Iterator[bytes]:
+    """The serialised records of one split, in stored order."""
+    tf = _tf()
+    batch = _read_batch(read_manifest(data_dir))
+    for path in shard_paths(data_dir, split):
+        for records in tf.data.TFRecordDataset(str(path)).batch(batch).as_numpy_iterator():
+            yield from records
+
+
 def read_split(data_dir: Path, split: str) -> Iterator[Example]:
     """Iterate the Examples of one split, in stored order."""
-    tf = _tf()
-    for path in shard_paths(data_dir, split):
-        for rec in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
-            yield deserialize(rec)
+    for rec in read_records(data_dir, split):
+        yield deserialize(rec)
 
 
 def checksum(data_dir: Path, names: Iterable[str]) -> str:

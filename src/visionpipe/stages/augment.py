@@ -38,10 +38,13 @@ def run(params: Params, task: str, layout: Layout) -> dict:
     preview: list[Example] = []
     pool: deque[Example] = deque(maxlen=MOSAIC_POOL)
 
-    def examples() -> Iterator[Example]:
-        for i, ex in enumerate(records.read_split(src, "train")):
+    def examples() -> Iterator[Example | bytes]:
+        for i, record in enumerate(records.read_records(src, "train")):
+            ex = records.deserialize(record)
             if cfg.keep_original:
-                yield ex
+                # The record as prepare wrote it: serialising what it decodes to gives these
+                # same bytes (lossless PNG), only slower.
+                yield record
             for copy in range(cfg.copies):
                 aug, dropped = augment_example(ex, cfg, params.seed, copy, i, pool)
                 stats["boxes_dropped"] += dropped

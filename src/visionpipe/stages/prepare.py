@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -88,17 +87,28 @@ def _progress(examples: Iterable[Example], total: int, desc: str) -> Iterator[Ex
     yield from progress(examples, total=total, desc=desc, unit="img", leave=True)
 
 
-def _shapes_splits(cfg: PrepareConfig, seed: int, task: str, tfds_dir: str):
+def _shapes_examples(seed: int, split: str, count: int, size: tuple[int, int]
+                     ) -> Iterator[Example]:
+    """The examples of one ``shapes`` split as the built TFDS dataset gives them back
+    (``tfds_source.to_example`` over the features it stores), generated without building it:
+    storing 5000 images as PNG in TFDS records only to decode them again took half the stage."""
+    from visionpipe.data.sources import shapes
+
+    for index, example in enumerate(shapes.generate(seed, split, count, size)):
+        yield tfds_source.to_example(shapes.stored_features(example), index, split)
+
+
+def _shapes_splits(cfg: PrepareConfig, seed: int, task: str):
     from visionpipe.data.sources import shapes
 
     sizes = {"train": int(cfg.splits.train), "val": int(cfg.splits.val),
              "test": int(cfg.splits.test)}
-    builder = shapes.load_shapes_builder(tuple(cfg.image_size), sizes, seed, tfds_dir)
-    tfds_source.prepare_builder(builder, name="shapes", task_key=f"prepare.{task}")
-    source = {"kind": "shapes", "name": "shapes", "builder_config": builder.builder_config.name,
-              "version": str(builder.version), "seed": seed}
-    splits = {s: (tfds_source.iter_split(builder, s), n) for s, n in sizes.items()}
-    names = tfds_source.class_names(builder)
+    size = tuple(cfg.image_size)
+    config = shapes.shapes_config(size, sizes, seed)  # checks the settings, names the dataset
+    source = {"kind": "shapes", "name": "shapes", "builder_config": config.name,
+              "version": str(shapes.Shapes.VERSION), "seed": seed}
+    splits = {s: (_shapes_examples(seed, s, n, size), n) for s, n in sizes.items()}
+    names = list(shapes.CLASS_NAMES)  # the builder's ClassLabel names
     if task == "segmentation":  # shapes masks: 0 is background, k is shape class k-1
         names = ["background", *names]
     return source, names, splits
@@ -319,81 +329,80 @@ def run(params: Params, task: str, layout: Layout) -> dict:
     """Write data/prepared/<task>/ and return its manifest."""
     cfg = params.prepare_for(task)
     skipped: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="visionpipe-tfds-") as tfds_dir:
-        if cfg.source == "shapes":
-            # A throwaway TFDS folder: the generator's code, not a stale cache, decides bytes.
-            source, names, splits = _shapes_splits(cfg, params.seed, task, tfds_dir)
-        elif cfg.source == "folder":
-            source, names, splits, skipped = _folder_splits(cfg, params.seed, task,
-                                                            layout.root)
-        elif cfg.source == "pairs":
-            source, names, splits, skipped = _pairs_splits(cfg, params.seed, task,
-                                                           layout.root)
-        elif cfg.source in BOX_SOURCES:
-            source, names, splits, skipped = _box_splits(cfg, params.seed, task, layout.root)
-        else:
-            source, names, splits = _catalog_splits(cfg, params.seed, task)
-        crop = tuple(cfg.crop_size) if cfg.crop_size else None
-        per_image = (cfg.image_size[0] // crop[0]) * (cfg.image_size[1] // crop[1]) if crop else 1
-        manifest_splits, class_counts, class_pixels = {}, {}, {}
-        written: Counter = Counter()  # examples (before cropping) and boxes, every split
-        with fresh_dir(layout.prepared(task)) as out:
-            for split, (examples, total) in splits.items():
-                counter: Counter = Counter()
-                pixels = np.zeros(len(names), np.int64)
-                cut = crop is not None and split != "test"  # test images stay whole
-                total = total * per_image if cut else total
+    if cfg.source == "shapes":
+        # Generated here, never from a TFDS cache: the generator's code decides the bytes.
+        source, names, splits = _shapes_splits(cfg, params.seed, task)
+    elif cfg.source == "folder":
+        source, names, splits, skipped = _folder_splits(cfg, params.seed, task,
+                                                        layout.root)
+    elif cfg.source == "pairs":
+        source, names, splits, skipped = _pairs_splits(cfg, params.seed, task,
+                                                       layout.root)
+    elif cfg.source in BOX_SOURCES:
+        source, names, splits, skipped = _box_splits(cfg, params.seed, task, layout.root)
+    else:
+        source, names, splits = _catalog_splits(cfg, params.seed, task)
+    crop = tuple(cfg.crop_size) if cfg.crop_size else None
+    per_image = (cfg.image_size[0] // crop[0]) * (cfg.image_size[1] // crop[1]) if crop else 1
+    manifest_splits, class_counts, class_pixels = {}, {}, {}
+    written: Counter = Counter()  # examples (before cropping) and boxes, every split
+    with fresh_dir(layout.prepared(task)) as out:
+        for split, (examples, total) in splits.items():
+            counter: Counter = Counter()
+            pixels = np.zeros(len(names), np.int64)
+            cut = crop is not None and split != "test"  # test images stay whole
+            total = total * per_image if cut else total
 
-                def kept(examples=examples, counter=counter, pixels=pixels, cut=cut):
-                    for ex in examples:
-                        ex = keep_targets(ex, task)
-                        written["samples"] += 1
-                        written["boxes"] += 0 if ex.boxes is None else len(ex.boxes)
-                        if ex.label is not None:
-                            counter[names[ex.label]] += 1
-                        if ex.box_labels is not None:  # detection: boxes per class
-                            counter.update(names[i] for i in ex.box_labels)
-                        for part in (crops(ex, crop) if cut else [ex]):
-                            if part.mask is not None:
-                                pixels += np.bincount(part.mask.ravel(),
-                                                      minlength=len(names))[:len(names)]
-                            yield part
+            def kept(examples=examples, counter=counter, pixels=pixels, cut=cut):
+                for ex in examples:
+                    ex = keep_targets(ex, task)
+                    written["samples"] += 1
+                    written["boxes"] += 0 if ex.boxes is None else len(ex.boxes)
+                    if ex.label is not None:
+                        counter[names[ex.label]] += 1
+                    if ex.box_labels is not None:  # detection: boxes per class
+                        counter.update(names[i] for i in ex.box_labels)
+                    for part in (crops(ex, crop) if cut else [ex]):
+                        if part.mask is not None:
+                            pixels += np.bincount(part.mask.ravel(),
+                                                  minlength=len(names))[:len(names)]
+                        yield part
 
-                count, shards = records.write_split(
-                    _progress(kept(), total, f"prepare {task}/{split}"), out, split,
-                    cfg.shard_size)
-                if count == 0:
-                    raise DataError(f"prepare.{task}: split '{split}' is empty; give it a "
-                                    "larger share in params.yaml")
-                manifest_splits[split] = {"count": count, "shards": shards}
-                if counter:
-                    class_counts[split] = {n: counter.get(n, 0) for n in names}
-                if pixels.any():
-                    class_pixels[split] = dict(zip(names, pixels.tolist(), strict=True))
-            check_counts(task, source, skipped, written)
-            warnings = escaped_names(source) + absent_classes(task, names, class_counts,
-                                                              class_pixels)
-            manifest = {
-                "task": task,
-                "source": source,
-                "class_names": names,
-                # What the model trains on; test images are test_image_size.
-                "image_size": list(crop or cfg.image_size),
-                "test_image_size": list(cfg.image_size),
-                "targets": list(TASK_TARGETS[task]),
-                "counts": {s: v["count"] for s, v in manifest_splits.items()},
-                "class_counts": class_counts,
-                **({"class_pixels": class_pixels} if class_pixels else {}),
-                "skipped": {"count": len(skipped),
-                            "by_reason": dict(Counter(x.get("kind") or reason_kind(x["reason"])
-                                                      for x in skipped)),
-                            "items": skipped},
-                "warnings": warnings,
-                "resize": cfg.resize,
-                "shard_size": cfg.shard_size,
-                "splits": manifest_splits,
-            }
-            manifest = records.write_manifest(out, manifest)
+            count, shards = records.write_split(
+                _progress(kept(), total, f"prepare {task}/{split}"), out, split,
+                cfg.shard_size)
+            if count == 0:
+                raise DataError(f"prepare.{task}: split '{split}' is empty; give it a "
+                                "larger share in params.yaml")
+            manifest_splits[split] = {"count": count, "shards": shards}
+            if counter:
+                class_counts[split] = {n: counter.get(n, 0) for n in names}
+            if pixels.any():
+                class_pixels[split] = dict(zip(names, pixels.tolist(), strict=True))
+        check_counts(task, source, skipped, written)
+        warnings = escaped_names(source) + absent_classes(task, names, class_counts,
+                                                          class_pixels)
+        manifest = {
+            "task": task,
+            "source": source,
+            "class_names": names,
+            # What the model trains on; test images are test_image_size.
+            "image_size": list(crop or cfg.image_size),
+            "test_image_size": list(cfg.image_size),
+            "targets": list(TASK_TARGETS[task]),
+            "counts": {s: v["count"] for s, v in manifest_splits.items()},
+            "class_counts": class_counts,
+            **({"class_pixels": class_pixels} if class_pixels else {}),
+            "skipped": {"count": len(skipped),
+                        "by_reason": dict(Counter(x.get("kind") or reason_kind(x["reason"])
+                                                  for x in skipped)),
+                        "items": skipped},
+            "warnings": warnings,
+            "resize": cfg.resize,
+            "shard_size": cfg.shard_size,
+            "splits": manifest_splits,
+        }
+        manifest = records.write_manifest(out, manifest)
     report = layout.prepare_report(task)
     records.write_json(report, {
         "task": task, "source": source, "counts": manifest["counts"],

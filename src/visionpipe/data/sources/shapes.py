@@ -7,8 +7,10 @@ segmentation mask and tight bounding boxes, so one dataset serves all three task
 
 Each example is drawn from its own RNG seeded by ``(seed, split, index)``, so it is
 byte-identical across runs and does not depend on how many examples are generated.
-The TFDS builder ``Shapes`` wraps the generator so that ``shapes`` is loaded by the
-same code as the TFDS catalog.
+The TFDS builder ``Shapes`` wraps the generator so that ``shapes`` is loaded like the TFDS
+catalog. prepare maps each example through the same features (``stored_features``, then
+``tfds_source.to_example``) without building it: storing the images as PNG in TFDS records
+only to decode them again cost more than generating them.
 """
 
 from __future__ import annotations
@@ -356,20 +358,27 @@ class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=_SKIP_REGISTRATI
     def _generate_examples(self, split: str, count: int) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(id, features)`` for each example of ``split``."""
         config = self.builder_config
-        height, width = config.image_size
-        scale = np.array([width, height, width, height], dtype=np.float64)
         for example in generate(config.seed, split, count, config.image_size):
-            # Pixel [x_min, y_min, x_max, y_max] -> normalised [ymin, xmin, ymax, xmax].
-            bbox = (example.boxes.astype(np.float64) / scale)[:, [1, 0, 3, 2]]
-            yield example.id, {
-                "image": example.image,
-                "label": example.label,
-                "segmentation_mask": example.mask[..., None],
-                "objects": {
-                    "bbox": bbox.astype(np.float32),
-                    "label": example.box_labels.astype(np.int64),
-                },
-            }
+            yield example.id, stored_features(example)
+
+
+def stored_features(example: Example) -> dict[str, Any]:
+    """The features ``Shapes`` stores for one generated example, as the built dataset gives
+    them back: image and mask are stored losslessly (PNG) and the boxes as float32, so these
+    arrays are what ``as_dataset`` returns for it, without the round trip through TFDS."""
+    height, width = example.image.shape[:2]
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    # Pixel [x_min, y_min, x_max, y_max] -> normalised [ymin, xmin, ymax, xmax].
+    bbox = (example.boxes.astype(np.float64) / scale)[:, [1, 0, 3, 2]]
+    return {
+        "image": example.image,
+        "label": example.label,
+        "segmentation_mask": example.mask[..., None],
+        "objects": {
+            "bbox": bbox.astype(np.float32),
+            "label": example.box_labels.astype(np.int64),
+        },
+    }
 
 
 def load_shapes_builder(
