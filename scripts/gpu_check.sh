@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue 22, on a machine with one GPU, in under 8 minutes:
+# GPU check, on a machine with one GPU, in under 8 minutes:
 #   1. nvidia-smi and the GPUs TensorFlow sees (stops here, exit 2, when there is none);
 #   2. the default pipeline (`dvc repro`) in a temporary copy of this working tree, with
 #      precision auto (mixed_float16 on a GPU of compute capability 7.0+) and jit_compile auto
