@@ -86,13 +86,14 @@ def test_a_file_size_limit_during_prepare_is_one_line(tmp_path, repo_root):
 
     line = _one_error_line(_prepare(tmp_path, limit))
     assert "file too large (a file size limit was reached) while writing data/prepared/" in line
-    # the shapes default builds its TFDS copy first: a full disk there is not "no network"
+    # the shapes default (generated straight into prepare's records): the same line, and a
+    # full disk there is not "no network"
     folder_params = (tmp_path / "params.yaml").read_text()
     shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
     line = _one_error_line(_prepare(tmp_path, limit))
     assert line.startswith("visionpipe: error: file too large (a file size limit was reached) "
-                           "while writing /"), line
-    assert "shapes-train.tfrecord" in line and "downloaded" not in line
+                           "while writing data/prepared/"), line
+    assert line.count(".tfrecord") == 1 and "downloaded" not in line
     (tmp_path / "params.yaml").write_text(folder_params)
     assert not list((tmp_path / "data").rglob("*.tfrecord"))
     # the same folder prepares once the limit is gone: the failure lost nothing
