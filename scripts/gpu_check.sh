@@ -174,7 +174,7 @@ for name in yaml.safe_load(open("params.yaml"))["models"]:
     print(f"gpu_check: train@{name}: precision {meta.get('precision')} "
           f"({meta.get('precision_reason', 'no reason recorded')}), XLA "
           f"{meta.get('jit_compile')}, threads {meta.get('threads')}", file=sys.stderr)
-    # Families that train in float32 only (visionpipe.training.FLOAT32_ONLY) say so.
+    # Families that train in float32 only (their registry entry's float32_only) say so.
     wanted = ("float32" if "trains in float32 only" in meta.get("precision_reason", "")
               else "mixed_float16")
     if on_gpu and (meta.get("precision") != wanted or meta.get("jit_compile") is not True):

@@ -1129,21 +1129,6 @@ def compare_runs(previous: dict, path: Path, report: dict) -> dict:
 # --------------------------------------------------------------------------- GPU
 
 
-def gpu_devices() -> list[dict]:
-    """Each GPU TensorFlow sees: its name, model and compute capability."""
-    import tensorflow as tf
-
-    out = []
-    for gpu in tf.config.list_physical_devices("GPU"):
-        details: dict = {}
-        with contextlib.suppress(Exception):
-            details = tf.config.experimental.get_device_details(gpu)
-        capability = details.get("compute_capability")
-        out.append({"name": gpu.name, "device_name": details.get("device_name"),
-                    "compute_capability": list(capability) if capability else None})
-    return out
-
-
 def gpu_rows(report: dict, peaks: dict[str, float]) -> dict:
     """Per model on the GPU: training and inference images/s, the share of the GPU's matmul
     peak in float32 and in the dtype the model computes in, and the device's peak memory.
@@ -1166,6 +1151,8 @@ def gpu_rows(report: dict, peaks: dict[str, float]) -> dict:
             "gpu_peak_bytes": r["memory"].get("gpu_peak_bytes"),
         }
     import tensorflow as tf
+
+    from visionpipe.training import gpu_devices
 
     return {"devices": gpu_devices(), "matmul_peak_gflops": peaks,
             "tf32_matmul": bool(tf.config.experimental.tensor_float_32_execution_enabled()),

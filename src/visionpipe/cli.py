@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     from visionpipe.timing import StageClock
 
     clock = StageClock.start()  # first: what ran before is Python's start-up and imports
-    if warm.enabled(sys.argv[1:] if argv is None else argv):  # a stage under `dvc repro`
-        code = warm.run(sys.argv[1:] if argv is None else argv)
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in STAGES and warm.enabled():  # a pipeline stage under `dvc repro`
+        code = warm.run(words)
         if code is not None:
             return code
     args = build_parser().parse_args(argv)

@@ -55,18 +55,29 @@ def cpu_bf16_flags(cpuinfo_text: str | None = None) -> list[str]:
     return [flag for flag in BF16_FLAGS if flag in flags]
 
 
-def _gpu_precision() -> tuple[str, str] | None:
-    """(policy, reason) from the GPUs TensorFlow sees; None without one. Listing physical
-    devices does not start TensorFlow's runtime (threads can still be set after it)."""
+def gpu_devices() -> list[dict]:
+    """Each GPU TensorFlow sees: its name, model and compute capability (None: unknown).
+    Listing physical devices does not start TensorFlow's runtime (threads can still be set
+    after it)."""
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
+    out = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details: dict = {}
+        with contextlib.suppress(Exception):
+            details = tf.config.experimental.get_device_details(gpu)
+        capability = details.get("compute_capability")
+        out.append({"name": gpu.name, "device_name": details.get("device_name"),
+                    "compute_capability": list(capability) if capability else None})
+    return out
+
+
+def _gpu_precision() -> tuple[str, str] | None:
+    """(policy, reason) from the GPUs TensorFlow sees; None without one."""
+    found = [(tuple(g["compute_capability"]) if g["compute_capability"] else None,
+              g["device_name"] or g["name"]) for g in gpu_devices()]
+    if not found:
         return None
-    found = []
-    for gpu in gpus:
-        details = tf.config.experimental.get_device_details(gpu)
-        found.append((details.get("compute_capability"), details.get("device_name", gpu.name)))
     # The slowest GPU decides: mirrored training runs the same policy on every one.
     capability, name = min(found, key=lambda f: f[0] or (0, 0))
     if capability is None:
@@ -78,26 +89,24 @@ def _gpu_precision() -> tuple[str, str] | None:
                        f"(they need 7.0 or later)")
 
 
-# Families that train in float32 only, and why (measured: the mixed policies fail in fit).
-FLOAT32_ONLY = {"yolo": "keras-cv 0.9's YOLOv8 label encoder multiplies float32 values by the "
-                        "model's scores, so fit fails under a mixed policy (TypeError in Mul)"}
-
-
 def resolve_precision(setting: str, family: str | None = None,
                       key: str = "models.<name>.train") -> tuple[str, str]:
     """The Keras dtype policy for params' ``precision`` and why: a policy named in params is
     used as is; ``auto`` picks mixed_float16 on a GPU with tensor cores, mixed_bfloat16 on a
     CPU with native bfloat16 maths, float32 otherwise, and float32 for a ``family`` that
-    trains in float32 only (a mixed policy named for one is a ParamsError at ``key``)."""
-    if family in FLOAT32_ONLY:
+    trains in float32 only (its registry entry's ``float32_only``; a mixed policy named for
+    one is a ParamsError at ``key``)."""
+    from visionpipe.models.registry import get_family
+
+    why = get_family(family).float32_only if family is not None else None
+    if why is not None:
         if setting.startswith("mixed"):
             from visionpipe.errors import ParamsError
 
             raise ParamsError(f"params.yaml: {key}.precision = {setting}: family {family} "
-                              f"trains in float32 only ({FLOAT32_ONLY[family]}); use auto or "
-                              "float32")
+                              f"trains in float32 only ({why}); use auto or float32")
         return "float32", ("set in params" if setting == "float32" else
-                           f"family {family} trains in float32 only: {FLOAT32_ONLY[family]}")
+                           f"family {family} trains in float32 only: {why}")
     if setting != "auto":
         return setting, "set in params"
     on_gpu = _gpu_precision()

@@ -38,7 +38,6 @@ from visionpipe.timing import STARTED_ENV
 ENV = "VISIONPIPE_WARM"
 IDLE_S = 120.0  # a worker with no stage for this long exits
 MAX_STAGES = 4  # stages running at once in one worker (DVC runs one at a time)
-STAGES = ("prepare", "augment", "train", "evaluate", "export")
 # Read by libraries when they are imported (the worker imported them with its own values).
 IMPORT_TIME_ENV = ("TF_", "CUDA_", "KERAS_", "XLA_", "OMP_", "MKL_", "KMP_", "OPENBLAS_",
                    "NVIDIA_", "LD_", "PYTHON", "MPLBACKEND", "MPLCONFIGDIR", "HOME")
@@ -53,12 +52,12 @@ _HEADER = 1 << 20  # the largest request (argv, cwd, environment) taken
 IN_WORKER = False  # True in a stage's child, which runs the stage itself
 
 
-def enabled(argv: list[str]) -> bool:
-    """A pipeline stage run by DVC, with the worker not turned off."""
+def enabled() -> bool:
+    """Run by DVC (which sets DVC_STAGE for a stage's command), on Linux, with the worker not
+    turned off, and not already in a worker's child. cli.main asks only for pipeline stages."""
     if IN_WORKER or os.environ.get(ENV, "1").strip().lower() in ("0", "off", "false", "no"):
         return False
-    return bool(os.environ.get("DVC_STAGE")) and bool(argv) and argv[0] in STAGES \
-        and sys.platform.startswith("linux")
+    return bool(os.environ.get("DVC_STAGE")) and sys.platform.startswith("linux")
 
 
 def fingerprint(environ: dict[str, str] | None = None) -> str:

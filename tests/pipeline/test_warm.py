@@ -111,15 +111,15 @@ def test_the_fingerprint_follows_import_time_settings_only():
 
 
 def test_only_stages_under_dvc_use_a_worker(monkeypatch):
-    from visionpipe import warm
+    from visionpipe import cli, warm
 
     monkeypatch.delenv(warm.ENV, raising=False)
     monkeypatch.setenv("DVC_STAGE", "train@mlp")
-    assert warm.enabled(["train", "--model", "mlp"])
-    assert not warm.enabled(["predict", "--model", "mlp"])  # by hand: its own process
-    assert not warm.enabled(["summary"])
+    assert warm.enabled()
+    # cli.main asks a worker for pipeline stages only: not predict, summary, benchmark, log.
+    assert set(cli.STAGES) == {"prepare", "augment", "train", "evaluate", "export"}
     monkeypatch.setenv(warm.ENV, "0")
-    assert not warm.enabled(["train", "--model", "mlp"])
+    assert not warm.enabled()
     monkeypatch.delenv(warm.ENV)
     monkeypatch.delenv("DVC_STAGE")
-    assert not warm.enabled(["train", "--model", "mlp"])
+    assert not warm.enabled()

@@ -162,10 +162,13 @@ def test_mlflow_gets_what_auto_became_from_model_json():
 
 def test_a_float32_only_family_gets_float32_from_auto_and_refuses_mixed():
     from visionpipe.errors import ParamsError
-    from visionpipe.training import FLOAT32_ONLY, resolve_precision
+    from visionpipe.models.registry import get_family
+    from visionpipe.training import resolve_precision
 
+    reason = get_family("yolo").float32_only
+    assert reason and get_family("mlp").float32_only is None
     policy, why = resolve_precision("auto", "yolo", "models.yolo.train")
-    assert policy == "float32" and "float32 only" in why and FLOAT32_ONLY["yolo"] in why
+    assert policy == "float32" and "float32 only" in why and reason in why
     assert resolve_precision("float32", "yolo") == ("float32", "set in params")
     for mixed in ("mixed_float16", "mixed_bfloat16"):
         with pytest.raises(ParamsError) as err:

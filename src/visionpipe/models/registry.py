@@ -26,13 +26,17 @@ class Family:
     # What the family hands its task (the task's Hooks class, e.g. a detector's losses and
     # decoding); None for models that Keras' compile and predict serve as they are.
     hooks: Any = None
+    # Why the family trains in float32 only (precision: auto gives it float32, a mixed policy
+    # is refused: visionpipe.training.resolve_precision); None: any precision.
+    float32_only: str | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
 
 
 def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
-             tiny_input: tuple[int, int] = (32, 32), hooks: Any = None) -> Callable:
+             tiny_input: tuple[int, int] = (32, 32), hooks: Any = None,
+             float32_only: str | None = None) -> Callable:
     """Register ``builder(input_shape, num_classes, p)`` as family ``name``; ``tiny`` is the
     architecture tests build (on ``tiny_input`` images), required so no family goes untested."""
     if not dataclasses.is_dataclass(params):
@@ -40,7 +44,8 @@ def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
 
     def wrap(builder: Callable) -> Callable:
         _FAMILIES[name] = Family(name=name, task=task, params=params, builder=builder,
-                                 tiny=dict(tiny), tiny_input=tuple(tiny_input), hooks=hooks)
+                                 tiny=dict(tiny), tiny_input=tuple(tiny_input), hooks=hooks,
+                                 float32_only=float32_only)
         return builder
 
     return wrap

@@ -194,7 +194,10 @@ class YOLOHooks(DetectorHooks):
 # Tiny: 8-16-32-64 channels, one C2f block per stage; sides must be multiples of 32.
 @register("yolo", task="detection", params=YOLOParams,
           tiny={"variant": "n", "width_multiplier": 0.25, "depth_multiplier": 0.1},
-          tiny_input=(32, 32), hooks=YOLOHooks())
+          tiny_input=(32, 32), hooks=YOLOHooks(),
+          # Measured: fit fails under mixed_bfloat16 and mixed_float16 (keras-cv 0.9).
+          float32_only="keras-cv 0.9's YOLOv8 label encoder multiplies float32 values by the "
+                       "model's scores, so fit fails under a mixed policy (TypeError in Mul)")
 def build(input_shape: tuple[int, int, int], num_classes: int, p: YOLOParams):
     """A YOLOv8 detector: the backbone from ``p.weights`` (random when null), the neck and head
     random. A preset is downloaded only when ``p.weights`` names one of keras-cv's."""
