@@ -489,9 +489,11 @@ def _inference(params: Params, name: str, layout: Layout, model, size, class_nam
     from visionpipe.data import records
     from visionpipe.data.pipeline import test_arrays
     from visionpipe.formats import FIXED_SIGNATURE, WRITERS, write_saved_model
+    from visionpipe.models.saving import float32_model
     from visionpipe.serving import SavedModelRunner, TFLiteRunner
     from visionpipe.tasks.registry import task_for
 
+    model = float32_model(model)  # as train saves it: float32 whatever the training precision
     cfg = params.model(name)
     task = task_for(cfg.family, cfg.task)
     images, _, _ = test_arrays(layout.prepared(cfg.task), task.targets)

@@ -33,3 +33,35 @@ def _register_keras_cv(path: Path) -> None:
         return  # load_model reports what is wrong with the file
     if uses:
         import keras_cv  # noqa: F401
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """``model`` computing in float32: a model trained under a mixed policy (mixed_bfloat16,
+    mixed_float16) keeps float32 variables but computes in 16 bits, which TFLite cannot
+    convert (bfloat16 ops) and which CPUs without bfloat16 instructions emulate slowly. The
+    same architecture is rebuilt with every mixed layer policy set to float32 and given the
+    same variables; a float32 model comes back as it is."""
+    config = keras.saving.serialize_keras_object(model)
+    if not _to_float32(config):
+        return model
+    rebuilt = keras.saving.deserialize_keras_object(config, safe_mode=True)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def _to_float32(node) -> bool:
+    """Set every mixed dtype policy in a serialized config to float32, in place; True if any
+    was found."""
+    found = False
+    if isinstance(node, dict):
+        conf = node.get("config")
+        if (node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy")
+                and isinstance(conf, dict) and str(conf.get("name", "")).startswith("mixed_")):
+            conf["name"] = "float32"
+            return True
+        for value in node.values():
+            found = _to_float32(value) or found
+    elif isinstance(node, list):
+        for value in node:
+            found = _to_float32(value) or found
+    return found

@@ -19,7 +19,7 @@ from visionpipe.config import Params
 from visionpipe.console import human_bytes
 from visionpipe.data import records
 from visionpipe.data.pipeline import test_arrays
-from visionpipe.errors import ExportParityError
+from visionpipe.errors import ExportParityError, ModelError, VisionpipeError
 from visionpipe.formats import (
     FIXED_SIGNATURE,
     INPUTS,
@@ -32,7 +32,7 @@ from visionpipe.formats import (
 from visionpipe.geometry import fit_to_size
 from visionpipe.integrity import FILES_KEY, record_files
 from visionpipe.layout import Layout
-from visionpipe.models.saving import load_model
+from visionpipe.models.saving import float32_model, load_model
 from visionpipe.serving import FILES, META_FILE
 from visionpipe.stages.common import fresh_dir, measure_co2
 from visionpipe.tasks.base import judged
@@ -49,6 +49,17 @@ def parity(task, reference: np.ndarray, other: np.ndarray, threshold, key: str,
     return {**values, **judged(values, {
         measure: (f"{key}.{field}", bound, getattr(threshold, field))
         for measure, field, bound in task.parity_checks()})}
+
+
+def _writer_failed(params: Params, model_name: str, fmt: str, exc: Exception) -> str:
+    """One line for a format whose writer (TFLite's converter, tf2onnx) failed: its first
+    error line, and the key that lists the format."""
+    where = (f"models.{model_name}.export_formats" if params.model(model_name).export_formats
+             else "export.formats")
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return (f"export@{model_name}: writing {fmt} failed ({type(exc).__name__}: "
+            f"{first[:300]}); the previous export stays in place. Remove {fmt} from {where} "
+            "in params.yaml to export the other formats")
 
 
 def run(params: Params, model_name: str, layout: Layout) -> dict:
@@ -141,7 +152,9 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
     ex = params.export
     formats = params.export_formats(model_name)
     task = task_for(cfg.family, cfg.task)
-    model = task.export_model(load_model(layout.model_file(model_name)), ex)
+    # float32: a model.keras saved by an earlier version computes in its training precision
+    # (bfloat16 has no TFLite kernels).
+    model = task.export_model(float32_model(load_model(layout.model_file(model_name))), ex)
     data_dir = layout.prepared(cfg.task)
     # The test images of parity and the train images of int8 calibration: a damaged shard is
     # one line naming it, as in train and evaluate.
@@ -188,11 +201,16 @@ def _export(params: Params, model_name: str, layout: Layout, out: Path) -> dict:
                               archive, scale=scale, overlap=overlap)
         for fmt in formats:
             path = out / FILES[fmt]
-            runner = WRITERS[fmt](model=model, path=path, size=size, archive=archive,
-                                  forward=task.forward, signature=parity_signature,
-                                  fixed_outputs=task.fixed_outputs, parts=parts,
-                                  representative=lambda: representative(
-                                      data_dir, ex.representative_samples))
+            try:
+                runner = WRITERS[fmt](model=model, path=path, size=size, archive=archive,
+                                      forward=task.forward, signature=parity_signature,
+                                      fixed_outputs=task.fixed_outputs, parts=parts,
+                                      representative=lambda: representative(
+                                          data_dir, ex.representative_samples))
+            except VisionpipeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a converter's own error, any class
+                raise ModelError(_writer_failed(params, model_name, fmt, exc)) from None
             outputs = runner(pixels)
             report_formats[fmt] = {"path": FILES[fmt], "bytes": file_size(path),
                                    "input": INPUTS[fmt],

@@ -39,7 +39,7 @@ from visionpipe.errors import DataError, ModelError, TrainingDivergedError
 from visionpipe.layout import Layout
 from visionpipe.models import pretrained
 from visionpipe.models.registry import create_model, parse_architecture
-from visionpipe.models.saving import load_model
+from visionpipe.models.saving import float32_model, load_model
 from visionpipe.stages.common import measure_co2, set_seed
 from visionpipe.tasks.registry import task_for
 from visionpipe.tracking.mlflow_runs import RunLogger
@@ -277,6 +277,9 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
         except ModelError as exc:  # damaged since it was saved (checked when resuming)
             print(f"train@{model_name}: the best epoch ({state.best_epoch}) cannot be "
                   f"restored: {exc}; keeping the last epoch ({state.epochs_done})", flush=True)
+    # model.keras computes in float32 whatever the training precision (model.json says which):
+    # evaluate, export and predict get one model that runs on every CPU and converts to TFLite.
+    model = float32_model(model)
     with atomic.atomic_path(out.model_file(model_name)) as tmp:
         model.save(tmp)
     meta = {
