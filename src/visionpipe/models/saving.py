@@ -44,6 +44,7 @@ def float32_model(model: keras.Model) -> keras.Model:
     config = keras.saving.serialize_keras_object(model)
     if not _to_float32(config):
         return model
+    config.pop("compile_config", None)  # uncompiled, as load_model returns models
     rebuilt = keras.saving.deserialize_keras_object(config, safe_mode=True)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
