@@ -191,7 +191,7 @@ def test_precision_compares_float32_and_a_mixed_policy_after_the_same_training(r
     for r in rep["models"].values():
         p, d = r["precision"], r["derived"]
         production = r["train_params"]["precision_resolved"]
-        assert production == resolve_precision(r["train_params"]["precision"])[0]
+        assert production == resolve_precision(r["train_params"]["precision"], r["family"])[0]
         assert p["production"] == production and p["auto"] == {"policy": auto, "reason": reason}
         base, mixed = p["compared"]
         assert base == "float32" and mixed == benchmark.compared_policies(production, auto)[1]

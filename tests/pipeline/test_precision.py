@@ -92,7 +92,8 @@ def test_the_default_precision_records_its_choice_and_keras_jit_choice(project,
     # float32 here unless the CPU has bfloat16 instructions)
     setting = default_params_dict["models"][MODEL]["train"]["precision"]
     assert meta["precision_setting"] == setting
-    assert (meta["precision"], meta["precision_reason"]) == resolve_precision(setting)
+    assert (meta["precision"], meta["precision_reason"]) == resolve_precision(
+        setting, default_params_dict["models"][MODEL]["family"])
     # threads 0 (TensorFlow's choice) in params: what runs in this process is recorded
     threading = tf.config.threading
     assert meta["threads"] == {"intra_op": threading.get_intra_op_parallelism_threads(),

@@ -175,3 +175,47 @@ def test_a_float32_only_family_gets_float32_from_auto_and_refuses_mixed():
             resolve_precision(mixed, "yolo", "models.yolo.train")
         assert str(err.value).startswith(f"params.yaml: models.yolo.train.precision = {mixed}:")
     assert resolve_precision("mixed_bfloat16", "mlp") == ("mixed_bfloat16", "set in params")
+
+
+BF16_CPU = "processor : 0\nflags : fpu sse2 avx avx2 fma avx512f avx512_bf16\n"
+AVX2_CPU = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
+
+
+@pytest.mark.parametrize("cpuinfo,family,policy", [
+    (BF16_CPU, "resnet", "mixed_bfloat16"),
+    (BF16_CPU, "unet", "mixed_bfloat16"),
+    (BF16_CPU, "mlp", "float32"),           # measured no faster in bfloat16 there
+    (BF16_CPU, "applications", "float32"),  # MobileNetV2 measured slower
+    (BF16_CPU, "yolo", "float32"),          # float32 only
+    (AVX2_CPU, "resnet", "float32"),
+    (AVX2_CPU, "mlp", "float32"),
+])
+def test_auto_on_a_cpu_follows_its_flags_and_each_familys_measurement(
+        tmp_path, monkeypatch, cpuinfo, family, policy):
+    """Without a GPU, auto picks mixed_bfloat16 on a CPU with native bfloat16 maths only for
+    families that train faster in it there (their registry entry has no cpu_float32); the
+    reason says which rule decided."""
+    import tensorflow as tf
+
+    from visionpipe import training
+    from visionpipe.models.registry import get_family
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU decides auto before the CPU flags")
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    monkeypatch.setattr(training, "CPUINFO", tmp_path / "cpuinfo")
+    got, why = resolve_precision("auto", family, f"models.{family}.train")
+    assert got == policy
+    entry = get_family(family)
+    if family == "yolo":
+        assert entry.float32_only in why
+    elif cpuinfo is AVX2_CPU:
+        assert why.startswith("no GPU; CPU without AVX-512 BF16 or AMX")
+    elif policy == "float32":
+        assert why.startswith("no GPU; CPU with avx512_bf16, but family ")
+        assert entry.cpu_float32 in why and "images/s" in entry.cpu_float32
+    else:
+        assert entry.cpu_float32 is None and why == "no GPU; CPU with avx512_bf16: native bfloat16"
+    # A policy named in params is used as is, whatever the CPU and the measurement.
+    if family != "yolo":
+        assert resolve_precision("mixed_bfloat16", family) == ("mixed_bfloat16", "set in params")

@@ -29,6 +29,10 @@ class Family:
     # Why the family trains in float32 only (precision: auto gives it float32, a mixed policy
     # is refused: visionpipe.training.resolve_precision); None: any precision.
     float32_only: str | None = None
+    # Why precision auto keeps float32 for the family on a CPU with native bfloat16 maths
+    # (measured no faster there in bfloat16: `visionpipe benchmark`'s precision section);
+    # None: auto picks mixed_bfloat16 on such a CPU.
+    cpu_float32: str | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -36,7 +40,7 @@ _FAMILIES: dict[str, Family] = {}
 
 def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
              tiny_input: tuple[int, int] = (32, 32), hooks: Any = None,
-             float32_only: str | None = None) -> Callable:
+             float32_only: str | None = None, cpu_float32: str | None = None) -> Callable:
     """Register ``builder(input_shape, num_classes, p)`` as family ``name``; ``tiny`` is the
     architecture tests build (on ``tiny_input`` images), required so no family goes untested."""
     if not dataclasses.is_dataclass(params):
@@ -45,7 +49,7 @@ def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
     def wrap(builder: Callable) -> Callable:
         _FAMILIES[name] = Family(name=name, task=task, params=params, builder=builder,
                                  tiny=dict(tiny), tiny_input=tuple(tiny_input), hooks=hooks,
-                                 float32_only=float32_only)
+                                 float32_only=float32_only, cpu_float32=cpu_float32)
         return builder
 
     return wrap
