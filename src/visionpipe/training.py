@@ -93,10 +93,10 @@ def resolve_precision(setting: str, family: str | None = None,
                       key: str = "models.<name>.train") -> tuple[str, str]:
     """The Keras dtype policy for params' ``precision`` and why: a policy named in params is
     used as is; ``auto`` picks mixed_float16 on a GPU with tensor cores, mixed_bfloat16 on a
-    CPU with native bfloat16 maths unless the ``family`` was measured no faster there (its
-    registry entry's ``cpu_float32``), float32 otherwise, and float32 for a ``family`` that
-    trains in float32 only (its registry entry's ``float32_only``; a mixed policy named for
-    one is a ParamsError at ``key``)."""
+    CPU with native bfloat16 maths unless the ``family`` was measured no faster there, or
+    faster at lower quality (its registry entry's ``cpu_float32``), float32 otherwise, and
+    float32 for a ``family`` that trains in float32 only (its registry entry's
+    ``float32_only``; a mixed policy named for one is a ParamsError at ``key``)."""
     from visionpipe.models.registry import get_family
 
     entry = get_family(family) if family is not None else None
@@ -121,7 +121,7 @@ def resolve_precision(setting: str, family: str | None = None,
     present = [flag for flag in BF16_FLAGS if flag in flags]
     if present and entry is not None and entry.cpu_float32 is not None:
         return "float32", (f"no GPU; CPU with {' and '.join(present)}, but family {family} "
-                           f"trains no faster in bfloat16 there: {entry.cpu_float32}")
+                           f"gains nothing from bfloat16 there: {entry.cpu_float32}")
     if present:
         return "mixed_bfloat16", f"no GPU; CPU with {' and '.join(present)}: native bfloat16"
     vector = [f for f in flags if f.startswith(("avx", "amx")) or f == "fma"]

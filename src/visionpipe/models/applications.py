@@ -122,7 +122,7 @@ def build_backbone(p: ApplicationsParams, input_shape: tuple[int, int, int]) -> 
 
 @register("applications", task="classification", params=ApplicationsParams,
           tiny={"backbone": "mobilenet_v2", "alpha": 0.35},
-          cpu_float32=("MobileNetV2 (alpha 0.35) trained at 0.72x float32's images/s in "
+          cpu_float32=("MobileNetV2 (alpha 0.35) trained at 0.62x float32's images/s in "
                        "mixed_bfloat16 (`visionpipe benchmark`, 2-core AMD EPYC with AVX-512 "
                        "BF16, 2026-12-03; the other backbones were not measured)"))
 def applications(input_shape: tuple[int, int, int], num_classes: int,

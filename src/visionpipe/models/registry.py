@@ -30,7 +30,8 @@ class Family:
     # is refused: visionpipe.training.resolve_precision); None: any precision.
     float32_only: str | None = None
     # Why precision auto keeps float32 for the family on a CPU with native bfloat16 maths
-    # (measured no faster there in bfloat16: `visionpipe benchmark`'s precision section);
+    # (measured no faster there in bfloat16, or faster at lower quality: `visionpipe
+    # benchmark`'s precision section);
     # None: auto picks mixed_bfloat16 on such a CPU.
     cpu_float32: str | None = None
 
