@@ -31,7 +31,9 @@ def detection_run(tmp_path_factory, default_params_dict):
     data["augment"]["detection"]["preview"] = 4
     yolo = data["models"]["yolo"]
     yolo["architecture"].update(width_multiplier=0.25)
-    yolo["train"].update(epochs=2, batch_size=16, warmup_epochs=0.5)
+    # The default's rate (0.05) is for batch 32 over 6000 images; at batch 16 on 48 images the
+    # tiny head's raw outputs grew until the float32 formats differed from Keras by 9.
+    yolo["train"].update(epochs=2, batch_size=16, learning_rate=0.02, warmup_epochs=0.5)
     data["evaluate"].update(latency_samples=2, latency_warmup=1, gallery=6)
     data["export"].update(parity_samples=8, parity_min_boxes=30, representative_samples=16)
     yolo["export_formats"] = list(FORMATS)
