@@ -217,8 +217,14 @@ def test_champion_moves_only_to_a_better_version_that_passed_export(pipeline, lo
     state, _, _ = logged
     db = tmp_path / "copy.db"
     shutil.copy(repo / "mlflow.db", db)
-    # MLflow's sqlite registry looks a models:/ source up through the default tracking URI.
+    # MLflow's sqlite registry looks a models:/ source up through the default tracking URI:
+    # the environment's, unless mlflow.set_tracking_uri ran earlier in this process (a stage
+    # run in-process by an earlier test on the same worker), whose URI then wins; both point
+    # at the copy here and are put back after.
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", f"sqlite:///{db}")
     client = MlflowClient(f"sqlite:///{db}")
     name = "visionpipe-mlp"
     accuracy = _read(repo, "reports/metrics/mlp.json")["test"]["accuracy"]
