@@ -9,13 +9,13 @@ import pytest
 
 from visionpipe.models.saving import float32_model
 from visionpipe.tasks.segmentation import SegmentationLoss
+from visionpipe.training import dtype_policy
 
 
 def _mixed_model(policy: str) -> keras.Model:
     """A small segmenter built under ``policy``: a nested functional block (as keras.applications
     backbones are nested), a float32 softmax head, compiled with a project loss."""
-    keras.config.set_dtype_policy(policy)
-    try:
+    with dtype_policy(policy):
         keras.utils.set_random_seed(0)
         inner_in = keras.Input((8, 8, 4))
         inner = keras.Model(inner_in, keras.layers.Conv2D(6, 3, padding="same",
@@ -27,8 +27,6 @@ def _mixed_model(policy: str) -> keras.Model:
         x = inner(x)
         out = keras.layers.Conv2D(5, 1, activation="softmax", dtype="float32", name="head")(x)
         model = keras.Model(images, out)
-    finally:
-        keras.config.set_dtype_policy("float32")
     model.compile(optimizer="adam", loss=SegmentationLoss("ce_dice", 5))
     return model
 

@@ -152,7 +152,7 @@ def _check_models(params: Params) -> None:
                 _fail(f"{key}.monitor", t.monitor, f"val_loss or val_accuracy for a "
                       f"{model.task} model (val_mean_iou is segmentation's)")
         formats = params.export_formats(name)
-        where = f"models.{name}.export_formats" if model.export_formats else "export.formats"
+        where = params.export_formats_key(name)
         if len(set(formats)) != len(formats):
             raise ParamsError(f"params.yaml: {where} = {list(formats)}: a format is listed "
                               "twice; list each once")

@@ -366,6 +366,11 @@ class Params:
         """The formats model ``name`` is exported to: its own list, else export.formats."""
         return self.model(name).export_formats or self.export.formats
 
+    def export_formats_key(self, name: str) -> str:
+        """Where :meth:`export_formats` comes from in params.yaml."""
+        return (f"models.{name}.export_formats" if self.model(name).export_formats
+                else "export.formats")
+
     def parity(self, name: str, fmt: str) -> ParityThreshold:
         """Format ``fmt``'s thresholds for model ``name``: its own, else export.parity's."""
         return self.model(name).export_parity.get(fmt) or self.export.parity[fmt]

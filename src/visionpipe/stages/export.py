@@ -54,8 +54,7 @@ def parity(task, reference: np.ndarray, other: np.ndarray, threshold, key: str,
 def _writer_failed(params: Params, model_name: str, fmt: str, exc: Exception) -> str:
     """One line for a format whose writer (TFLite's converter, tf2onnx) failed: its first
     error line, and the key that lists the format."""
-    where = (f"models.{model_name}.export_formats" if params.model(model_name).export_formats
-             else "export.formats")
+    where = params.export_formats_key(model_name)
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return (f"export@{model_name}: writing {fmt} failed ({type(exc).__name__}: "
             f"{first[:300]}); the previous export stays in place. Remove {fmt} from {where} "
