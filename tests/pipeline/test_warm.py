@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.helpers import child_env, tiny_params
@@ -117,7 +118,15 @@ def test_only_stages_under_dvc_use_a_worker(monkeypatch):
     monkeypatch.setenv("DVC_STAGE", "train@mlp")
     assert warm.enabled()
     # cli.main asks a worker for pipeline stages only: not predict, summary, benchmark, log.
-    assert set(cli.STAGES) == {"prepare", "augment", "train", "evaluate", "export"}
+    asked = []
+    monkeypatch.setattr(warm, "run", lambda words: asked.append(words) or 7)
+    assert cli.main(["train", "--model", "mlp"]) == 7 and asked == [["train", "--model", "mlp"]]
+    with pytest.raises(SystemExit):  # parsed in this process: --input and --output missing
+        cli.main(["predict", "--model", "mlp"])
+    assert len(asked) == 1
+    monkeypatch.undo()  # warm.run back
+    monkeypatch.delenv(warm.ENV, raising=False)
+    monkeypatch.setenv("DVC_STAGE", "train@mlp")
     monkeypatch.setenv(warm.ENV, "0")
     assert not warm.enabled()
     monkeypatch.delenv(warm.ENV)
