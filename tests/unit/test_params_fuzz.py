@@ -7,8 +7,9 @@ import copy
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from visionpipe.config import Params, load_params, parse_params
@@ -38,6 +39,7 @@ def _load(data) -> None:
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=400))
+@example(b"?")  # found by this test: a None key at the top level raised IndexError
 def test_random_bytes_as_params_file(data):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params.yaml"
@@ -68,6 +70,21 @@ def test_a_file_that_is_not_utf8_names_the_byte(tmp_path):
         assert str(exc) == f"{path}: not UTF-8 text (byte 0xe9 at position 13); save it as UTF-8"
     else:
         raise AssertionError("no error")
+
+
+@pytest.mark.parametrize("text,line", [
+    ("?", "params.yaml: None: unknown key; known: seed, prepare, "),
+    ("~: 1\n", "params.yaml: None: unknown key; known: seed, prepare, "),
+    ("models:\n  ? \n", "params.yaml: models.None: key None is not allowed: expected "),
+    ("prepare:\n  classification:\n    1: 2\n",
+     "params.yaml: prepare.classification.1: unknown key; known: source, "),
+])
+def test_a_key_that_is_not_text_is_named_where_it_is(tmp_path, text, line):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(caught.value).startswith(line.replace("params.yaml", str(path), 1))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))

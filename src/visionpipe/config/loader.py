@@ -234,6 +234,10 @@ def _locate(err: dict, data: Any) -> tuple[list[tuple[Any, bool]], Any, str]:
         last = i == len(loc) - 1
         if part == "[key]":
             return steps, node, "key"
+        if isinstance(node, Mapping) and not _has(node, part):
+            # A key that is not text (YAML reads `? ` and `~:` as None, `1:` as an int):
+            # pydantic's location names it as str(key).
+            part = next((k for k in node if not isinstance(k, str) and str(k) == part), part)
         if isinstance(node, Mapping) and _has(node, part):
             steps.append((part, False))
             node = node[part]
