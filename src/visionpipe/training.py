@@ -176,6 +176,24 @@ def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
     return lr
 
 
+def build_before_fit(model: keras.Model, batch_spec) -> None:
+    """Create the optimizer's, the compiled loss' and the metrics' variables now, from the
+    shapes of a batch (``batch_spec``: the training dataset's ``element_spec``), as Keras'
+    ``fit`` does itself only under a distribution strategy.
+
+    Without it ``fit`` creates them inside the first trace of its train step, and TensorFlow
+    then traces the step a second time without creating them (a ``tf.function`` that makes
+    variables is traced twice). For the default YOLOv8 that second trace cost about 15 s of its
+    first epoch on a 2-core CPU (docs/performance.md); the weights and losses are the same.
+    ``_symbolic_build`` is Keras' own (3.15, ``Trainer._symbolic_build``); where a Keras has no
+    such method, the optimizer alone is built, which removes most of the cost."""
+    build = getattr(model, "_symbolic_build", None)
+    if build is None:
+        model.optimizer.build(model.trainable_variables)
+    else:
+        build(data_batch=batch_spec)
+
+
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """The optimizer named in params, with its learning rate (schedule) and weight decay."""
     lr = learning_rate(cfg, steps_per_epoch)

@@ -44,7 +44,13 @@ from visionpipe.stages.common import measure_co2, set_seed
 from visionpipe.tasks.registry import task_for
 from visionpipe.tracking.mlflow_runs import RunLogger
 from visionpipe.tracking.stage_logs import log_train
-from visionpipe.training import apply_threads, dtype_policy, make_optimizer, resolve_precision
+from visionpipe.training import (
+    apply_threads,
+    build_before_fit,
+    dtype_policy,
+    make_optimizer,
+    resolve_precision,
+)
 
 
 def divergence_message(model_name: str, cfg: TrainConfig, exc: Diverged, folder: Path,
@@ -250,6 +256,7 @@ def _train(params: Params, model_name: str, layout: Layout, out: Layout,
                                     epochs=phase.end, initial_epoch=state.epochs_done,
                                     callbacks=callbacks(phase), verbose=verbosity)
                 else:
+                    build_before_fit(model, train_ds.element_spec)  # one trace, not two
                     # shuffle=False: the dataset shuffles itself (Keras would warn otherwise).
                     model.fit(train_ds, validation_data=val_ds, epochs=phase.end,
                               shuffle=False, initial_epoch=state.epochs_done,
