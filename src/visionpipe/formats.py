@@ -83,7 +83,10 @@ def write_saved_model(task, model, size, class_names, policy: str, path: Path,
         archive.add_endpoint(PARTS_SIGNATURE, tf.function(
             lambda images: parts(tf.cast(images, tf.float32))), input_signature=[
             tf.TensorSpec([None, *size, 3], tf.uint8, name="images")])
-    archive.write_out(str(path), verbose=False)
+    # No gradient functions: nothing trains from the export, and tracing them took about a
+    # third of the default YOLO's SavedModel export on a 2-core CPU (docs/performance.md).
+    archive.write_out(str(path), verbose=False,
+                      options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
 
 
 def _write_keras(*, model, path: Path, forward, **_):

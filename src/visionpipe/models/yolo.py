@@ -387,4 +387,6 @@ def unpad(decoded: dict) -> list[dict]:
 
 def detect(model, images: np.ndarray, batch_size: int) -> list[dict]:
     """Detections per image (see :func:`unpad`) with the model's current NMS."""
-    return unpad(model.predict(images, batch_size=batch_size, verbose=0))
+    from visionpipe import batches
+
+    return unpad(batches.predict(model, images, batch_size))

@@ -129,7 +129,9 @@ class Task(abc.ABC):
 
     def forward(self, model, images: np.ndarray) -> np.ndarray:
         """The outputs every exported format is compared on (one array per image batch)."""
-        return model.predict(images, batch_size=64, verbose=0)
+        from visionpipe import batches
+
+        return batches.predict(model, images, 64)
 
     def fixed_outputs(self, outputs):
         """The model's call outputs as one tensor: the fixed-size signature's ``scores``."""

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from visionpipe import batches
 from visionpipe.config import EvaluateConfig, TrainConfig
 from visionpipe.tasks.base import Task, scores_serving
 
@@ -128,7 +129,7 @@ class ClassificationTask(Task):
     def predict(self, model: keras.Model, images: np.ndarray, batch_size: int,
                 overlap: float) -> np.ndarray:
         """Class probabilities for test images at the model's size."""
-        return model.predict(images, batch_size=batch_size, verbose=0)
+        return batches.predict(model, images, batch_size)
 
     def evaluate(self, y_true: np.ndarray, outputs: np.ndarray, class_names: list[str],
                  cfg: EvaluateConfig) -> dict:

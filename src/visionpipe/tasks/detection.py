@@ -357,7 +357,9 @@ class DetectionTask(Task):
 
     def forward(self, model, images: np.ndarray) -> np.ndarray:
         """The raw head outputs per anchor (N, anchors, channels) that formats share."""
-        fn = tf.function(lambda x: self.fixed_outputs(model(x, training=False)))
+        # Any batch size: one trace for the 64-image batches and a smaller last one.
+        fn = tf.function(lambda x: self.fixed_outputs(model(x, training=False)),
+                         input_signature=[tf.TensorSpec([None, *images.shape[1:]], tf.float32)])
         return np.concatenate([fn(tf.constant(images[i:i + 64], tf.float32)).numpy()
                                for i in range(0, len(images), 64)])
 

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from visionpipe import batches
 from visionpipe.config import EvaluateConfig, TrainConfig
 from visionpipe.geometry import fit_images
 from visionpipe.tasks.base import Task, scores_serving
@@ -207,7 +208,7 @@ class SegmentationTask(Task):
         """Scores per pixel; images larger than the model's input go through tiles."""
         size = tuple(int(d) for d in model.inputs[0].shape[1:3])
         if tuple(images.shape[1:3]) == size:
-            return model.predict(images, batch_size=batch_size, verbose=0)
+            return batches.predict(model, images, batch_size)
         fn = tf.function(lambda x: model(x, training=False))
         return np.stack([sliding_window(lambda b: fn(b).numpy(), image, size, overlap,
                                         batch_size) for image in images])
