@@ -185,13 +185,9 @@ def build_before_fit(model: keras.Model, batch_spec) -> None:
     then traces the step a second time without creating them (a ``tf.function`` that makes
     variables is traced twice). For the default YOLOv8 that second trace cost about 15 s of its
     first epoch on a 2-core CPU (docs/performance.md); the weights and losses are the same.
-    ``_symbolic_build`` is Keras' own (3.15, ``Trainer._symbolic_build``); where a Keras has no
-    such method, the optimizer alone is built, which removes most of the cost."""
-    build = getattr(model, "_symbolic_build", None)
-    if build is None:
-        model.optimizer.build(model.trainable_variables)
-    else:
-        build(data_batch=batch_spec)
+    ``_symbolic_build`` is Keras' own (3.15, ``Trainer._symbolic_build``; requirements.txt pins
+    Keras, and tests/unit/test_build_before_fit.py fails if a new one traces twice again)."""
+    model._symbolic_build(data_batch=batch_spec)
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:

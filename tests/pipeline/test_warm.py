@@ -119,14 +119,13 @@ def test_only_stages_under_dvc_use_a_worker(monkeypatch):
     assert warm.enabled()
     # cli.main asks a worker for pipeline stages only: not predict, summary, benchmark, log.
     asked = []
-    monkeypatch.setattr(warm, "run", lambda words: asked.append(words) or 7)
-    assert cli.main(["train", "--model", "mlp"]) == 7 and asked == [["train", "--model", "mlp"]]
-    with pytest.raises(SystemExit):  # parsed in this process: --input and --output missing
-        cli.main(["predict", "--model", "mlp"])
-    assert len(asked) == 1
-    monkeypatch.undo()  # warm.run back
-    monkeypatch.delenv(warm.ENV, raising=False)
-    monkeypatch.setenv("DVC_STAGE", "train@mlp")
+    with monkeypatch.context() as patched:
+        patched.setattr(warm, "run", lambda words: asked.append(words) or 7)
+        assert cli.main(["train", "--model", "mlp"]) == 7
+        assert asked == [["train", "--model", "mlp"]]
+        with pytest.raises(SystemExit):  # parsed in this process: --input and --output missing
+            cli.main(["predict", "--model", "mlp"])
+        assert len(asked) == 1
     monkeypatch.setenv(warm.ENV, "0")
     assert not warm.enabled()
     monkeypatch.delenv(warm.ENV)

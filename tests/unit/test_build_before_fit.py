@@ -59,10 +59,3 @@ def test_the_train_step_is_traced_once_and_trains_the_same():
     for a, b in zip(weights, weights_before, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
-
-def test_without_keras_symbolic_build_the_optimizer_is_still_built(monkeypatch):
-    model, data = _model_and_data()
-    monkeypatch.setattr(model, "_symbolic_build", None, raising=False)
-    build_before_fit(model, data.element_spec)
-    assert model.optimizer.built
-    assert len(model.optimizer.variables) > len(model.trainable_variables)
