@@ -50,8 +50,8 @@ from pathlib import Path
 import numpy as np
 
 from visionpipe.config import Params
-from visionpipe.cost import cores
 from visionpipe.layout import Layout
+from visionpipe.timing import cores
 
 TARGETS = {
     "train_vs_ideal": 0.95,      # training img/s >= 0.95x the in-memory ideal
@@ -128,8 +128,9 @@ class Settings:
     # of them train: 1 + precision_repeats epochs on the subset before the quality check).
     precision_repeats: int = 2
     # Thread settings: the models each child times (the cheapest dense and convolutional
-    # model to trace), and the (intra_op, inter_op) pairs; None: derived from the core count.
-    thread_models: tuple[str, ...] = ("mlp", "vgg")
+    # model to trace, and the detector, whose many small ops gain most from running several
+    # at once), and the (intra_op, inter_op) pairs; None: derived from the core count.
+    thread_models: tuple[str, ...] = ("mlp", "vgg", "yolo")
     thread_pairs: tuple[tuple[int, int], ...] | None = None
     gpu_matmul_sizes: tuple[int, ...] = (4096, 8192)  # a GPU needs larger matrices to fill
     skip: tuple[str, ...] = ()  # sections of SECTIONS left out
@@ -932,10 +933,11 @@ CHILD_TIMEOUT_S = 900  # one thread setting's child process (TensorFlow start, t
 
 def thread_pairs(n: int) -> list[tuple[int, int]]:
     """(intra_op, inter_op) settings for ``n`` cores: TensorFlow's default (0, 0), all cores
-    in one op and one op at a time (n, 1), a single thread (1, 1), and all cores with two
-    ops at once (n, 2)."""
+    in one op and one op at a time (n, 1), a single thread (1, 1), all cores with two ops at
+    once (n, 2), and one thread per op with ``n`` ops at once (1, n: threads auto's choice for
+    a family registered with one_thread_per_op on a small CPU)."""
     pairs: list[tuple[int, int]] = []
-    for pair in ((0, 0), (n, 1), (1, 1), (n, 2)):
+    for pair in ((0, 0), (n, 1), (1, 1), (n, 2), (1, n)):
         if pair not in pairs:
             pairs.append(pair)
     return pairs
@@ -1014,7 +1016,8 @@ def threads_child(spec_path: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     atomic.write_text(Path(spec["output"]), json.dumps(
-        {"in_effect": effect, "models": timed, "child_seconds": time.perf_counter() - start},
+        {"in_effect": {k: effect[k] for k in ("intra_op", "inter_op")}, "models": timed,
+         "child_seconds": time.perf_counter() - start},
         default=_plain))
 
 
@@ -1032,7 +1035,8 @@ def thread_settings(params: Params, layout: Layout, results: dict, settings: Set
         "models_why": ("the models of settings.thread_models that this run benchmarks (else "
                        "its first model): each setting costs a TensorFlow start and a trace "
                        "of every model it times, so the cheapest dense and convolutional "
-                       "models stand for the rest"),
+                       "models stand for the rest, with the detector, the model of many "
+                       "small ops"),
         "main_process": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                          "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
         "settings": []}
@@ -1272,7 +1276,12 @@ def run(params: Params, layout: Layout, models: list[str] | None = None,
     from visionpipe.errors import ParamsError
     from visionpipe.stages.common import set_seed
     from visionpipe.tasks.registry import task_class
-    from visionpipe.training import apply_threads, cpu_bf16_flags, resolve_precision
+    from visionpipe.training import (
+        apply_threads,
+        cpu_bf16_flags,
+        resolve_precision,
+        resolve_threads,
+    )
 
     models = list(models or params.models)
     unknown = [m for m in models if m not in params.models]
@@ -1282,11 +1291,13 @@ def run(params: Params, layout: Layout, models: list[str] | None = None,
     previous = read_previous(compare) if compare is not None else None
     output = Path(output) if output is not None else layout.root / "reports"
     # Before TensorFlow's runtime starts: the first model's thread counts for this process.
-    threads = apply_threads(params.model(models[0]).train, f"models.{models[0]}.train")
-    if len({(params.model(m).train.intra_op_threads, params.model(m).train.inter_op_threads)
+    first = params.model(models[0])
+    threads = apply_threads(first.train, f"models.{models[0]}.train", first.family)
+    if len({tuple(resolve_threads(params.model(m).train, params.model(m).family)[0].values())
             for m in models}) > 1:
         threads["note"] = (f"the models' thread counts differ; this process uses "
-                           f"models.{models[0]}.train's (one setting per process)")
+                           f"models.{models[0]}.train's (one setting per process; the "
+                           f"threads section times each setting)")
     set_seed(params.seed)
     started = time.perf_counter()
     auto, reason = resolve_precision("auto")

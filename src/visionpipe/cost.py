@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from visionpipe.timing import cores
 
 
 def flops_per_image(model: keras.Model, input_shape: tuple[int, ...]) -> int:
@@ -47,11 +48,6 @@ def latency_ms(model: keras.Model, images: np.ndarray, samples: int, warmup: int
 def to_numpy(outputs):
     """Wait for every output of a forward pass (one tensor, or a detector's dict of them)."""
     return tf.nest.map_structure(lambda t: t.numpy(), outputs)
-
-
-def cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def machine() -> dict:

@@ -24,6 +24,12 @@ from pathlib import Path
 
 from visionpipe.atomic import write_json
 
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 # Set by visionpipe.warm in a stage it forked: when the `visionpipe` command started.
 STARTED_ENV = "VISIONPIPE_STARTED"
 # The timings' folder under the project root (dvc.yaml lists each file as a stage's output).
@@ -121,7 +127,6 @@ class StageClock:
         with counting_imports(imports):
             yield
         end = time.perf_counter()
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         record = {
             "stage": stage,
             "total_s": round(end - self.origin, 3),
@@ -132,7 +137,7 @@ class StageClock:
                                 else round(self.python_import_s, 3)),
             "cpu_s": round(_cpu_seconds(), 3),
             "cpu_count": os.cpu_count(),
-            "cpus_usable": usable,
+            "cpus_usable": cores(),
             "warm_worker": bool(getattr(sys.modules.get("visionpipe.warm"), "IN_WORKER", False)),
             "counted_from": ("process start" if self.python_import_s is not None
                              else "visionpipe's main() (process start unknown)"),

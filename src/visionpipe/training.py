@@ -130,18 +130,55 @@ def resolve_precision(setting: str, family: str | None = None,
                        f"{' '.join(vector) or 'no avx/amx/fma flags'})")
 
 
-def apply_threads(cfg: TrainConfig, key: str) -> dict:
-    """Set TensorFlow's intra-op and inter-op thread counts from ``cfg`` (0: leave TensorFlow's
-    choice) and return those in effect: ``{"intra_op": n, "inter_op": m}`` (0: TensorFlow's
-    default), plus a ``note`` when TensorFlow was already running with other counts (they
-    can only be set before its runtime starts; the ones in effect are kept). ``key``: the
-    params section (``models.<name>.train``), named in the note."""
+# threads: auto gives a family registered with one_thread_per_op one thread per op and an op
+# on every core at once only on a CPU-only machine of at most this many cores: measured faster
+# on 2 (docs/performance.md); on larger machines it was never measured, so TensorFlow decides.
+ONE_THREAD_PER_OP_MAX_CORES = 2
+
+
+def resolve_threads(cfg: TrainConfig, family: str | None = None) -> tuple[dict[str, int], str]:
+    """The thread counts params ask for, ``{"intra_op": n, "inter_op": m}`` (0: TensorFlow's
+    choice), and why. Counts named in params are used as they are; ``auto`` picks one thread
+    per op and ``cores`` ops at once for a ``family`` registered with ``one_thread_per_op``
+    on a machine without GPU of at most ONE_THREAD_PER_OP_MAX_CORES cores, and TensorFlow's
+    choice (0) otherwise. A key left at a number keeps it when the other one is auto."""
+    from visionpipe.models.registry import get_family
+    from visionpipe.timing import cores
+
+    wanted = {"intra_op": cfg.intra_op_threads, "inter_op": cfg.inter_op_threads}
+    if "auto" not in wanted.values():
+        return wanted, "set in params"
+    entry = get_family(family) if family is not None else None
+    n = cores()
+    pick, why = {"intra_op": 0, "inter_op": 0}, None
+    if entry is None or entry.one_thread_per_op is None:
+        why = (f"auto: TensorFlow's choice (family {family} was measured no faster with other "
+               f"counts)" if entry is not None else "auto: TensorFlow's choice")
+    elif gpu_devices():
+        why = "auto: TensorFlow's choice (a GPU trains; thread counts were measured on CPUs)"
+    elif n > ONE_THREAD_PER_OP_MAX_CORES:
+        why = (f"auto: TensorFlow's choice ({n} cores; one thread per op was measured faster "
+               f"for family {family} on {ONE_THREAD_PER_OP_MAX_CORES} cores, not on more)")
+    else:
+        pick = {"intra_op": 1, "inter_op": n}
+        why = (f"auto: no GPU, {n} cores: one thread per op and {n} ops at once, as family "
+               f"{family} trains faster: {entry.one_thread_per_op}")
+    return {k: (pick[k] if v == "auto" else v) for k, v in wanted.items()}, why
+
+
+def apply_threads(cfg: TrainConfig, key: str, family: str | None = None) -> dict:
+    """Set TensorFlow's intra-op and inter-op thread counts as :func:`resolve_threads` reads
+    ``cfg`` for ``family`` (0: leave TensorFlow's choice) and return those in effect:
+    ``{"intra_op": n, "inter_op": m, "reason": why}`` (0: TensorFlow's default), plus a
+    ``note`` when TensorFlow was already running with other counts (they can only be set
+    before its runtime starts; the ones in effect are kept). ``key``: the params section
+    (``models.<name>.train``), named in the note."""
     import tensorflow as tf
 
     threading = tf.config.threading
     setters = {"intra_op": threading.set_intra_op_parallelism_threads,
                "inter_op": threading.set_inter_op_parallelism_threads}
-    wanted = {"intra_op": cfg.intra_op_threads, "inter_op": cfg.inter_op_threads}
+    wanted, why = resolve_threads(cfg, family)
     refused = []
     for what, count in wanted.items():
         if count:
@@ -150,7 +187,7 @@ def apply_threads(cfg: TrainConfig, key: str) -> dict:
             except RuntimeError:  # "... cannot be modified after initialization."
                 refused.append(f"{key}.{what}_threads = {count}")
     effect = {"intra_op": threading.get_intra_op_parallelism_threads(),
-              "inter_op": threading.get_inter_op_parallelism_threads()}
+              "inter_op": threading.get_inter_op_parallelism_threads(), "reason": why}
     if refused:
         effect["note"] = (f"TensorFlow was already running: threads unchanged ("
                           f"{', '.join(refused)} not applied; in effect: intra_op "

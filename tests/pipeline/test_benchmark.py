@@ -242,8 +242,8 @@ def test_precision_verdict_needs_speed_and_the_metric_within_the_tolerance(
 
 
 def test_thread_pairs_follow_the_core_count():
-    assert benchmark.thread_pairs(2) == [(0, 0), (2, 1), (1, 1), (2, 2)]
-    assert benchmark.thread_pairs(8) == [(0, 0), (8, 1), (1, 1), (8, 2)]
+    assert benchmark.thread_pairs(2) == [(0, 0), (2, 1), (1, 1), (2, 2), (1, 2)]
+    assert benchmark.thread_pairs(8) == [(0, 0), (8, 1), (1, 1), (8, 2), (1, 8)]
     assert benchmark.thread_pairs(1) == [(0, 0), (1, 1), (1, 2)]
 
 

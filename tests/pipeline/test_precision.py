@@ -83,7 +83,8 @@ def test_the_default_precision_records_its_choice_and_keras_jit_choice(project,
                                                                      default_params_dict):
     import tensorflow as tf
 
-    from visionpipe.training import resolve_precision
+    from visionpipe.config import TrainConfig
+    from visionpipe.training import resolve_precision, resolve_threads
 
     meta, model = train(project, default_params_dict)
     # jit_compile auto: Keras turns XLA off on a machine without GPU.
@@ -94,10 +95,16 @@ def test_the_default_precision_records_its_choice_and_keras_jit_choice(project,
     assert meta["precision_setting"] == setting
     assert (meta["precision"], meta["precision_reason"]) == resolve_precision(
         setting, default_params_dict["models"][MODEL]["family"])
-    # threads 0 (TensorFlow's choice) in params: what runs in this process is recorded
+    # threads auto (the MLP: TensorFlow's choice) in params: what runs in this process is
+    # recorded, and why
     threading = tf.config.threading
-    assert meta["threads"] == {"intra_op": threading.get_intra_op_parallelism_threads(),
-                               "inter_op": threading.get_inter_op_parallelism_threads()}
+    assert default_params_dict["models"][MODEL]["train"]["intra_op_threads"] == "auto"
+    assert meta["threads"] == {
+        "intra_op": threading.get_intra_op_parallelism_threads(),
+        "inter_op": threading.get_inter_op_parallelism_threads(),
+        "reason": resolve_threads(TrainConfig(intra_op_threads="auto",
+                                              inter_op_threads="auto"),
+                                  default_params_dict["models"][MODEL]["family"])[1]}
     assert meta["distribute"] == {"strategy": "none", "replicas": 1, "workers": 1}
     assert model.get_layer("dense1").compute_dtype == "float32"
 

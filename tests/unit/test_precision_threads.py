@@ -12,8 +12,16 @@ import pytest
 import yaml
 
 from tests.helpers import child_env, params_error
+from visionpipe import timing, training
 from visionpipe.config import TrainConfig, parse_dataclass
-from visionpipe.training import BF16_FLAGS, apply_threads, cpu_bf16_flags, resolve_precision
+from visionpipe.models.registry import get_family
+from visionpipe.training import (
+    BF16_FLAGS,
+    apply_threads,
+    cpu_bf16_flags,
+    resolve_precision,
+    resolve_threads,
+)
 
 # Two processors of a Zen 4 EPYC (flags shortened): AVX-512 BF16, no AMX.
 ZEN4 = """processor\t: 0
@@ -84,6 +92,11 @@ same = apply_threads(TrainConfig(intra_op_threads=1, inter_op_threads=1), key)
 default = apply_threads(TrainConfig(), key)
 print(json.dumps([first, total, again, same, default]))
 """
+COUNTS = ("intra_op", "inter_op")
+
+
+def counts(effect: dict) -> dict:
+    return {k: effect[k] for k in COUNTS}
 
 
 def test_threads_are_set_in_a_fresh_tensorflow_and_kept_once_it_runs():
@@ -91,15 +104,72 @@ def test_threads_are_set_in_a_fresh_tensorflow_and_kept_once_it_runs():
                           timeout=300, env=child_env(), check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     first, total, again, same, default = json.loads(done.stdout)  # nothing else on stdout
-    assert first == {"intra_op": 1, "inter_op": 1}
+    assert first == {"intra_op": 1, "inter_op": 1, "reason": "set in params"}
     assert total == 64.0 ** 3
     # After the runtime started: no crash, the counts in effect are kept and the note says so.
-    assert {k: again[k] for k in ("intra_op", "inter_op")} == {"intra_op": 1, "inter_op": 1}
+    assert counts(again) == {"intra_op": 1, "inter_op": 1}
     assert again["note"].startswith("TensorFlow was already running: threads unchanged")
     assert "models.m.train.intra_op_threads = 3 not applied" in again["note"]
     assert "inter_op_threads" not in again["note"]  # 1 was already in effect
-    assert same == {"intra_op": 1, "inter_op": 1}
-    assert default == {"intra_op": 1, "inter_op": 1}  # 0: nothing to set, what runs is shown
+    assert same == {"intra_op": 1, "inter_op": 1, "reason": "set in params"}
+    assert counts(default) == {"intra_op": 1, "inter_op": 1}  # 0: nothing set, what runs shown
+
+
+AUTO = """
+import json
+from visionpipe.config import TrainConfig
+from visionpipe.training import apply_threads
+import tensorflow as tf
+effect = apply_threads(TrainConfig(intra_op_threads="auto", inter_op_threads="auto"),
+                       "models.yolo.train", "yolo")
+tf.ones(2) + 1  # the runtime starts with them
+print(json.dumps([effect, tf.config.threading.get_intra_op_parallelism_threads(),
+                  tf.config.threading.get_inter_op_parallelism_threads()]))
+"""
+
+
+@pytest.mark.skipif(timing.cores() > training.ONE_THREAD_PER_OP_MAX_CORES
+                    or bool(training.gpu_devices()),
+                    reason="auto picks TensorFlow's choice on this machine (tested below)")
+def test_auto_runs_yolo_one_thread_per_op_on_a_small_cpu():
+    done = subprocess.run([sys.executable, "-c", AUTO], capture_output=True, text=True,
+                          timeout=300, env=child_env(), check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    effect, intra, inter = json.loads(done.stdout)
+    n = timing.cores()
+    assert counts(effect) == {"intra_op": 1, "inter_op": n} and (intra, inter) == (1, n)
+    assert effect["reason"].startswith(f"auto: no GPU, {n} cores: one thread per op and {n} "
+                                       f"ops at once, as family yolo trains faster: ")
+    assert effect["reason"].endswith(get_family("yolo").one_thread_per_op)
+
+
+def test_auto_leaves_tensorflow_its_choice_elsewhere(monkeypatch):
+    auto = TrainConfig(intra_op_threads="auto", inter_op_threads="auto")
+    monkeypatch.setattr(timing, "cores", lambda: 2)
+    monkeypatch.setattr(training, "gpu_devices", lambda: [])
+    assert resolve_threads(auto, "yolo")[0] == {"intra_op": 1, "inter_op": 2}
+    # A family without a measured gain: TensorFlow's choice, and why.
+    assert resolve_threads(auto, "mlp") == (
+        {"intra_op": 0, "inter_op": 0},
+        "auto: TensorFlow's choice (family mlp was measured no faster with other counts)")
+    # A number next to auto is kept; auto fills the other one.
+    mixed = TrainConfig(intra_op_threads="auto", inter_op_threads=3)
+    assert resolve_threads(mixed, "yolo")[0] == {"intra_op": 1, "inter_op": 3}
+    # More cores than were measured: TensorFlow decides.
+    monkeypatch.setattr(timing, "cores", lambda: 16)
+    counts16, why = resolve_threads(auto, "yolo")
+    assert counts16 == {"intra_op": 0, "inter_op": 0}
+    assert why == ("auto: TensorFlow's choice (16 cores; one thread per op was measured "
+                   "faster for family yolo on 2 cores, not on more)")
+    # A GPU trains: TensorFlow decides.
+    monkeypatch.setattr(timing, "cores", lambda: 2)
+    monkeypatch.setattr(training, "gpu_devices", lambda: [{"name": "/physical_device:GPU:0"}])
+    assert resolve_threads(auto, "yolo") == (
+        {"intra_op": 0, "inter_op": 0},
+        "auto: TensorFlow's choice (a GPU trains; thread counts were measured on CPUs)")
+    # Numbers only: as written, whatever the machine.
+    assert resolve_threads(TrainConfig(intra_op_threads=2), "yolo") == (
+        {"intra_op": 2, "inter_op": 0}, "set in params")
 
 
 def test_threads_zero_leaves_tensorflow_its_choice_in_this_process():
@@ -107,8 +177,8 @@ def test_threads_zero_leaves_tensorflow_its_choice_in_this_process():
 
     tf.ones(2) + 1  # the runtime runs (as after any earlier test)
     effect = apply_threads(TrainConfig(), "models.m.train")
-    assert effect == {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-                      "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+    assert counts(effect) == {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                              "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
     wanted = effect["intra_op"] + 1
     late = apply_threads(TrainConfig(intra_op_threads=wanted), "models.m.train")
     assert late["intra_op"] == effect["intra_op"]
@@ -123,6 +193,7 @@ def test_threads_zero_leaves_tensorflow_its_choice_in_this_process():
     ("intra_op_threads", 4096, "<= 1024"),
     ("inter_op_threads", "two", "an integer >= 0 and <= 1024"),
     ("intra_op_threads", 1.5, "an integer"),
+    ("inter_op_threads", "Auto", "an integer >= 0 and <= 1024 or one of 'auto'"),
 ])
 def test_bad_precision_and_threads_name_the_key(key, value, expected):
     text = params_error(f"models.m.train.{key} = {value!r}: ", parse_dataclass, TrainConfig,
@@ -154,7 +225,7 @@ def test_mlflow_gets_what_auto_became_from_model_json():
     from visionpipe.tracking.stage_logs import resolved_params
 
     meta = {"precision": "float32", "precision_setting": "auto",
-            "threads": {"intra_op": 2, "inter_op": 1}}
+            "threads": {"intra_op": 2, "inter_op": 1, "reason": "set in params"}}
     assert resolved_params(meta) == {"precision_resolved": "float32",
                                      "threads_resolved": "intra_op=2, inter_op=1"}
     assert resolved_params({}) == {}  # a model.json from before: nothing invented

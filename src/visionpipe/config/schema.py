@@ -42,6 +42,8 @@ PredictFormat = Literal["saved_model", "tflite", "tflite_dynamic", "tflite_int8"
 PREDICT_FORMATS: tuple[str, ...] = typing.get_args(PredictFormat)
 
 Side = Annotated[int, Strict(), Field(ge=8, le=4096)]  # an image side in pixels
+# A thread count (0: TensorFlow's choice) or auto (visionpipe.training.resolve_threads).
+Threads = Annotated[int, Strict(), Field(ge=0, le=1024)] | Literal["auto"]
 
 
 def tasks(*names: str) -> dict[str, Any]:
@@ -193,9 +195,10 @@ class TrainConfig:
     # else float32. model.json records the policy used and why.
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     # TensorFlow's thread pools: threads inside one op (a matmul, a convolution) and ops run
-    # at once; 0 leaves them to TensorFlow (its own default). model.json records them.
-    intra_op_threads: Int = Field(0, ge=0, le=1024)
-    inter_op_threads: Int = Field(0, ge=0, le=1024)
+    # at once; 0 leaves them to TensorFlow (its own default); auto picks for this machine and
+    # family (visionpipe.training.resolve_threads). model.json records them and why.
+    intra_op_threads: Threads = 0
+    inter_op_threads: Threads = 0
     # XLA compilation of the train step: auto is Keras' choice (on with a GPU, off on CPUs).
     jit_compile: Bool | Literal["auto"] = "auto"
     # none: one device; mirrored: every GPU (or CPU device) of this machine, model.fit under

@@ -34,6 +34,10 @@ class Family:
     # benchmark`'s precision section);
     # None: auto picks mixed_bfloat16 on such a CPU.
     cpu_float32: str | None = None
+    # Why params' threads auto runs the family with one thread per op and as many ops at once
+    # as there are cores on a small CPU-only machine (measured faster there: visionpipe.
+    # training.resolve_threads); None: auto leaves the counts to TensorFlow.
+    one_thread_per_op: str | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -41,7 +45,8 @@ _FAMILIES: dict[str, Family] = {}
 
 def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
              tiny_input: tuple[int, int] = (32, 32), hooks: Any = None,
-             float32_only: str | None = None, cpu_float32: str | None = None) -> Callable:
+             float32_only: str | None = None, cpu_float32: str | None = None,
+             one_thread_per_op: str | None = None) -> Callable:
     """Register ``builder(input_shape, num_classes, p)`` as family ``name``; ``tiny`` is the
     architecture tests build (on ``tiny_input`` images), required so no family goes untested."""
     if not dataclasses.is_dataclass(params):
@@ -50,7 +55,8 @@ def register(name: str, *, task: str, params: type, tiny: Mapping[str, Any],
     def wrap(builder: Callable) -> Callable:
         _FAMILIES[name] = Family(name=name, task=task, params=params, builder=builder,
                                  tiny=dict(tiny), tiny_input=tuple(tiny_input), hooks=hooks,
-                                 float32_only=float32_only, cpu_float32=cpu_float32)
+                                 float32_only=float32_only, cpu_float32=cpu_float32,
+                                 one_thread_per_op=one_thread_per_op)
         return builder
 
     return wrap

@@ -197,7 +197,11 @@ class YOLOHooks(DetectorHooks):
           tiny_input=(32, 32), hooks=YOLOHooks(),
           # Measured: fit fails under mixed_bfloat16 and mixed_float16 (keras-cv 0.9).
           float32_only="keras-cv 0.9's YOLOv8 label encoder multiplies float32 values by the "
-                       "model's scores, so fit fails under a mixed policy (TypeError in Mul)")
+                       "model's scores, so fit fails under a mixed policy (TypeError in Mul)",
+          # Measured on a 2-core AMD EPYC, 2026-12-03 (docs/performance.md, "Threads").
+          one_thread_per_op="the default YOLO's second epoch took 15.7 s instead of 22.4 s "
+                            "on 2 cores (its many small ops gain more from running side by "
+                            "side than from splitting each one)")
 def build(input_shape: tuple[int, int, int], num_classes: int, p: YOLOParams):
     """A YOLOv8 detector: the backbone from ``p.weights`` (random when null), the neck and head
     random. A preset is downloaded only when ``p.weights`` names one of keras-cv's."""

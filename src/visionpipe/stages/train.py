@@ -98,7 +98,7 @@ def run(params: Params, model_name: str, layout: Layout) -> dict:
     cfg = params.model(model_name)
     # First: thread counts and a multi-worker strategy must be set before TensorFlow's runtime
     # starts (nothing before this line starts it: params, architectures, imports).
-    threads = apply_threads(cfg.train, f"models.{model_name}.train")
+    threads = apply_threads(cfg.train, f"models.{model_name}.train", cfg.family)
     if "note" in threads:  # TensorFlow already ran in this process (train.run in-process)
         print(f"train@{model_name}: {threads['note']}", flush=True)
     dist = make_distribution(cfg.train.distribute, f"models.{model_name}.train.distribute")

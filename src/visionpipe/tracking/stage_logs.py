@@ -78,7 +78,8 @@ def resolved_params(meta: dict) -> dict[str, str]:
     if isinstance(meta.get("precision"), str):
         found["precision_resolved"] = meta["precision"]
     if isinstance(meta.get("threads"), dict):
-        found["threads_resolved"] = ", ".join(f"{k}={v}" for k, v in meta["threads"].items())
+        found["threads_resolved"] = ", ".join(f"{k}={v}" for k, v in meta["threads"].items()
+                                              if k in ("intra_op", "inter_op"))
     return found
 
 
