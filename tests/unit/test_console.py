@@ -133,7 +133,7 @@ def test_dvc_metrics_show_of_the_committed_pipeline_fits_a_terminal():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     models = yaml.safe_load((REPO / "params.yaml").read_text())["models"]
-    assert len(models) >= 6
+    assert len(models) >= 5
     assert [line.split()[0] for line in lines[1:]] == [
         f"reports/headline/{m}.json" for m in models]
     assert max(len(line) for line in lines) < 200, result.stdout

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from visionpipe.config import Params, load_params
+from visionpipe.config import Params, load_params, parse_params
 from visionpipe.config.schema import field_tasks, is_override
 from visionpipe.models.registry import get_family
 
@@ -118,3 +118,24 @@ def test_task_only_fields_are_not_required_elsewhere():
     assert "loss" not in RAW["models"]["mlp"]["train"]
     assert field_tasks(type(load_params(REPO / "params.yaml").model("mlp").train),
                        "loss") == ("segmentation",)
+
+
+def test_the_documented_applications_entry_is_valid_params():
+    """docs/transfer-learning.md's `mobilenet` block, put under models: of params.yaml as it
+    says, loads: the family and values it shows, every other key at its default."""
+    import re
+
+    text = (REPO / "docs/transfer-learning.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+              if b.startswith("  mobilenet:\n")]
+    assert len(blocks) == 1
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    assert "mobilenet" not in raw["models"]
+    raw["models"].update(yaml.safe_load(blocks[0]))
+    model = parse_params(raw).model("mobilenet")
+    assert (model.family, model.task) == ("applications", "classification")
+    assert (model.architecture["backbone"], model.architecture["alpha"]) == ("mobilenet_v2", 0.35)
+    t = model.train
+    assert (t.epochs, t.learning_rate, t.lr_schedule, t.precision) == (4, 0.003, "cosine", "auto")
+    assert (t.intra_op_threads, t.inter_op_threads) == ("auto", "auto")
+    assert t.batch_size == raw["models"]["resnet"]["train"]["batch_size"]  # a default, as before
