@@ -152,7 +152,7 @@ def resolve_threads(cfg: TrainConfig, family: str | None = None) -> tuple[dict[s
     n = cores()
     pick, why = {"intra_op": 0, "inter_op": 0}, None
     if entry is None or entry.one_thread_per_op is None:
-        why = (f"auto: TensorFlow's choice (family {family} was measured no faster with other "
+        why = (f"auto: TensorFlow's choice (family {family} has no measured gain from other "
                f"counts)" if entry is not None else "auto: TensorFlow's choice")
     elif gpu_devices():
         why = "auto: TensorFlow's choice (a GPU trains; thread counts were measured on CPUs)"

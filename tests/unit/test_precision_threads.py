@@ -151,7 +151,7 @@ def test_auto_leaves_tensorflow_its_choice_elsewhere(monkeypatch):
     # A family without a measured gain: TensorFlow's choice, and why.
     assert resolve_threads(auto, "mlp") == (
         {"intra_op": 0, "inter_op": 0},
-        "auto: TensorFlow's choice (family mlp was measured no faster with other counts)")
+        "auto: TensorFlow's choice (family mlp has no measured gain from other counts)")
     # A number next to auto is kept; auto fills the other one.
     mixed = TrainConfig(intra_op_threads="auto", inter_op_threads=3)
     assert resolve_threads(mixed, "yolo")[0] == {"intra_op": 1, "inter_op": 3}
