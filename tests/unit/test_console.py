@@ -4,6 +4,7 @@ metrics table narrow enough for a terminal."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,28 @@ def test_dvc_metrics_show_of_the_committed_pipeline_fits_a_terminal():
         f"reports/headline/{m}.json" for m in models]
     assert max(len(line) for line in lines) < 200, result.stdout
     assert "/work/" not in result.stdout and "sha256" not in result.stdout
+
+
+@pytest.mark.parametrize("level", [logging.ERROR, logging.DEBUG])
+def test_writing_a_saved_model_keeps_absls_log_level(tmp_path, level):
+    """Keras' ExportArchive put absl's logger back at WARNING after writing, so every later
+    SavedModel load in export printed "WARNING:absl:Importing a function ..." lines (24 in
+    the default YOLO's export): the level the console set (or --verbose's) is kept."""
+    from visionpipe.formats import write_saved_model
+    from visionpipe.models.registry import create_model, get_family, parse_architecture
+    from visionpipe.tasks.registry import task_for
+
+    family = get_family("mlp")
+    size = family.tiny_input
+    model = create_model("mlp", (*size, 3), 4,
+                         parse_architecture("mlp", family.tiny, "models.mlp.architecture"))
+    task = task_for("mlp", "classification")
+    absl = logging.getLogger("absl")
+    before = absl.level
+    absl.setLevel(level)
+    try:
+        write_saved_model(task, model, size, ["a", "b", "c", "d"], "stretch", tmp_path / "sm")
+        assert absl.level == level
+    finally:
+        absl.setLevel(before)
+    assert (tmp_path / "sm" / "saved_model.pb").exists()
