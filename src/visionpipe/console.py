@@ -83,6 +83,11 @@ class _StderrFilter:
         self.thread.join(timeout=5)
 
 
+def _errors_only(record) -> bool:
+    """A logging filter: only errors and worse pass."""
+    return record.levelno >= 40  # logging.ERROR
+
+
 def quiet_native_logs(filter_stderr: bool = True) -> None:
     """Keep native library log lines (and third-party Python warnings) off the console,
     unless verbose. Call before TensorFlow is imported; idempotent. ``filter_stderr=False``:
@@ -104,7 +109,12 @@ def quiet_native_logs(filter_stderr: bool = True) -> None:
 
     for name in ("absl", "tensorflow", "codecarbon", "mlflow", "alembic", "tf2onnx",
                  "py.warnings"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        # A filter, too: libraries reset levels (Keras' ExportArchive puts absl's back at
+        # WARNING after writing, and every later SavedModel load of the default YOLO printed
+        # "WARNING:absl:Importing a function ... with ops with unsaved custom gradients").
+        logger.addFilter(_errors_only)
     if not filter_stderr:
         return
     try:

@@ -8,7 +8,6 @@ TFLite and ONNX take the model's input size.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import keras
@@ -69,19 +68,6 @@ def write_saved_model(task, model, size, class_names, policy: str, path: Path,
     serve = task.serving_function(model, size, policy, class_names, scale=scale,
                                   overlap=overlap)
     parts = task.quantization_parts(model)
-    # Keras' ExportArchive saves absl's verbosity, silences it and puts back absl's own idea of
-    # it (WARNING), undoing the console's quiet level: then every later SavedModel load prints
-    # "WARNING:absl:Importing a function ... with ops with unsaved custom gradients".
-    absl_logger = logging.getLogger("absl")
-    absl_level = absl_logger.level
-    try:
-        _write_archive(task, model, size, serve, parts, path)
-    finally:
-        absl_logger.setLevel(absl_level)
-
-
-def _write_archive(task, model, size, serve, parts, path: Path) -> None:
-    """write_saved_model's ExportArchive: its three signatures, written to ``path``."""
 
     def serve_fixed(images):
         return {"scores": task.fixed_outputs(model(tf.cast(images, tf.float32),
